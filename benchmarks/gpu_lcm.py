@@ -1,0 +1,138 @@
+"""Seconds per ROCM step and peak CUDA memory of the lcm world at SD-1.5 scale.
+
+Random weights with the real SD-1.5 / LCM-Dreamshaper-v7 UNet, VAE and text-encoder configs (no
+downloads), 512 px, LoRA r = 8 on the attention projections, bf16 frozen weights. Each step is the
+real thing minus the reward model: run_chain with the reference branch, VAE decode with gradient,
+loss = -mean(image) + beta * sum of per-step KL, backward, AdamW. The reward is the image mean so
+that the table measures the chain, not a reward network.
+
+    python benchmarks/gpu_lcm.py                 # GPU grid, writes benchmarks/gpu_lcm_results.md
+    python benchmarks/gpu_lcm.py --tiny          # CPU, tiny configs, seconds (a smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import diffusers
+import peft
+import torch
+
+from cmalign.chain import ChainNoise, run_chain, step_divergences
+from cmalign.worlds.lcm import LCMWorld
+from cmalign.worlds.lcm_components import random_components
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = ["a photo of a cat", "a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen"]
+
+
+def build_world(tiny: bool, device: torch.device, mixed_precision: str, folder: Path) -> LCMWorld:
+    components = random_components(folder, "tiny" if tiny else "sd15", seed=0, device=device)
+    return LCMWorld(**components, device=device, resolution=32 if tiny else 512, guidance_scale=8.0,
+                    mixed_precision=mixed_precision, lora_rank=8, lora_alpha=8.0)
+
+
+def rocm_step(world: LCMWorld, optimizer, batch: int, num_steps: int, divergence_grad: str, checkpointing: bool,
+              generator: torch.Generator, beta: float = 1.0) -> float:
+    prompts = (PROMPTS * batch)[:batch]
+    noise = ChainNoise.draw(batch, world.latent_shape, num_steps, generator, world.device, world.dtype)
+    traj = run_chain(world, world.encode_prompts(prompts), noise, world.timesteps(num_steps), with_reference=True,
+                     divergence_grad=divergence_grad, grad_checkpointing=checkpointing)
+    reward = world.decode(traj.x0).mean(dim=(1, 2, 3))
+    loss = -reward.mean() + beta * step_divergences(traj).sum(1).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def measure(world, optimizer, batch, num_steps, divergence_grad, checkpointing, repeats) -> tuple[str, str]:
+    """(seconds per step, peak memory) as table cells; "OOM" when CUDA runs out of memory."""
+    cuda = world.device.type == "cuda"
+    generator = torch.Generator().manual_seed(0)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        rocm_step(world, optimizer, batch, num_steps, divergence_grad, checkpointing, generator)  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            rocm_step(world, optimizer, batch, num_steps, divergence_grad, checkpointing, generator)
+        if cuda:
+            torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return "OOM", "OOM"
+    seconds = (time.perf_counter() - start) / repeats
+    memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "n/a"
+    return f"{seconds:.2f}", memory
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (smoke test)")
+    parser.add_argument("--ks", type=int, nargs="+", default=None, help="sampling steps K (default 1 4 8)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per setting after one warm-up")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="skip the remaining settings after this")
+    parser.add_argument("--out", type=Path, default=None, help="markdown table (default beside this script)")
+    args = parser.parse_args(argv)
+    tiny = args.tiny
+    ks = args.ks or ([1, 2] if tiny else [1, 4, 8])
+    out = args.out or HERE / ("gpu_lcm_results_tiny.md" if tiny else "gpu_lcm_results.md")
+    device = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
+    mixed_precision = "no" if device.type == "cpu" else "bf16"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        world = build_world(tiny, device, mixed_precision, Path(folder))
+    optimizer = torch.optim.AdamW(world.trainable_parameters(), lr=1e-5)
+    build_s = time.perf_counter() - started
+    lora_params = sum(p.numel() for p in world.trainable_parameters())
+
+    rows = []
+    # cheap settings first, so that the time budget cuts the expensive tail
+    grid = sorted(itertools.product(ks, args.batches, (True, False), ("stopgrad_ref", "full")),
+                  key=lambda s: (s[0] * s[1], not s[2]))
+    for num_steps, batch, checkpointing, divergence_grad in grid:
+        if time.perf_counter() - started > args.budget_s:
+            seconds, memory = "skipped (time budget)", ""
+        else:
+            seconds, memory = measure(world, optimizer, batch, num_steps, divergence_grad, checkpointing, args.repeats)
+        rows.append((num_steps, batch, "on" if checkpointing else "off", divergence_grad, seconds, memory))
+        print(*rows[-1], flush=True)
+
+    size = "tiny configs, 32 px" if tiny else "SD-1.5 / LCM-Dreamshaper-v7 configs, 512 px"
+    lines = [
+        f"# lcm world: seconds per ROCM step and peak memory ({'tiny, CPU smoke run' if tiny else 'GPU'})",
+        "",
+        f"- card: {card}; date: {date.today().isoformat()}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"peft {peft.__version__}",
+        f"- model: random weights, {size}; frozen weights {mixed_precision if mixed_precision != 'no' else 'float32'}; "
+        f"LoRA r=8 on to_q/to_k/to_v/to_out.0 ({lora_params:,} parameters, float32); AdamW",
+        "- step: run_chain with the reference branch, VAE decode with gradient, reward = image mean, "
+        "loss = -reward + KL sum, backward, optimiser step",
+        f"- {args.repeats} timed steps after one warm-up per setting; world built in {build_s:.1f} s; "
+        f"whole run {time.perf_counter() - started:.0f} s",
+        "",
+        "| K | batch | grad checkpointing | divergence_grad | s / step | peak CUDA memory (GiB) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ] + [f"| {' | '.join(str(c) for c in row)} |" for row in rows]
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Where cmalign keeps what it builds once and reuses (base models, classifiers, proxy rewards)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """$CMALIGN_CACHE, else $XDG_CACHE_HOME/cmalign, else ~/.cache/cmalign."""
+    if os.environ.get("CMALIGN_CACHE"):
+        return Path(os.environ["CMALIGN_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cmalign"
+
+
+def config_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("cmalign", "torch", "diffusers", "peft", "accelerate", "transformers", "scikit-learn", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def manifest(**fields) -> dict:
+    return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": library_versions(), **fields}
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written temporary folder into place in one rename (no half-written cache)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    os.replace(tmp, final)
+
+
+def staging_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))

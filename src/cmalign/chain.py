@@ -1,0 +1,160 @@
+"""The fixed-noise K-step consistency chain (DESIGN §2): the single rollout core of every method.
+
+    x_1 ~ N(0, I);  m_k = f_theta(x_k, t_k, c);  x_{k+1} = sqrt(abar_{k+1}) m_k + sqrt(1 - abar_{k+1}) eps_k
+    output x0 = m_K
+
+Step k < K is the Gaussian policy N(mu_k, s_k^2 I), mu_k = sqrt(abar_{k+1}) m_k, s_k^2 = 1 - abar_{k+1}.
+The final step adds no noise; under `final_step: floor` it is treated as N(m_K, (1 - abar_K) I).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from . import divergences as D
+
+FINAL_STEP_MODES = ("floor", "skip")
+DIVERGENCE_GRADS = ("full", "stopgrad_ref")
+
+
+@dataclass
+class ChainNoise:
+    """All randomness of one rollout: the initial latent and the K-1 step noises."""
+
+    initial: torch.Tensor
+    steps: list[torch.Tensor]
+
+    @staticmethod
+    def draw(batch: int, latent_shape, num_steps: int, generator: torch.Generator, device="cpu", dtype=torch.float32):
+        """Drawn in sampling order from one generator: the same order as LCMScheduler's sampler."""
+        shape = (batch, *latent_shape)
+        initial = torch.randn(shape, generator=generator, dtype=dtype)
+        steps = [torch.randn(shape, generator=generator, dtype=dtype) for _ in range(num_steps - 1)]
+        return ChainNoise(initial.to(device), [s.to(device) for s in steps])
+
+
+@dataclass
+class Trajectory:
+    timesteps: list[int]
+    states: list[torch.Tensor]  # x_1..x_K, the input of each network call
+    means: list[torch.Tensor]  # mu_1..mu_K of the policy (mu_K = m_K)
+    sigmas: list[float]  # s_1..s_K (s_K the floor of the final step)
+    ref_means: list[torch.Tensor] | None = None
+    x0: torch.Tensor | None = None  # m_K: the chain's output in latent space
+    grad_steps: list[bool] = field(default_factory=list)  # which steps carry gradient
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+
+def run_chain(
+    world,
+    cond: Any,
+    noise: ChainNoise,
+    timesteps: list[int],
+    *,
+    with_reference: bool = False,
+    divergence_grad: str = "full",
+    backprop_steps: int | None = None,
+    grad_checkpointing: bool = False,
+) -> Trajectory:
+    """Roll the chain out with the noise held fixed, so the output is a differentiable function of theta.
+
+    backprop_steps < K runs the first K - backprop_steps steps without gradient (DRaFT-K truncation);
+    with_reference also evaluates f_ref on each state (on the live state for divergence_grad="full",
+    on a detached one under no_grad for "stopgrad_ref").
+    """
+    if divergence_grad not in DIVERGENCE_GRADS:
+        raise ValueError(f"unknown divergence_grad {divergence_grad!r}; expected one of {DIVERGENCE_GRADS}")
+    num_steps = len(timesteps)
+    backprop_steps = num_steps if backprop_steps is None else backprop_steps
+    if not 0 <= backprop_steps <= num_steps:
+        raise ValueError(f"backprop_steps must be in [0, K={num_steps}], got {backprop_steps}")
+    abar = world.alphas_cumprod
+    grad_on = torch.is_grad_enabled()
+
+    def call(x, t, reference):
+        if grad_checkpointing and grad_on and torch.is_grad_enabled():
+            return checkpoint(world.consistency, x, t, cond, reference, use_reentrant=False)
+        return world.consistency(x, t, cond, reference)
+
+    x = noise.initial
+    traj = Trajectory(timesteps=list(timesteps), states=[], means=[], sigmas=[], ref_means=[] if with_reference else None)
+    for k, t in enumerate(timesteps):
+        live = grad_on and k >= num_steps - backprop_steps
+        if not live:
+            x = x.detach()
+        traj.states.append(x)
+        traj.grad_steps.append(live)
+        with torch.set_grad_enabled(live):
+            m = call(x, t, reference=False)
+        if with_reference:
+            if live and divergence_grad == "full":
+                m_ref = call(x, t, reference=True)
+            else:
+                with torch.no_grad():
+                    m_ref = call(x.detach(), t, reference=True)
+        if k < num_steps - 1:
+            a_next = abar[timesteps[k + 1]]
+            scale, sigma = float(a_next.sqrt()), float((1 - a_next).sqrt())
+            traj.means.append(scale * m)
+            if with_reference:
+                traj.ref_means.append(scale * m_ref)
+            x = scale * m + sigma * noise.steps[k]
+        else:
+            sigma = float((1 - abar[t]).sqrt())  # the final-step floor
+            traj.means.append(m)
+            if with_reference:
+                traj.ref_means.append(m_ref)
+            traj.x0 = m
+        traj.sigmas.append(sigma)
+    return traj
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Divergences in float32 for half-precision chains, float64 kept for float64 ones."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def step_divergences(
+    traj: Trajectory,
+    name: str = "kl",
+    reduction: str = "per_dim",
+    final_step: str = "floor",
+    **kwargs,
+) -> torch.Tensor:
+    """Per-step divergences D_k of policy to reference, shape (B, K) (K - 1 columns under `skip`)."""
+    if traj.ref_means is None:
+        raise ValueError("the trajectory was rolled out without the reference branch")
+    if final_step not in FINAL_STEP_MODES:
+        raise ValueError(f"unknown final_step {final_step!r}; expected one of {FINAL_STEP_MODES}")
+    n = traj.num_steps if final_step == "floor" else traj.num_steps - 1
+    cols = [
+        D.divergence(name, _at_least_fp32(traj.means[k]), _at_least_fp32(traj.ref_means[k]), traj.sigmas[k], reduction, **kwargs)
+        for k in range(n)
+    ]
+    if not cols:
+        return torch.zeros(traj.states[0].shape[0], 0, device=traj.states[0].device)
+    return torch.stack(cols, dim=1)
+
+
+@torch.no_grad()
+def generate(world, prompts: list[str], num_steps: int, generator: torch.Generator, batch_size: int = 256,
+             reference: bool = False) -> torch.Tensor:
+    """Images in [0, 1] (hard-clamped) for each prompt, in batches, with the adapter on or off."""
+    out = []
+    timesteps = world.timesteps(num_steps)
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        noise = ChainNoise.draw(len(chunk), world.latent_shape, num_steps, generator, world.device, world.dtype)
+        cond = world.encode_prompts(chunk)
+        with world.reference_policy() if reference else contextlib.nullcontext():
+            traj = run_chain(world, cond, noise, timesteps)
+        out.append(world.decode(traj.x0).float().clamp(0, 1))
+    return torch.cat(out)

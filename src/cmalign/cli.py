@@ -1,0 +1,318 @@
+"""Command line: cmalign train | sample | eval | pretrain | reward-model.
+
+Bad input ends with one line `cmalign: error: ...` and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+from .errors import UserError
+
+COMMANDS = {
+    "train": "fine-tune a consistency model (default: ROCM, KL, digits world)",
+    "sample": "generate PNGs and samples.npz from a run directory or the base model",
+    "eval": "score samples (reward, gold, class accuracy, diversity) as JSON and a table",
+    "pretrain": "train the digits world's base models into the cache (cmalign pretrain digits)",
+    "reward-model": "train a Bradley–Terry reward model (cmalign reward-model train)",
+}
+
+
+def _one_line_tyro_error(text: str) -> str:
+    """tyro prints a boxed multi-line message; keep its first paragraph as one line."""
+    lines = []
+    for raw in text.splitlines():
+        line = raw.strip().strip("│╭╮╰╯").strip()
+        if not line or line.startswith("╭") or line.startswith("╰"):
+            continue
+        if set(line) <= set("─ "):
+            if lines:
+                break
+            continue
+        lines.append(line)
+    return re.sub(r"\s+", " ", " ".join(lines)) or "invalid arguments"
+
+
+def parse(cls, args: list[str], prog: str, default=None):
+    """tyro parsing with tyro's help on --help and a one-line error otherwise."""
+    if any(a in ("-h", "--help") for a in args):
+        return tyro.cli(cls, args=args, prog=prog, default=default) if default is not None else tyro.cli(cls, args=args, prog=prog)
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer), contextlib.redirect_stdout(buffer):
+            kwargs = {"default": default} if default is not None else {}
+            return tyro.cli(cls, args=args, prog=prog, **kwargs)
+    except SystemExit as exc:
+        if exc.code:
+            raise UserError(_one_line_tyro_error(buffer.getvalue())) from None
+        raise
+
+
+# --- train -----------------------------------------------------------------------------------------
+def cmd_train(args: list[str]) -> int:
+    from .config import TrainConfig, load_preset
+    from .trainer import train
+
+    preset, config_file, overwrite, rest = None, None, False, []
+    it = iter(args)
+    for a in it:
+        if a in ("--preset", "--config"):
+            value = next(it, None)
+            if value is None:
+                raise UserError(f"{a} needs a value")
+            preset, config_file = (value, config_file) if a == "--preset" else (preset, value)
+        elif a.startswith("--preset=") or a.startswith("--config="):
+            key, value = a[2:].split("=", 1)
+            preset, config_file = (value, config_file) if key == "preset" else (preset, value)
+        elif a == "--overwrite":
+            overwrite = True
+        else:
+            rest.append(a)
+    base = TrainConfig()
+    if preset:
+        base = load_preset(preset)
+    if config_file:
+        base = load_preset(config_file) if not preset else _merge(base, config_file)
+    cfg = parse(TrainConfig, rest, "cmalign train [--preset NAME] [--config FILE] [--overwrite]", default=base)
+    run_dir = train(cfg, overwrite=overwrite)
+    print(f"cmalign: done. Results in {run_dir}/ (report.md, metrics.jsonl, grids/, adapter/, tensorboard/)")
+    return 0
+
+
+def _merge(base, config_file: str):
+    import yaml
+
+    from .config import from_mapping
+
+    values = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+    return from_mapping(values, base, source=config_file)
+
+
+# --- sample and eval ---------------------------------------------------------------------------------
+@dataclass
+class SampleArgs:
+    run: str | None = None
+    """Run directory whose adapter to use; without it, the base model."""
+    world: Literal["digits", "lcm"] = "digits"
+    """World of the base model when no run is given."""
+    prompts: list[str] | None = None
+    """Prompts to sample; default: the world's evaluation prompts."""
+    num_per_prompt: int = 8
+    """Samples per prompt."""
+    num_steps: int | None = None
+    """K; default: the run's (or 4)."""
+    seed: int = 0
+    """Seed of the sampling noise."""
+    out: str = "samples"
+    """Output folder for PNGs and samples.npz."""
+    guidance_scale: float | None = None
+    """lcm world: guidance-embedding scale; default: the run's."""
+
+
+@dataclass
+class EvalArgs(SampleArgs):
+    num_per_prompt: int = 50
+    """Samples per prompt."""
+    seed: int = 20_000
+    """Seed of the evaluation noise (held out from training by default)."""
+    out: str | None = None
+    """Optional JSON output path (the table is printed either way)."""
+
+
+def _world_for(args: SampleArgs):
+    from .config import TrainConfig, load_preset
+    from .worlds import build_world
+
+    if args.run:
+        run = Path(args.run)
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"{run} is not a run directory (no config.yaml)")
+        cfg = load_preset(str(run / "config.yaml"))
+        world = build_world(cfg)
+        world.load_adapter(run / "adapter")
+    else:
+        cfg = TrainConfig(world=args.world)
+        world = build_world(cfg, lora=False)
+    if args.guidance_scale is not None:
+        cfg.guidance_scale = args.guidance_scale
+    return cfg, world
+
+
+def _prompts_for(args: SampleArgs, world) -> list[str]:
+    prompts = args.prompts or world.default_prompts()[1]
+    if args.num_per_prompt < 1:
+        raise UserError(f"num_per_prompt must be >= 1, got {args.num_per_prompt}")
+    return [p for p in prompts for _ in range(args.num_per_prompt)]
+
+
+def cmd_sample(args: list[str]) -> int:
+    import numpy as np
+    import torch
+
+    from .chain import generate
+    from .evaluation import image_grid
+
+    a = parse(SampleArgs, args, "cmalign sample")
+    cfg, world = _world_for(a)
+    prompts = _prompts_for(a, world)
+    k = a.num_steps or cfg.num_steps
+    if k < 1:
+        raise UserError(f"num_steps must be >= 1, got {k}")
+    images = generate(world, prompts, k, torch.Generator().manual_seed(a.seed)).cpu()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        image_grid(img[None], 1).save(out / f"{i:05d}.png")
+    image_grid(images, nrow=a.num_per_prompt if a.num_per_prompt <= 16 else 16).save(out / "grid.png")
+    np.savez(out / "samples.npz", images=images.numpy().astype(np.float32), prompts=np.array(prompts))
+    print(f"cmalign: wrote {len(images)} samples to {out}/ (PNGs, grid.png, samples.npz)")
+    return 0
+
+
+def cmd_eval(args: list[str]) -> int:
+    import torch
+
+    from .chain import ChainNoise
+    from .evaluation import diversity, evaluate, summarize
+    from .rewards import build_weighted, reward_context
+
+    a = parse(EvalArgs, args, "cmalign eval")
+    cfg, world = _world_for(a)
+    prompts = _prompts_for(a, world)
+    k = a.num_steps or cfg.num_steps
+    if k < 1:
+        raise UserError(f"num_steps must be >= 1, got {k}")
+    reward = build_weighted(cfg.reward_weights, reward_context(world, cfg))
+    noise = ChainNoise.draw(len(prompts), world.latent_shape, k, torch.Generator().manual_seed(a.seed), world.device, world.dtype)
+    scores, images = evaluate(world, reward, prompts, noise, k)
+    result = {key: summarize(v) for key, v in scores.items()}
+    result["diversity"] = diversity(images, prompts)
+    print(f"{'metric':<14}{'mean':>10}{'std':>10}{'n':>7}")
+    for key, s in result.items():
+        if isinstance(s, dict):
+            print(f"{key:<14}{s['mean']:>10.4f}{s['std']:>10.4f}{s['n']:>7}")
+        else:
+            print(f"{key:<14}{s:>10.4f}")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"source": a.run or f"base {a.world}", "num_steps": k, "seed": a.seed, "metrics": result}, indent=2))
+        print(f"cmalign: wrote {a.out}")
+    return 0
+
+
+# --- pretrain and reward-model -------------------------------------------------------------------
+@dataclass
+class PretrainArgs:
+    resolution: int = 8
+    """Image side (8 or 16)."""
+    model_size: Literal["base", "tiny"] = "base"
+    """UNet size."""
+    teacher_steps: int | None = None
+    """Override the teacher's updates."""
+    distill_steps: int | None = None
+    """Override the distillation updates."""
+    force: bool = False
+    """Rebuild even if the cache holds these models."""
+
+
+def cmd_pretrain(args: list[str]) -> int:
+    from .worlds import digits_base
+    from .worlds.digits_pretrain import PretrainConfig
+
+    if not args or args[0] != "digits":
+        raise UserError("usage: cmalign pretrain digits [--resolution 8] [--model-size base] [--force]")
+    a = parse(PretrainArgs, args[1:], "cmalign pretrain digits")
+    if a.resolution not in (8, 16):
+        raise UserError(f"resolution must be 8 or 16, got {a.resolution}")
+    overrides = {k: v for k, v in (("teacher_steps", a.teacher_steps), ("distill_steps", a.distill_steps)) if v is not None}
+    cfg = PretrainConfig(resolution=a.resolution, model_size=a.model_size, **overrides)
+    folder = digits_base.build_and_cache(cfg, force=a.force)
+    print(f"cmalign: digits base models in {folder}")
+    return 0
+
+
+@dataclass
+class RewardModelArgs:
+    out: str
+    """Folder to write the reward model (proxy.safetensors + manifest.json)."""
+    pairs: str | None = None
+    """A .npz of preference pairs (images_a, images_b, prompts, prefer_a); default: gold-labelled base samples."""
+    num_pairs: int = 2000
+    """Gold-labelled pairs to generate when no file is given."""
+    resolution: int = 8
+    """Digits resolution."""
+    seed: int = 0
+    """Seed of pair generation and training."""
+
+
+def cmd_reward_model(args: list[str]) -> int:
+    from .config import TrainConfig
+    from .rewards.bradley_terry import PreferencePairs
+    from .rewards.digits_proxy import fit_proxy, make_gold_pairs, save_proxy
+    from .worlds import build_world
+
+    if not args or args[0] != "train":
+        raise UserError("usage: cmalign reward-model train --out DIR [--pairs FILE.npz] [--num-pairs N]")
+    a = parse(RewardModelArgs, args[1:], "cmalign reward-model train")
+    out = Path(a.out)
+    if (out / "proxy.safetensors").exists():
+        raise UserError(f"{out} already holds a reward model; choose another --out")
+    if a.pairs:
+        pairs = PreferencePairs.load(a.pairs)
+        source = str(a.pairs)
+    else:
+        if a.num_pairs < 10:
+            raise UserError(f"num_pairs must be >= 10, got {a.num_pairs}")
+        world = build_world(TrainConfig(digits_resolution=a.resolution), lora=False)
+        pairs, _ = make_gold_pairs(world, a.num_pairs, seed=a.seed)
+        source = f"{a.num_pairs} gold-labelled base-model pairs"
+    if pairs.images_a.shape[1:] != (1, a.resolution, a.resolution):
+        raise UserError(f"pairs hold images of shape {tuple(pairs.images_a.shape[1:])}; expected (1, {a.resolution}, {a.resolution})")
+    model, stats = fit_proxy(pairs, a.resolution, a.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    save_proxy(model, out, {"source": source, "num_pairs": len(pairs), "seed": a.seed, "stats": stats})
+    print(f"cmalign: reward model in {out} (held-out pair accuracy {stats['val_accuracy']:.3f}); "
+          f"use it with `cmalign train --proxy-path {out}`")
+    return 0
+
+
+HANDLERS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "pretrain": cmd_pretrain, "reward-model": cmd_reward_model}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    return "usage: cmalign COMMAND [options]   (cmalign COMMAND --help)\n\n" + "\n".join(
+        f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in HANDLERS:
+        print(f"cmalign: error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return HANDLERS[command](rest)
+    except UserError as exc:
+        print(f"cmalign: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cmalign: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Metrics over generated samples, sample grids, and the evaluation every world shares."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .chain import ChainNoise, run_chain, step_divergences
+
+
+def image_grid(images01: torch.Tensor, nrow: int, cell: int | None = None) -> Image.Image:
+    """Tile (N, C, H, W) images in [0, 1] into a PIL image, nrow images per row (nearest upscaling
+    so that 8x8 digits are visible)."""
+    x = images01.detach().float().cpu().clamp(0, 1)
+    n, c, h, w = x.shape
+    cell = cell or max(h, 64)
+    x = torch.nn.functional.interpolate(x, size=(cell, cell), mode="nearest") if cell != h else x
+    ncol = nrow
+    rows = math.ceil(n / ncol)
+    pad = 2
+    canvas = torch.full((c, rows * (cell + pad) + pad, ncol * (cell + pad) + pad), 0.5)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        canvas[:, pad + r * (cell + pad) : pad + r * (cell + pad) + cell, pad + q * (cell + pad) : pad + q * (cell + pad) + cell] = x[i]
+    arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr[..., 0] if c == 1 else arr)
+
+
+def save_grid(images01: torch.Tensor, path: Path, nrow: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images01, nrow).save(path)
+
+
+def diversity(images01: torch.Tensor, prompts: list[str]) -> float:
+    """Mean pairwise L2 distance between samples of the same prompt (in [-1, 1] space)."""
+    x = (images01.detach().float().cpu() * 2 - 1).flatten(1)
+    values = []
+    for p in sorted(set(prompts)):
+        idx = [i for i, q in enumerate(prompts) if q == p]
+        if len(idx) > 1:
+            d = torch.cdist(x[idx], x[idx])
+            values.append(d.sum().item() / (len(idx) * (len(idx) - 1)))
+    return float(np.mean(values)) if values else float("nan")
+
+
+def world_metrics(world, images01: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Per-sample scores a world offers beyond the training reward (digits: gold and accuracy)."""
+    if world.name != "digits":
+        return {}
+    from .rewards.digits_classifier import load_classifier
+    from .rewards.digits_gold import gold_components
+
+    labels = world.encode_prompts(prompts).cpu()
+    out = gold_components(images01, labels)
+    classifier = load_classifier(world.resolution)
+    with torch.no_grad():
+        out["accuracy"] = (classifier(images01.float().cpu()).argmax(1) == labels).float()
+    return out
+
+
+def summarize(values: torch.Tensor) -> dict[str, float]:
+    v = values.detach().float().cpu()
+    std = v.std().item() if len(v) > 1 else 0.0
+    return {"mean": v.mean().item(), "std": std, "sem": std / math.sqrt(max(len(v), 1)), "n": len(v)}
+
+
+@torch.no_grad()
+def evaluate(world, reward, prompts: list[str], noise: ChainNoise, num_steps: int, cfg=None,
+             use_adapter: bool = True, batch_size: int = 250) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-sample scores of the chain's samples for fixed prompts and noise: every reward
+    component, world metrics and (when cfg is given) the summed divergence to the reference."""
+    timesteps = world.timesteps(num_steps)
+    scores: dict[str, list[torch.Tensor]] = {}
+    images_out = []
+    for i in range(0, len(prompts), batch_size):
+        sl = slice(i, i + batch_size)
+        chunk = prompts[sl]
+        part = ChainNoise(noise.initial[sl], [s[sl] for s in noise.steps])
+        cond = world.encode_prompts(chunk)
+        if use_adapter:
+            traj = run_chain(world, cond, part, timesteps, with_reference=cfg is not None)
+        else:
+            with world.reference_policy():
+                traj = run_chain(world, cond, part, timesteps)
+        images = world.decode(traj.x0).float().clamp(0, 1)
+        batch_scores = {"reward": reward(images, chunk)}
+        if len(getattr(reward, "rewards", {})) > 1:
+            batch_scores.update({f"reward_{k}": v for k, v in reward.last_components.items()})
+        batch_scores.update(world_metrics(world, images, chunk))
+        if use_adapter and cfg is not None:
+            batch_scores["divergence"] = step_divergences(traj, cfg.divergence, cfg.divergence_reduction, cfg.final_step).sum(1)
+        for k, v in batch_scores.items():
+            scores.setdefault(k, []).append(v.detach().float().cpu())
+        images_out.append(images.cpu())
+    return {k: torch.cat(v) for k, v in scores.items()}, torch.cat(images_out)

@@ -1,0 +1,79 @@
+"""ROCM: back-propagate a differentiable reward through the whole fixed-noise chain, with a per-step
+f-divergence to the reference (the same network with its adapter disabled):
+
+    L = - reward_scale * mean_b r(x0_b, c_b) + beta * mean_b sum_k D_k
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..chain import ChainNoise, run_chain, step_divergences
+from ..errors import UserError
+
+
+def clamp_images(images: torch.Tensor, mode: str) -> torch.Tensor:
+    """Clamp to [0, 1] for the reward. The value is always in range; the modes differ in gradient:
+    hard zeroes it on saturated pixels, straight_through passes it unchanged, soft is a smooth
+    clamp (softplus edges, sharpness 20) whose gradient fades near and beyond the bounds."""
+    if mode == "hard":
+        return images.clamp(0, 1)
+    if mode == "straight_through":
+        return images + (images.clamp(0, 1) - images).detach()
+    if mode == "soft":
+        k = 20.0
+        return ((F.softplus(k * images) - F.softplus(k * (images - 1))) / k).clamp(0, 1)
+    raise ValueError(f"unknown clamp mode {mode!r}")
+
+
+class Rocm:
+    name = "rocm"
+    needs_differentiable_reward = True
+
+    def __init__(self, cfg, world, reward):
+        if not reward.differentiable:
+            raise UserError(
+                f"ROCM back-propagates through the reward, but {reward.name} is not differentiable; "
+                "use a differentiable reward or a policy-gradient method (rlcm, ddpo)"
+            )
+        self.cfg, self.world, self.reward = cfg, world, reward
+        self.timesteps = world.timesteps(cfg.num_steps)
+        self.grad_checkpointing = (
+            world.grad_checkpointing_default if cfg.grad_checkpointing is None else cfg.grad_checkpointing
+        )
+
+    def divergence_kwargs(self, generator: torch.Generator | None = None) -> dict:
+        cfg = self.cfg
+        if cfg.divergence != "js":
+            return {}
+        return {"estimator": cfg.js_estimator, "num_samples": cfg.js_samples, "generator": generator}
+
+    def loss(self, prompts: list[str], noise: ChainNoise, generator: torch.Generator | None = None):
+        """One objective evaluation: (loss, metrics dict of floats, decoded images in [0, 1])."""
+        cfg = self.cfg
+        with_ref = cfg.beta > 0
+        traj = run_chain(
+            self.world, self.world.encode_prompts(prompts), noise, self.timesteps,
+            with_reference=with_ref, divergence_grad=cfg.divergence_grad,
+            backprop_steps=cfg.backprop_steps, grad_checkpointing=self.grad_checkpointing,
+        )
+        images = self.world.decode(traj.x0)
+        reward = self.reward(clamp_images(images.to(torch.promote_types(images.dtype, torch.float32)), cfg.clamp), prompts)
+        loss = -cfg.reward_scale * reward.mean()
+        metrics = {"reward": reward.mean().item()}
+        if with_ref:
+            per_step = step_divergences(
+                traj, cfg.divergence, cfg.divergence_reduction, cfg.final_step, **self.divergence_kwargs(generator)
+            )
+            total = per_step.sum(1).mean()
+            loss = loss + cfg.beta * total
+            metrics["divergence"] = total.item()
+            metrics.update({f"div_{k + 1}": v.item() for k, v in enumerate(per_step.mean(0))})
+        else:
+            metrics["divergence"] = None  # no reference pass at beta = 0; see eval_divergence
+        for name, value in getattr(self.reward, "last_components", {}).items():
+            if len(self.reward.rewards) > 1:
+                metrics[f"reward_{name}"] = value.mean().item()
+        metrics["loss"] = loss.item()
+        return loss, metrics, images.detach().clamp(0, 1)

@@ -1,0 +1,66 @@
+"""Rewards of the digits world, registered by name."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..worlds.digits_data import parse_prompt
+from .digits_classifier import load_classifier
+from .digits_gold import gold_score
+from .digits_proxy import build_default_proxy, load_proxy
+from .registry import Reward, RewardContext, register
+
+
+class ModuleReward(Reward):
+    def __init__(self, name: str, module: torch.nn.Module, device):
+        self.name, self.module = name, module.to(device)
+
+    def __call__(self, images, prompts):
+        return self.module(images, prompts)
+
+
+class ClassifierLogProb(torch.nn.Module):
+    """log p(prompted class | image) under the independent classifier."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images01, prompts):
+        labels = torch.tensor([parse_prompt(p) for p in prompts], device=images01.device)
+        return self.classifier(images01).log_softmax(1).gather(1, labels[:, None]).squeeze(1)
+
+
+class GoldReward(Reward):
+    """The stand-in for human raters: evaluation and pair labels only, never a training signal."""
+
+    name, differentiable, eval_only = "gold", False, True
+
+    def __call__(self, images, prompts):
+        return gold_score(images, prompts).to(images.device)
+
+
+@register("proxy", worlds=("digits",))
+def proxy_reward(ctx: RewardContext) -> Reward:
+    """Bradley–Terry proxy: a user's folder (options proxy.path) or the cached default one."""
+    path = ctx.options.get("proxy", {}).get("path")
+    if path is None:
+        cfg = ctx.config
+        path = build_default_proxy(ctx.world, cfg.proxy_pairs if cfg else 2000, seed=0)
+    return ModuleReward("proxy", load_proxy(path), ctx.device)
+
+
+@register("classifier", worlds=("digits",))
+def classifier_reward(ctx: RewardContext) -> Reward:
+    return ModuleReward("classifier", ClassifierLogProb(load_classifier(ctx.world.resolution)), ctx.device)
+
+
+@register("gold", worlds=("digits",))
+def gold_reward(ctx: RewardContext) -> Reward:
+    return GoldReward()
+
+
+def refuse_eval_only(weights: dict[str, float]) -> None:
+    if "gold" in weights:
+        raise UserError("gold is the evaluation stand-in for human raters and never a training reward; train on proxy")

@@ -1,0 +1,70 @@
+"""Rewards of the lcm world, registered by name. Each factory reads its options from
+ctx.options[name] (the trainer fills "path" from cfg.reward_paths; "tokenizer" and the like may be
+given too) and loads real weights from the hub or a local path."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from ..errors import UserError
+from . import clip_rewards, image_reward, jpeg
+from .common import reward_dtype
+from .registry import Reward, RewardContext, register
+
+
+def _build(name: str, loader: Callable[..., Reward], ctx: RewardContext, **fixed) -> Reward:
+    options = dict(ctx.options.get(name, {}))
+    allowed = set(inspect.signature(loader).parameters) - {"device", "dtype"} - set(fixed)
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise UserError(f"reward {name}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    return loader(device=ctx.device, dtype=reward_dtype(ctx.config), **fixed, **options)
+
+
+@register("clip_score", worlds=("lcm",))
+def clip_score(ctx: RewardContext) -> Reward:
+    """Cosine similarity of CLIP ViT-L/14 image and prompt embeddings."""
+    return _build("clip_score", clip_rewards.clip_score, ctx)
+
+
+@register("pickscore", worlds=("lcm",))
+def pickscore(ctx: RewardContext) -> Reward:
+    """PickScore_v1: CLIP ViT-H/14 fine-tuned on Pick-a-Pic preferences (logit-scaled cosine)."""
+    return _build("pickscore", clip_rewards.pickscore, ctx)
+
+
+@register("hpsv2", worlds=("lcm",))
+def hpsv2(ctx: RewardContext) -> Reward:
+    """Human Preference Score v2."""
+    return _build("hpsv2", clip_rewards.hpsv2, ctx, version="v2")
+
+
+@register("hpsv2_1", worlds=("lcm",))
+def hpsv2_1(ctx: RewardContext) -> Reward:
+    """Human Preference Score v2.1."""
+    return _build("hpsv2_1", clip_rewards.hpsv2, ctx, version="v2.1")
+
+
+@register("aesthetic", worlds=("lcm",))
+def aesthetic(ctx: RewardContext) -> Reward:
+    """LAION aesthetic predictor v2 on CLIP ViT-L/14 (DDPO's aesthetic task)."""
+    return _build("aesthetic", clip_rewards.aesthetic, ctx)
+
+
+@register("image_reward", worlds=("lcm",))
+def image_reward_(ctx: RewardContext) -> Reward:
+    """ImageReward v1.0 (BLIP-based)."""
+    return _build("image_reward", image_reward.image_reward, ctx)
+
+
+@register("jpeg_compressibility", worlds=("lcm",))
+def jpeg_compressibility(ctx: RewardContext) -> Reward:
+    """Minus the JPEG size in kB (not differentiable)."""
+    return jpeg.JpegSize("jpeg_compressibility", -1.0)
+
+
+@register("jpeg_incompressibility", worlds=("lcm",))
+def jpeg_incompressibility(ctx: RewardContext) -> Reward:
+    """The JPEG size in kB (not differentiable)."""
+    return jpeg.JpegSize("jpeg_incompressibility", 1.0)

@@ -1,0 +1,89 @@
+"""The interface every model world implements; the chain, objectives and trainer see only this."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .. import schedule
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """The reference policy: the same network with its LoRA layers switched off (never a copy)."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+class World(ABC):
+    """A consistency model in the LCM parameterisation with a trainable adapter.
+
+    Subclasses set `name`, `prediction_type`, `alphas_cumprod` (float64, the model's own schedule),
+    `latent_shape` (C, H, W), `device`, `dtype` and `network` (the module that carries the adapter).
+    """
+
+    name: str
+    prediction_type: str
+    alphas_cumprod: torch.Tensor
+    latent_shape: tuple[int, int, int]
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    network: torch.nn.Module
+    num_train_timesteps: int = 1000
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0  # LCM's boundary-condition scaling (c_skip, c_out)
+    grad_checkpointing_default: bool = False  # memory-bound worlds switch it on
+
+    # --- prompts and decoding -------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Any:
+        """Conditioning for a batch of prompts (class ids, text embeddings, ...)."""
+
+    @abstractmethod
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Differentiable map from the chain's output to images, nominally in [0, 1], unclamped."""
+
+    # --- the network --------------------------------------------------------------------------------
+    @abstractmethod
+    def model_output(self, x: torch.Tensor, timestep: int, cond: Any) -> torch.Tensor:
+        """The raw network prediction (epsilon, v or sample) with the adapter as currently enabled."""
+
+    def timesteps(self, num_steps: int) -> list[int]:
+        return schedule.lcm_timesteps(num_steps, self.num_train_timesteps, self.original_inference_steps)
+
+    def consistency(self, x: torch.Tensor, timestep: int, cond: Any, reference: bool = False) -> torch.Tensor:
+        """f(x, t, c) of the policy, or of the reference (adapter disabled inside the call, so that
+        gradient checkpointing recomputes the same branch)."""
+        with self.reference_policy() if reference else contextlib.nullcontext():
+            out = self.model_output(x, timestep, cond)
+        abar_t = self.alphas_cumprod[timestep].to(device=x.device, dtype=x.dtype)
+        return schedule.consistency_function(
+            x, out.to(x.dtype), timestep, abar_t, self.prediction_type, timestep_scaling=self.timestep_scaling
+        )
+
+    def reference_policy(self):
+        """Context in which the network is the frozen reference (default: every adapter off)."""
+        return adapters_disabled(self.network)
+
+    # --- adapter ------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    @abstractmethod
+    def save_adapter(self, directory: Path) -> None:
+        """Write the trained adapter (safetensors) into `directory`."""
+
+    @abstractmethod
+    def load_adapter(self, directory: Path) -> None:
+        """Load an adapter written by `save_adapter`."""

@@ -1,0 +1,73 @@
+"""The embedded digits world: a class-conditional 8x8 consistency model (LCM parameterisation,
+v-prediction on a cosine schedule) with a peft LoRA adapter; prompts name a digit class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import schedule
+from ..errors import UserError
+from . import digits_base
+from .base import World
+from .digits_data import NUM_CLASSES, class_prompt, parse_prompt
+from .digits_models import add_lora, load_adapter, save_adapter
+from .digits_pretrain import BETA_SCHEDULE, PREDICTION_TYPE, PretrainConfig
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+class DigitsWorld(World):
+    name = "digits"
+    prediction_type = PREDICTION_TYPE
+
+    def __init__(self, network: torch.nn.Module, resolution: int = 8, device: str | torch.device = "cpu",
+                 lora_rank: int | None = 8, lora_alpha: float = 8.0, lora_init: str | bool = True):
+        self.network = network.to(device)
+        self.device = torch.device(device)
+        self.resolution = resolution
+        self.latent_shape = (1, resolution, resolution)
+        self.alphas_cumprod = schedule.alphas_cumprod(BETA_SCHEDULE).to(self.device)
+        self.has_adapter = lora_rank is not None
+        if self.has_adapter:
+            add_lora(self.network, lora_rank, lora_alpha, init=lora_init)
+            self.network.to(device)
+
+    @classmethod
+    def from_pretrained(cls, pretrain: PretrainConfig, device="cpu", which: str = "consistency", **lora) -> "DigitsWorld":
+        network, folder, info = digits_base.load_base(pretrain, which)
+        world = cls(network, pretrain.resolution, device, **lora)
+        world.base_folder, world.base_manifest = folder, info
+        return world
+
+    @staticmethod
+    def default_prompts() -> tuple[list[str], list[str]]:
+        """(train, eval) prompts: all ten classes for both (the classes are the whole task)."""
+        prompts = [class_prompt(c) for c in range(NUM_CLASSES)]
+        return prompts, prompts
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        try:
+            return torch.tensor([parse_prompt(p) for p in prompts], dtype=torch.long, device=self.device)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+    def model_output(self, x: torch.Tensor, timestep: int, cond: torch.Tensor) -> torch.Tensor:
+        t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
+        return self.network(x, t, class_labels=cond).sample
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return (x0 + 1) / 2
+
+    def save_adapter(self, directory: Path) -> None:
+        save_adapter(self.network, Path(directory) / ADAPTER_FILE)
+
+    def load_adapter(self, directory: Path) -> None:
+        path = Path(directory) / ADAPTER_FILE
+        if not path.is_file():
+            raise UserError(f"no digits adapter at {path}")
+        try:
+            load_adapter(self.network, path)
+        except Exception as exc:
+            raise UserError(f"adapter file {path} is unreadable ({type(exc).__name__}: {str(exc)[:80]})") from None

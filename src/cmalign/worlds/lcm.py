@@ -1,0 +1,324 @@
+"""The lcm world: real latent consistency models through diffusers (DESIGN §1, §2).
+
+A diffusers LCM (e.g. SimianLuo/LCM_Dreamshaper_v7), or an SD-1.5 base with an LCM-LoRA, carrying our
+peft LoRA adapter on its UNet. The chain (chain.run_chain) reproduces LCMScheduler +
+LatentConsistencyModelPipeline exactly for the same noise; everything the pipeline computes once per
+call (text embeddings, the guidance embedding of w - 1) is computed here once per prompt.
+
+Stacked LCM-LoRA (lcm_lora_mode "stack"): the LCM-LoRA stays a separate, frozen peft adapter under
+ours; the reference policy switches only OUR adapter off (see `reference_policy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+
+from .. import schedule
+from ..errors import UserError
+from ..hub import hub_errors, offline
+from ..precision import WEIGHT_DTYPES
+from ..prompts import bundled_prompts, read_prompt_file, split_prompts
+from .base import World, adapters_disabled
+
+__all__ = ["LCMWorld", "PromptConditioning", "read_prompt_file", "load_components"]
+
+OUR_ADAPTER = "rocm"  # our trainable LoRA
+LCM_ADAPTER = "lcm"  # a stacked LCM-LoRA: frozen, part of both the policy and the reference
+DEFAULT_PROMPTS = "simple_animals"
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # what a stock pipeline's load_lora_weights reads
+PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"  # for resuming
+
+
+@dataclass
+class PromptConditioning:
+    """What the UNet is conditioned on for a batch of prompts."""
+
+    text: torch.Tensor  # (B, 77, D) text-encoder hidden states
+    guidance: torch.Tensor | None  # (B, time_cond_proj_dim) embedding of w - 1 (LCMs distilled with guidance)
+    uncond: torch.Tensor | None = None  # (B, 77, D) empty-prompt states when classifier-free guidance runs
+
+
+class LCMWorld(World):
+    name = "lcm"
+    grad_checkpointing_default = True  # DESIGN §2: 512 px chains are memory-bound
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        *,
+        device: str | torch.device = "cpu",
+        resolution: int | None = None,
+        guidance_scale: float = 8.0,
+        mixed_precision: str = "no",
+        lora_rank: int | None = 8,
+        lora_alpha: float = 8.0,
+        lora_targets=DEFAULT_LORA_TARGETS,
+        lora_init: bool | str = True,
+        base_adapter: str | None = None,
+        heldout_fraction: float = 0.2,
+    ):
+        """Wrap already-built components. `base_adapter` names a peft adapter already on the UNet that
+        belongs to the base model (a stacked LCM-LoRA); `lora_rank=None` adds no adapter of ours."""
+        if mixed_precision not in WEIGHT_DTYPES:
+            raise UserError(f"mixed_precision must be one of {', '.join(WEIGHT_DTYPES)}, got {mixed_precision!r}")
+        self.device = torch.device(device)
+        self.weight_dtype = WEIGHT_DTYPES[mixed_precision]
+        self.autocast_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
+        self.dtype = torch.float32  # the chain's latents and noise; networks run under autocast
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False).eval().to(self.device)
+            if module.dtype != self.weight_dtype:  # (diffusers warns on every dtype cast, even a no-op one)
+                module.to(dtype=self.weight_dtype)
+
+        if not isinstance(scheduler, LCMScheduler):
+            scheduler = LCMScheduler.from_config(scheduler.config)
+        if scheduler.config.thresholding or scheduler.config.clip_sample:
+            raise UserError("the LCM scheduler clips or thresholds x0, which the differentiable chain does not do; "
+                            "set clip_sample and thresholding to false in its scheduler config")
+        self.scheduler = scheduler
+        self.pipeline = LatentConsistencyModelPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.network, self.vae = unet, vae
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64).to(self.device)
+        self.prediction_type = scheduler.config.prediction_type
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.original_inference_steps = scheduler.config.original_inference_steps
+        self.timestep_scaling = float(scheduler.config.timestep_scaling)
+
+        scale = self.pipeline.vae_scale_factor
+        self.resolution = resolution or unet.config.sample_size * scale
+        if self.resolution % scale:
+            raise UserError(f"resolution must be a multiple of {scale} (the VAE's downsampling), got {self.resolution}")
+        side = self.resolution // scale
+        self.latent_shape = (unet.config.in_channels, side, side)
+
+        self.guidance_scale = guidance_scale
+        guidance_dim = unet.config.time_cond_proj_dim
+        self._guidance = None
+        if guidance_dim is not None:  # LCM distilled with guidance: w enters as an embedding, as in the pipeline
+            w = torch.tensor([guidance_scale - 1.0])
+            self._guidance = self.pipeline.get_guidance_scale_embedding(w, embedding_dim=guidance_dim).to(self.device)
+        # A UNet without that input (SD-1.5 + LCM-LoRA) gets real CFG, as StableDiffusionPipeline does
+        self.classifier_free = guidance_dim is None and guidance_scale > 1
+        self.heldout_fraction = heldout_fraction
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._timesteps: dict[int, list[int]] = {}
+
+        self.base_adapter = base_adapter
+        self.has_adapter = False
+        if lora_rank is not None:
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(lora_targets),
+                                init_lora_weights=lora_init)
+            self._attach_adapter(config)
+
+    # --- construction from a config -------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg, device="cpu", lora: bool = True) -> "LCMWorld":
+        """Load cfg.lcm_model (hub id or folder), apply cfg.lcm_lora if given, add our adapter."""
+        components = load_components(cfg.lcm_model)
+        base_adapter = None
+        if cfg.lcm_lora:
+            base_adapter = apply_lcm_lora(components, cfg.lcm_lora, cfg.lcm_lora_mode)
+        return cls(
+            **components, device=device, resolution=cfg.resolution, guidance_scale=cfg.guidance_scale,
+            mixed_precision=cfg.mixed_precision, lora_rank=cfg.lora_rank if lora else None,
+            lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets, base_adapter=base_adapter,
+            heldout_fraction=cfg.heldout_fraction,
+        )
+
+    def default_prompts(self) -> tuple[list[str], list[str]]:
+        """(train, held-out) from the bundled simple-animals set, split by heldout_fraction."""
+        return split_prompts(bundled_prompts(DEFAULT_PROMPTS), self.heldout_fraction)
+
+    # --- prompts, network, decoding ---------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    @torch.no_grad()
+    def _text_states(self, prompts: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            with self._autocast():
+                states, _ = self.pipeline.encode_prompt(missing, self.device, 1, False)
+            self._text_cache.update(zip(missing, states))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def encode_prompts(self, prompts: list[str]) -> PromptConditioning:
+        n = len(prompts)
+        guidance = None if self._guidance is None else self._guidance.expand(n, -1)
+        uncond = self._text_states([""] * n) if self.classifier_free else None
+        return PromptConditioning(self._text_states(prompts), guidance, uncond)
+
+    def model_output(self, x: torch.Tensor, timestep: int, cond: PromptConditioning) -> torch.Tensor:
+        text = cond.text
+        if cond.uncond is not None:
+            x, text = torch.cat([x, x]), torch.cat([cond.uncond, cond.text])
+        with self._autocast():
+            out = self.network(x, timestep, encoder_hidden_states=text, timestep_cond=cond.guidance).sample
+        if cond.uncond is not None:
+            out_uncond, out_text = out.chunk(2)
+            out = out_uncond + self.guidance_scale * (out_text - out_uncond)
+        return out
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """VAE decode with gradient, mapped from [-1, 1] to [0, 1] and left unclamped."""
+        with self._autocast():
+            image = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+        return (image.float() + 1) / 2
+
+    def timesteps(self, num_steps: int) -> list[int]:
+        """The pipeline scheduler's own grid (its config decides spacing and original steps)."""
+        if num_steps not in self._timesteps:
+            scheduler = LCMScheduler.from_config(self.scheduler.config)
+            try:
+                scheduler.set_timesteps(num_steps)
+            except ValueError as exc:
+                raise UserError(f"cannot sample with K={num_steps} steps: {exc}") from None
+            self._timesteps[num_steps] = [int(t) for t in scheduler.timesteps]
+        return list(self._timesteps[num_steps])
+
+    @contextlib.contextmanager
+    def reference_policy(self) -> Iterator[None]:
+        """The frozen reference: our adapter off, a stacked LCM-LoRA still on."""
+        if self.base_adapter is None:
+            with adapters_disabled(self.network):
+                yield
+            return
+        with _only_adapter_active(self.network, self.base_adapter):
+            yield
+
+    # --- our adapter ------------------------------------------------------------------------------------
+    def _attach_adapter(self, config: LoraConfig) -> None:
+        try:
+            self.network.add_adapter(config, adapter_name=OUR_ADAPTER)
+        except ValueError as exc:
+            raise UserError(f"cannot attach the LoRA adapter (lora_targets {list(config.target_modules)}): "
+                            f"{str(exc).splitlines()[0]}") from None
+        if self.base_adapter is not None:
+            self.network.set_adapters([self.base_adapter, OUR_ADAPTER])
+        # set_adapter(s) marks every active adapter trainable: only ours is
+        for name, param in self.network.named_parameters():
+            param.requires_grad_(f".{OUR_ADAPTER}." in name)
+        cast_training_params(self.network, torch.float32)
+        self.has_adapter = True
+
+    def adapter_config(self) -> LoraConfig:
+        return self.network.peft_config[OUR_ADAPTER]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our adapter's weights in peft naming, without the adapter name."""
+        return get_peft_model_state_dict(self.network, adapter_name=OUR_ADAPTER)
+
+    def save_adapter(self, directory: Path) -> None:
+        """pytorch_lora_weights.safetensors for stock pipelines (load_lora_weights), plus the peft adapter
+        (adapter_model.safetensors + adapter_config.json) for resuming."""
+        if not self.has_adapter:
+            raise UserError("this lcm world has no adapter to save")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().float().contiguous() for k, v in self.adapter_state_dict().items()}
+        config = self.adapter_config().to_dict()
+        LatentConsistencyModelPipeline.save_lora_weights(
+            directory, unet_lora_layers=convert_state_dict_to_diffusers(weights), weight_name=DIFFUSERS_LORA_FILE,
+            unet_lora_adapter_metadata=config,  # carries lora_alpha: stock loaders would assume alpha = r
+        )
+        save_file(weights, directory / PEFT_ADAPTER_FILE)
+        self.adapter_config().save_pretrained(directory)  # adapter_config.json
+
+    def load_adapter(self, directory: Path) -> None:
+        """Load an adapter written by save_adapter (adding it first if this world has none)."""
+        directory = Path(directory)
+        weights_path, config_path = directory / PEFT_ADAPTER_FILE, directory / PEFT_CONFIG_FILE
+        if not weights_path.is_file() or not config_path.is_file():
+            raise UserError(f"no lcm adapter in {directory} (expected {PEFT_ADAPTER_FILE} and {PEFT_CONFIG_FILE})")
+        try:
+            saved = LoraConfig.from_pretrained(directory)
+            weights = load_file(weights_path)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"adapter in {directory} is unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
+        if not self.has_adapter:
+            self._attach_adapter(saved)
+        current = self.adapter_config()
+        if (saved.r, saved.lora_alpha, set(saved.target_modules)) != (current.r, current.lora_alpha, set(current.target_modules)):
+            raise UserError(
+                f"adapter in {directory} has r={saved.r}, alpha={saved.lora_alpha}, targets {sorted(saved.target_modules)}; "
+                f"this world's has r={current.r}, alpha={current.lora_alpha}, targets {sorted(current.target_modules)}"
+            )
+        result = set_peft_model_state_dict(self.network, weights, adapter_name=OUR_ADAPTER)
+        if result.unexpected_keys:
+            raise UserError(f"adapter in {directory} does not fit this model ({len(result.unexpected_keys)} unexpected "
+                            f"keys, e.g. {result.unexpected_keys[0]})")
+        cast_training_params(self.network, torch.float32)
+
+
+@contextlib.contextmanager
+def _only_adapter_active(network: torch.nn.Module, name: str) -> Iterator[None]:
+    """Run with only adapter `name` active in every LoRA layer, keeping requires_grad flags as they were
+    (peft's set_adapter re-flags trainability) and restoring each layer's active adapters after."""
+    layers = [m for m in network.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(layer, list(layer.active_adapters), {p: p.requires_grad for p in layer.parameters()}) for layer in layers]
+    for layer in layers:
+        layer.set_adapter([name])
+    try:
+        yield
+    finally:
+        for layer, active, flags in saved:
+            layer.set_adapter(active)
+            for param, flag in flags.items():
+                param.requires_grad_(flag)
+
+
+# --- loading ------------------------------------------------------------------------------------------
+def load_components(model: str) -> dict:
+    """unet, vae, text_encoder, tokenizer and an LCMScheduler from a diffusers folder or hub id (float32;
+    the world casts them). An SD-1.5 base gets an LCMScheduler built from its own scheduler config."""
+    with hub_errors(model, "diffusion model"):
+        pipe = DiffusionPipeline.from_pretrained(
+            model, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            local_files_only=offline(),
+        )
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise UserError(f"{model} has two text encoders (SDXL); the lcm world supports SD-1.5-style models for now")
+    missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, n, None) is None]
+    if missing:
+        raise UserError(f"{model} is not a text-to-image latent diffusion pipeline (no {', '.join(missing)})")
+    scheduler = pipe.scheduler
+    if not isinstance(scheduler, LCMScheduler):
+        scheduler = LCMScheduler.from_config(scheduler.config)
+    return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                scheduler=scheduler)
+
+
+def apply_lcm_lora(components: dict, lora: str, mode: str = "fuse") -> str | None:
+    """Put an LCM-LoRA on the UNet: fused into its weights (returns None) or kept as a separate frozen
+    adapter for our LoRA to stack on (returns its adapter name)."""
+    if mode not in ("fuse", "stack"):
+        raise UserError(f"lcm_lora_mode must be fuse or stack, got {mode!r}")
+    pipe = LatentConsistencyModelPipeline(**components, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    with hub_errors(lora, "LCM-LoRA"):
+        pipe.load_lora_weights(lora, adapter_name=LCM_ADAPTER, local_files_only=offline())
+    if mode == "stack":
+        return LCM_ADAPTER
+    pipe.fuse_lora()  # in float32, before any cast to bf16/fp16
+    pipe.unload_lora_weights()
+    return None

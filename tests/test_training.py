@@ -1,0 +1,72 @@
+"""ROCM training on the tiny digits world: the objective improves the proxy, the run directory
+holds every promised artefact, and the adapter round-trips."""
+
+import json
+
+import pytest
+import torch
+
+from cmalign.errors import UserError
+from cmalign.trainer import train
+from cmalign.worlds import build_world
+from helpers import tiny_config
+
+
+def test_short_rocm_run_raises_proxy_reward(tmp_path):
+    cfg = tiny_config(steps=30, batch_size=16, lr=3e-3, beta=0.1, eval_every=30, grid_every=30,
+                      eval_size=40, final_eval_size=0, output_dir=str(tmp_path / "run"))
+    run = train(cfg, progress=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    assert first["step"] == 0 and last["step"] == 30
+    # The same fixed evaluation chains, before and after training.
+    assert last["eval_reward"] > first["eval_reward"] + 0.1, (first["eval_reward"], last["eval_reward"])
+    assert last["eval_divergence"] > 0
+
+
+def test_run_directory_contract(tmp_path):
+    run = train(tiny_config(output_dir=str(tmp_path / "run")), progress=False)
+    for name in ("config.yaml", "metrics.jsonl", "adapter/adapter.safetensors", "final_eval.json", "report.md",
+                 "reward.png", "gold.png", "divergence.png", "before_after.png", "grids/step_000000.png", "grids/step_000004.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        for key in ("reward", "divergence", "loss", "wall_time", "gold", "grad_norm", "div_1", "div_4"):
+            assert key in r and r[key] is not None, key
+    final = json.loads((run / "final_eval.json").read_text())
+    for side in ("base", "tuned"):
+        assert {"reward", "gold", "accuracy"} <= set(final[side])
+        assert final[side]["gold"]["n"] == 20
+
+
+def test_adapter_round_trip_reproduces_samples(tmp_path):
+    from cmalign.chain import generate
+
+    cfg = tiny_config(output_dir=str(tmp_path / "run"), lr=1e-2, final_eval_size=0)
+    run = train(cfg, progress=False)
+    trained = build_world(cfg)
+    trained.load_adapter(run / "adapter")
+    fresh = build_world(cfg)
+    prompts = ["a handwritten three"] * 4
+    a = generate(trained, prompts, 4, torch.Generator().manual_seed(1))
+    b = generate(fresh, prompts, 4, torch.Generator().manual_seed(1))
+    base = generate(trained, prompts, 4, torch.Generator().manual_seed(1), reference=True)
+    assert not torch.allclose(a, b), "the trained adapter must change the samples"
+    assert torch.equal(base, b), "disabling the adapter must give the base model exactly"
+
+
+def test_existing_run_directory_is_refused(tmp_path):
+    cfg = tiny_config(output_dir=str(tmp_path / "run"), steps=1, final_eval_size=0)
+    train(cfg, progress=False)
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(UserError, match="already holds a run"):
+        train(tiny_config(output_dir=str(tmp_path / "run"), steps=1, beta=1.0), progress=False)
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
+
+
+def test_gold_is_refused_as_training_reward(tmp_path):
+    with pytest.raises(UserError, match="never a training reward"):
+        train(tiny_config(output_dir=str(tmp_path / "run"), reward_weights={"gold": 1.0}), progress=False)
