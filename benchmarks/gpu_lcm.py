@@ -40,12 +40,15 @@ def build_world(tiny: bool, device: torch.device, mixed_precision: str, folder: 
 
 def rocm_step(world: LCMWorld, optimizer, batch: int, num_steps: int, divergence_grad: str, checkpointing: bool,
               generator: torch.Generator, beta: float = 1.0) -> float:
+    """divergence_grad "bare" is the bare cost of the same work: K policy calls, decode and reward,
+    forward and backward, without the reference branch and divergence (ROCM at beta = 0)."""
     prompts = (PROMPTS * batch)[:batch]
     noise = ChainNoise.draw(batch, world.latent_shape, num_steps, generator, world.device, world.dtype)
-    traj = run_chain(world, world.encode_prompts(prompts), noise, world.timesteps(num_steps), with_reference=True,
-                     divergence_grad=divergence_grad, grad_checkpointing=checkpointing)
+    bare = divergence_grad == "bare"
+    traj = run_chain(world, world.encode_prompts(prompts), noise, world.timesteps(num_steps), with_reference=not bare,
+                     divergence_grad="full" if bare else divergence_grad, grad_checkpointing=checkpointing)
     reward = world.decode(traj.x0).mean(dim=(1, 2, 3))
-    loss = -reward.mean() + beta * step_divergences(traj).sum(1).mean()
+    loss = -reward.mean() if bare else -reward.mean() + beta * step_divergences(traj).sum(1).mean()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per setting after one warm-up")
     parser.add_argument("--budget-s", type=float, default=330.0, help="skip the remaining settings after this")
+    parser.add_argument("--grads", nargs="+", default=["stopgrad_ref", "full"],
+                        choices=["bare", "stopgrad_ref", "full"], help="reference branches to time (bare: none)")
     parser.add_argument("--out", type=Path, default=None, help="markdown table (default beside this script)")
     args = parser.parse_args(argv)
     tiny = args.tiny
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     rows = []
     # cheap settings first, so that the time budget cuts the expensive tail
-    grid = sorted(itertools.product(ks, args.batches, (True, False), ("stopgrad_ref", "full")),
+    grid = sorted(itertools.product(ks, args.batches, (True, False), args.grads),
                   key=lambda s: (s[0] * s[1], not s[2]))
     for num_steps, batch, checkpointing, divergence_grad in grid:
         if time.perf_counter() - started > args.budget_s:
@@ -113,6 +118,9 @@ def main(argv: list[str] | None = None) -> Path:
         rows.append((num_steps, batch, "on" if checkpointing else "off", divergence_grad, seconds, memory))
         print(*rows[-1], flush=True)
 
+    bare_s = {r[:3]: float(r[4]) for r in rows if r[3] == "bare" and r[4].replace(".", "", 1).isdigit()}
+    ratio = lambda r: f"{float(r[4]) / bare_s[r[:3]]:.2f}" if r[:3] in bare_s and r[4].replace(".", "", 1).isdigit() else ""  # noqa: E731
+    rows = [(*r, ratio(r)) for r in rows]
     size = "tiny configs, 32 px" if tiny else "SD-1.5 / LCM-Dreamshaper-v7 configs, 512 px"
     lines = [
         f"# lcm world: seconds per ROCM step and peak memory ({'tiny, CPU smoke run' if tiny else 'GPU'})",
@@ -126,8 +134,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"- {args.repeats} timed steps after one warm-up per setting; world built in {build_s:.1f} s; "
         f"whole run {time.perf_counter() - started:.0f} s",
         "",
-        "| K | batch | grad checkpointing | divergence_grad | s / step | peak CUDA memory (GiB) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| K | batch | grad checkpointing | divergence_grad | s / step | peak CUDA memory (GiB) | × bare |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ] + [f"| {' | '.join(str(c) for c in row)} |" for row in rows]
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {out}")

@@ -5,6 +5,11 @@
 
 Step k < K is the Gaussian policy N(mu_k, s_k^2 I), mu_k = sqrt(abar_{k+1}) m_k, s_k^2 = 1 - abar_{k+1}.
 The final step adds no noise; under `final_step: floor` it is treated as N(m_K, (1 - abar_K) I).
+
+The per-step update is a small pure `Transition` (what the network call returns, and the Gaussian
+mean/sigma of the next state). The default is the consistency update above; `DDIMTransition` makes
+the same loop a DDIM(eta) sampler of a diffusion model (DDPO's MDP), for worlds that set
+`world.transition`. Passing `states=` re-evaluates the policy on stored states (PPO's inner epochs).
 """
 
 from __future__ import annotations
@@ -38,6 +43,51 @@ class ChainNoise:
         return ChainNoise(initial.to(device), [s.to(device) for s in steps])
 
 
+class ConsistencyTransition:
+    """The consistency chain: m_k = f(x_k, t_k, c); mean = sqrt(abar_next) m_k, sigma^2 = 1 - abar_next."""
+
+    def denoise(self, world, x, t, cond, reference):
+        return world.consistency(x, t, cond, reference)
+
+    def step(self, x, m, t, t_next, abar):
+        a_next = abar[t_next]
+        return float(a_next.sqrt()) * m, float((1 - a_next).sqrt())
+
+    def timesteps(self, world, num_steps):
+        return None  # the world's own (LCM) grid
+
+
+class DDIMTransition:
+    """DDIM(eta) on a diffusion model (DDPO): m_k is the predicted x0; with eps = (x - sqrt(a_t) m) / sqrt(1 - a_t),
+    sigma_k = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) and
+    mean_k = sqrt(a_prev) m + sqrt(1 - a_prev - sigma_k^2) eps. The last step goes to a_prev = 1, i.e. outputs m_K
+    (deterministic, like the consistency chain's last step). Timesteps: diffusers' "trailing" spacing."""
+
+    def __init__(self, eta: float = 1.0):
+        self.eta = eta
+
+    def denoise(self, world, x, t, cond, reference):
+        from .schedule import predicted_x0
+
+        with world.reference_policy() if reference else contextlib.nullcontext():
+            out = world.model_output(x, t, cond)
+        abar_t = world.alphas_cumprod[t].to(device=x.device, dtype=x.dtype)
+        return predicted_x0(x, out.to(x.dtype), abar_t, world.prediction_type)
+
+    def step(self, x, m, t, t_next, abar):
+        a_t, a_prev = float(abar[t]), float(abar[t_next])
+        eps = (x - a_t**0.5 * m) / (1 - a_t) ** 0.5
+        sigma = self.eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
+        return a_prev**0.5 * m + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps, sigma
+
+    def timesteps(self, world, num_steps):
+        stride = world.num_train_timesteps / num_steps
+        return [int(round(world.num_train_timesteps - i * stride)) - 1 for i in range(num_steps)]
+
+
+CONSISTENCY = ConsistencyTransition()
+
+
 @dataclass
 class Trajectory:
     timesteps: list[int]
@@ -63,12 +113,15 @@ def run_chain(
     divergence_grad: str = "full",
     backprop_steps: int | None = None,
     grad_checkpointing: bool = False,
+    states: list[torch.Tensor] | None = None,
 ) -> Trajectory:
     """Roll the chain out with the noise held fixed, so the output is a differentiable function of theta.
 
     backprop_steps < K runs the first K - backprop_steps steps without gradient (DRaFT-K truncation);
     with_reference also evaluates f_ref on each state (on the live state for divergence_grad="full",
-    on a detached one under no_grad for "stopgrad_ref").
+    on a detached one under no_grad for "stopgrad_ref"). `states` (x_1..x_n, n <= K, e.g. a stored rollout)
+    re-evaluates the policy on those states instead of sampling (noise may then be None); the
+    trajectory then holds n steps (x0 only when n = K).
     """
     if divergence_grad not in DIVERGENCE_GRADS:
         raise ValueError(f"unknown divergence_grad {divergence_grad!r}; expected one of {DIVERGENCE_GRADS}")
@@ -78,15 +131,20 @@ def run_chain(
         raise ValueError(f"backprop_steps must be in [0, K={num_steps}], got {backprop_steps}")
     abar = world.alphas_cumprod
     grad_on = torch.is_grad_enabled()
+    transition = getattr(world, "transition", None) or CONSISTENCY
 
     def call(x, t, reference):
         if grad_checkpointing and grad_on and torch.is_grad_enabled():
-            return checkpoint(world.consistency, x, t, cond, reference, use_reentrant=False)
-        return world.consistency(x, t, cond, reference)
+            return checkpoint(transition.denoise, world, x, t, cond, reference, use_reentrant=False)
+        return transition.denoise(world, x, t, cond, reference)
 
-    x = noise.initial
+    x = noise.initial if states is None else states[0]
     traj = Trajectory(timesteps=list(timesteps), states=[], means=[], sigmas=[], ref_means=[] if with_reference else None)
     for k, t in enumerate(timesteps):
+        if states is not None:
+            if k >= len(states):
+                break
+            x = states[k]
         live = grad_on and k >= num_steps - backprop_steps
         if not live:
             x = x.detach()
@@ -101,12 +159,12 @@ def run_chain(
                 with torch.no_grad():
                     m_ref = call(x.detach(), t, reference=True)
         if k < num_steps - 1:
-            a_next = abar[timesteps[k + 1]]
-            scale, sigma = float(a_next.sqrt()), float((1 - a_next).sqrt())
-            traj.means.append(scale * m)
+            mean, sigma = transition.step(x, m, t, timesteps[k + 1], abar)
+            traj.means.append(mean)
             if with_reference:
-                traj.ref_means.append(scale * m_ref)
-            x = scale * m + sigma * noise.steps[k]
+                traj.ref_means.append(transition.step(x, m_ref, t, timesteps[k + 1], abar)[0])
+            if states is None:
+                x = mean + sigma * noise.steps[k]
         else:
             sigma = float((1 - abar[t]).sqrt())  # the final-step floor
             traj.means.append(m)

@@ -25,6 +25,7 @@ COMMANDS = {
     "eval": "score samples (reward, gold, class accuracy, diversity) as JSON and a table",
     "pretrain": "train the digits world's base models into the cache (cmalign pretrain digits)",
     "reward-model": "train a Bradley–Terry reward model (cmalign reward-model train)",
+    "experiment": "run one of the paper's analyses (cmalign experiment NAME [--quick] [--out DIR])",
 }
 
 
@@ -63,7 +64,7 @@ def cmd_train(args: list[str]) -> int:
     from .config import TrainConfig, load_preset
     from .trainer import train
 
-    preset, config_file, overwrite, rest = None, None, False, []
+    preset, config_file, overwrite, resume, rest = None, None, False, None, []
     it = iter(args)
     for a in it:
         if a in ("--preset", "--config"):
@@ -76,6 +77,10 @@ def cmd_train(args: list[str]) -> int:
             preset, config_file = (value, config_file) if key == "preset" else (preset, value)
         elif a == "--overwrite":
             overwrite = True
+        elif a == "--resume" or a.startswith("--resume="):
+            resume = a.split("=", 1)[1] if "=" in a else next(it, None)
+            if not resume:
+                raise UserError("--resume needs a value: latest or a checkpoint directory")
         else:
             rest.append(a)
     base = TrainConfig()
@@ -83,8 +88,9 @@ def cmd_train(args: list[str]) -> int:
         base = load_preset(preset)
     if config_file:
         base = load_preset(config_file) if not preset else _merge(base, config_file)
-    cfg = parse(TrainConfig, rest, "cmalign train [--preset NAME] [--config FILE] [--overwrite]", default=base)
-    run_dir = train(cfg, overwrite=overwrite)
+    cfg = parse(TrainConfig, rest, "cmalign train [--preset NAME] [--config FILE] [--overwrite] [--resume latest|PATH]",
+                default=base)
+    run_dir = train(cfg, overwrite=overwrite, resume=resume)
     print(f"cmalign: done. Results in {run_dir}/ (report.md, metrics.jsonl, grids/, adapter/, tensorboard/)")
     return 0
 
@@ -285,7 +291,36 @@ def cmd_reward_model(args: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "pretrain": cmd_pretrain, "reward-model": cmd_reward_model}
+def cmd_experiment(args: list[str]) -> int:
+    from .experiments import EXPERIMENTS, run_experiment
+
+    listing = "\n".join(f"  {k:<16} {v}" for k, v in EXPERIMENTS.items())
+    if not args or args[0] in ("-h", "--help"):
+        print(f"usage: cmalign experiment NAME [--quick] [--out DIR] [--threads N]\n\n{listing}")
+        return 0
+    name, quick, out, threads, it = args[0], False, None, 1, iter(args[1:])
+    for a in it:
+        if a == "--quick":
+            quick = True
+        elif a in ("--out", "--threads"):
+            value = next(it, None)
+            if value is None:
+                raise UserError(f"{a} needs a value")
+            if a == "--out":
+                out = value
+            else:
+                if not value.isdigit() or int(value) < 1:
+                    raise UserError(f"--threads must be a positive integer, got {value!r}")
+                threads = int(value)
+        else:
+            raise UserError(f"unknown option {a!r} for experiment; expected --quick, --out DIR, --threads N")
+    report = run_experiment(name, out, quick=quick, threads=threads)
+    print(f"cmalign: experiment {name} -> {report}")
+    return 0
+
+
+HANDLERS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "pretrain": cmd_pretrain, "reward-model": cmd_reward_model,
+            "experiment": cmd_experiment}
 
 
 def usage() -> str:

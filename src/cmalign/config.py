@@ -18,7 +18,7 @@ from tyro.constructors import PrimitiveConstructorSpec
 from .errors import UserError
 
 WORLDS = ("digits", "lcm")
-METHODS = ("rocm",)
+METHODS = ("rocm", "rlcm", "ddpo", "draft", "dpok")
 DIVERGENCE_NAMES = ("kl", "js", "hellinger", "fisher", "tv")
 
 
@@ -46,7 +46,7 @@ class TrainConfig:
     world: str = "digits"
     """Model world: digits (embedded, CPU, minutes) or lcm (diffusers latent consistency models)."""
     method: str = "rocm"
-    """Alignment method; rocm back-propagates the reward through the whole fixed-noise chain."""
+    """Alignment method: rocm (reward gradient through the chain) | rlcm | ddpo | draft | dpok (baselines)."""
     seed: int = 0
     """Seed of the adapter initialisation, prompts and noise (per rank offset when distributed)."""
     output_dir: str | None = None
@@ -63,8 +63,8 @@ class TrainConfig:
     """Recompute each network call in the backward pass (less memory, more time); None: on for lcm."""
 
     # --- the objective -----------------------------------------------------------------------------
-    beta: float = 3.0
-    """Divergence weight: 0 lets the policy hack the reward; digits sweet spot measured near 3."""
+    beta: float = 6.0
+    """Divergence weight: 0 lets the policy hack the reward; 6 keeps digits legible (docs/RESULTS.md)."""
     divergence: str = "kl"
     """Per-step f-divergence to the reference: kl | js | hellinger | fisher | tv."""
     divergence_reduction: Literal["per_dim", "joint"] = "per_dim"
@@ -81,6 +81,24 @@ class TrainConfig:
     """Multiplies the reward in the loss (the divergence keeps weight beta)."""
     clamp: Literal["hard", "straight_through", "soft"] = "hard"
     """How images are clamped to [0, 1] on the reward's gradient path (scores always use hard)."""
+
+    # --- policy-gradient baselines (rlcm, ddpo, dpok) and draft --------------------------------------
+    ppo_clip: float = 1e-4
+    """PPO ratio clip range epsilon (RLCM and DDPO default)."""
+    ppo_epochs: int = 2
+    """PPO inner epochs over each batch of rollouts."""
+    ppo_minibatches: int = 2
+    """Minibatches per inner epoch (one optimiser update each)."""
+    adv_clip: float = 10.0
+    """Clip normalised advantages to [-adv_clip, adv_clip]."""
+    stat_buffer: int = 32
+    """Per-prompt reward buffer for advantage normalisation (0: batch statistics only)."""
+    stat_min_count: int = 16
+    """Rewards a prompt needs in its buffer before its own statistics replace the batch's."""
+    ddpo_steps: int = 20
+    """DDIM steps of the ddpo baseline on the digits DDPM teacher (num_steps is set to it)."""
+    ddim_eta: float = 1.0
+    """DDIM eta of the ddpo chain (1: DDPM-like stochastic steps, as DDPO)."""
 
     # --- optimisation ------------------------------------------------------------------------------
     steps: int = 400
@@ -153,6 +171,16 @@ class TrainConfig:
     threads: int | None = None
     """torch CPU threads; default: torch's own choice."""
 
+    # --- reliability -------------------------------------------------------------------------------
+    checkpoint_every: int = 100
+    """Write an exact-resume checkpoint (checkpoints/step_XXXXXX/) every this many steps (0: never)."""
+    keep_checkpoints: int = 2
+    """Keep the newest this-many checkpoints; older ones are deleted."""
+    ema_decay: float | None = None
+    """EMA decay of the adapter (e.g. 0.99), used for evaluation and the final adapter; None: off."""
+    max_bad_steps: int = 5
+    """Stop after this many updates in a row skipped for NaN/inf reward, loss or gradients."""
+
 
 def _preset_text(name: str) -> str:
     path = Path(name)
@@ -210,6 +238,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.num_steps <= 50, f"num_steps (K) must be <= 50 (the LCM grid), got {cfg.num_steps}")
     if cfg.backprop_steps is not None:
         need(1 <= cfg.backprop_steps <= cfg.num_steps, f"backprop_steps must be in [1, K={cfg.num_steps}], got {cfg.backprop_steps}")
+    need(cfg.ppo_clip > 0 and cfg.ppo_epochs >= 1 and cfg.ppo_minibatches >= 1, "ppo_clip must be > 0, ppo_epochs and ppo_minibatches >= 1")
+    need(cfg.ppo_minibatches <= cfg.batch_size, f"ppo_minibatches ({cfg.ppo_minibatches}) must be <= batch_size ({cfg.batch_size})")
+    need(cfg.adv_clip > 0 and cfg.stat_buffer >= 0 and cfg.stat_min_count >= 1, "adv_clip must be > 0, stat_buffer >= 0, stat_min_count >= 1")
+    need(2 <= cfg.ddpo_steps <= 1000 and 0 <= cfg.ddim_eta, "ddpo_steps must be in [2, 1000] and ddim_eta >= 0")
+    if cfg.method == "ddpo":
+        cfg.num_steps = cfg.ddpo_steps  # the DDIM chain length; everything downstream reads num_steps
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
     need(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
@@ -221,6 +255,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.digits_resolution in (8, 16), f"digits_resolution must be 8 or 16, got {cfg.digits_resolution}")
     need(cfg.proxy_pairs >= 10, f"proxy_pairs must be >= 10, got {cfg.proxy_pairs}")
     need(bool(cfg.reward_weights), "reward_weights is empty: name at least one reward")
+    need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
+    need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    need(cfg.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {cfg.max_bad_steps}")
+    if cfg.ema_decay is not None:
+        need(0 < cfg.ema_decay < 1, f"ema_decay must be in (0, 1), got {cfg.ema_decay}")
     need(cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.prompts is not None:
         need(len(cfg.prompts) > 0 and all(p.strip() for p in cfg.prompts), "prompts must be non-empty strings")

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
 from . import report
 from .chain import ChainNoise
 from .config import TrainConfig, to_yaml, validate
@@ -32,8 +33,41 @@ EVAL_SEED_OFFSET = 10_000  # the fixed evaluation noise
 FINAL_SEED_OFFSET = 20_000  # fresh held-out noise for the final base-vs-tuned comparison
 
 
-def resolve_run_dir(cfg: TrainConfig, overwrite: bool = False) -> Path:
-    """The run directory; one that already holds a run is refused unless overwrite is asked for."""
+RESUMABLE_CHANGES = ("steps", "eval_every", "grid_every", "final_eval_size", "threads", "device", "output_dir",
+                     "checkpoint_every", "keep_checkpoints", "max_bad_steps")
+
+
+def _config_diff(cfg: TrainConfig, stored_yaml: str, ignore=()) -> list[str]:
+    import yaml
+
+    try:
+        stored = yaml.safe_load(stored_yaml) or {}
+    except yaml.YAMLError:
+        return ["config.yaml (unreadable)"]
+    now = dataclasses.asdict(cfg)
+    return sorted(k for k in set(now) | set(stored) if k not in ignore and now.get(k) != stored.get(k))
+
+
+def resolve_run_dir(cfg: TrainConfig, overwrite: bool = False, resume: str | None = None) -> Path:
+    """The run directory; one that already holds a run is refused unless overwrite is asked for.
+    With resume, the run directory must hold a run of the same config (steps and logging may change)."""
+    if resume is not None:
+        if overwrite:
+            raise UserError("--resume and --overwrite exclude each other")
+        if resume != "latest":
+            ckpt.find_checkpoint(resume, Path("."))  # refuse a path that is not a checkpoint first
+            if cfg.output_dir is None:
+                cfg.output_dir = str(Path(resume).parent.parent)  # runs/X/checkpoints/step_N -> runs/X
+        if cfg.output_dir is None:
+            raise UserError("--resume latest needs --output-dir (the run directory to resume)")
+        run_dir = Path(cfg.output_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: {run_dir} holds no run (no config.yaml)")
+        diff = _config_diff(cfg, (run_dir / "config.yaml").read_text(), ignore=RESUMABLE_CHANGES)
+        if diff:
+            raise UserError(f"--resume: {run_dir} holds a run with a different config ({', '.join(diff[:6])}); "
+                            "resume with the same settings, or start a new output_dir")
+        return run_dir
     if cfg.output_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg.output_dir = str(Path("runs") / f"{cfg.method}-{cfg.world}-{stamp}")
@@ -41,7 +75,10 @@ def resolve_run_dir(cfg: TrainConfig, overwrite: bool = False) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output_dir {run_dir} exists and is not a directory")
     if (run_dir / "config.yaml").exists() and not overwrite:
-        raise UserError(f"{run_dir} already holds a run; choose another output_dir or pass --overwrite")
+        diff = _config_diff(cfg, (run_dir / "config.yaml").read_text(errors="replace"), ignore=("output_dir",))
+        what = f" with a different config ({', '.join(diff[:6])})" if diff else ""
+        raise UserError(f"{run_dir} already holds a run{what}; choose another output_dir, pass --resume latest "
+                        "to continue it, or --overwrite to replace it")
     return run_dir
 
 
@@ -60,13 +97,16 @@ def device_of(cfg: TrainConfig) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, overwrite: bool = False, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, overwrite: bool = False, progress: bool = True, resume: str | None = None):
         self.cfg = validate(cfg)
+        self.resume = resume
         self.progress = progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.accelerator = Accelerator(cpu=device_of(cfg) == "cpu")
-        self.run_dir = resolve_run_dir(cfg, overwrite)
+        self.run_dir = resolve_run_dir(cfg, overwrite, resume)
+        self.resume_from = ckpt.find_checkpoint(resume, self.run_dir) if resume is not None else None
+        self.resume_state = ckpt.read_checkpoint(self.resume_from) if self.resume_from is not None else None
         self.main = self.accelerator.is_main_process
         if cfg.prompt_file:
             read_prompt_file(cfg.prompt_file)  # fail on a bad file before any expensive set-up
@@ -80,9 +120,17 @@ class Trainer:
         self.train_prompts, self.eval_prompts = training_prompts(cfg, self.world)
         params = self.world.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.world.network, self.optimizer = self.accelerator.prepare(self.world.network, self.optimizer)
+        # The network is NOT wrapped in DDP: methods call it many times per backward (policy and
+        # reference, adapters toggled), which DDP's reducer handles badly. Gradients are averaged
+        # over ranks by hand in optimizer_step instead (one all-reduce of the flat LoRA gradient).
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.params = params
+        self.ema = ckpt.EMA(params, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.step = 0
         self.train_seconds = 0.0
+        self.bad_steps = 0  # updates skipped for non-finite values, in all
+        self.bad_in_a_row = 0
+        self._step_bad = False
 
     # --- pieces of the loop ---------------------------------------------------------------------
     def _noise(self, n: int, generator: torch.Generator) -> ChainNoise:
@@ -93,7 +141,16 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.seed + offset)
         return prompts, self._noise(len(prompts), gen)
 
+    def _ema_applied(self):
+        import contextlib
+
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def evaluate_fixed(self) -> dict:
+        with self._ema_applied():
+            return self._evaluate_fixed()
+
+    def _evaluate_fixed(self) -> dict:
         scores, images = evaluate(self.world, self.reward, self.eval_set[0], self.eval_set[1], self.cfg.num_steps, self.cfg)
         self.last_eval_images = images
         return {f"eval_{k}": v.mean().item() for k, v in scores.items()}
@@ -107,60 +164,149 @@ class Trainer:
     def log(self, row: dict) -> None:
         if not self.main:
             return
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)) and v is not None:
                 self.tb.add_scalar(k, v, row["step"])
 
+    def optimizer_step(self, loss: torch.Tensor) -> float:
+        """One update of the adapter from `loss`; returns the gradient norm before clipping.
+        Methods call it once per step (ROCM) or once per minibatch (policy gradient)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        params = self.params
+        local_bad = not bool(torch.isfinite(loss.detach()).all())
+        if not local_bad:
+            self.accelerator.backward(loss)
+        # Every rank reaches this all-reduce (also after a non-finite loss): the flat gradient plus a
+        # bad-flag, so that all ranks take the same skip-or-step decision.
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
+                          for p in params] + [torch.tensor([float(local_bad)], device=params[0].device)])
+        ckpt.all_reduce_mean_(flat, self.accelerator.num_processes)
+        bad = bool(flat[-1] > 0) or not bool(torch.isfinite(flat).all())
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._step_bad = True
+            return float("nan")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
+            offset += n
+        grad_norm = torch.norm(flat[:-1])
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.optimizer.step()
+        return float(grad_norm)
+
     # --- the run ---------------------------------------------------------------------------------
     def train(self) -> Path:
         cfg = self.cfg
+        nproc, rank = self.accelerator.num_processes, self.accelerator.process_index
+        # One generator seeded identically on every rank: each step draws the GLOBAL batch of
+        # prompts and chain noise and every rank takes its own slice (ckpt.sharded_noise), so N
+        # processes of batch b train on exactly the samples one process of batch N*b would.
+        gen = torch.Generator().manual_seed(cfg.seed * 1000)
+        start_step = 0
+        if self.resume_state is not None:
+            tensors, meta = self.resume_state
+            ckpt.restore(tensors, meta, self.params, self.optimizer, self.ema, gen)
+            start_step = int(meta["step"])
+            self.train_seconds = float(meta["train_seconds"])
+            self.bad_steps = int(meta.get("bad_steps", 0))
+            self.bad_in_a_row = int(meta.get("bad_in_a_row", 0))
+            self.resume_state = None
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            if start_step == 0 and self.resume_from is None:
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            else:
+                ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             print(f"cmalign: resolved config ->{self.run_dir / 'config.yaml'}\n{to_yaml(cfg)}", flush=True)
+            print(f"cmalign: {nproc} process(es) x batch {cfg.batch_size} per process = global batch "
+                  f"{nproc * cfg.batch_size}; {cfg.steps} steps = {cfg.steps * nproc * cfg.batch_size} samples"
+                  + (f"; resuming from {self.resume_from} (step {start_step})" if self.resume_from else ""), flush=True)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.eval_set = self._eval_set(cfg.eval_size, EVAL_SEED_OFFSET)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.accelerator.process_index)
-        row = {"step": 0, **self.evaluate_fixed()}
-        self.grid(self.last_eval_images, "step_000000.png")
-        self.base_eval_images = self.last_eval_images
-        self.log(row)
-        bar = tqdm(range(1, cfg.steps + 1), desc=f"{cfg.method} {cfg.world}", disable=not (self.progress and self.main))
+        if start_step == 0 and self.main:
+            row = {"step": 0, **self.evaluate_fixed()}
+            self.grid(self.last_eval_images, "step_000000.png")
+            self.base_eval_images = self.last_eval_images
+            self.log(row)
+        bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=f"{cfg.method} {cfg.world}",
+                   disable=not (self.progress and self.main))
         for step in bar:
             self.step = step
+            self._step_bad = False
             start = time.perf_counter()
-            idx = torch.randint(0, len(self.train_prompts), (cfg.batch_size,), generator=gen)
+            idx = torch.randint(0, len(self.train_prompts), (cfg.batch_size * nproc,), generator=gen)
+            idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
             prompts = [self.train_prompts[i] for i in idx.tolist()]
-            loss, metrics, images = self.method.loss(prompts, self._noise(cfg.batch_size, gen), gen)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.accelerator.backward(loss)
-            params = self.world.trainable_parameters()
-            if cfg.grad_clip > 0:
-                grad_norm = self.accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            with ckpt.sharded_noise(rank, nproc):
+                metrics, images = self.method.step(prompts, gen, self.optimizer_step)
+            if self._step_bad:
+                self.bad_steps += 1
+                self.bad_in_a_row += 1
             else:
-                grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            self.optimizer.step()
+                self.bad_in_a_row = 0
+                if self.ema is not None:
+                    self.ema.update()
             self.train_seconds += time.perf_counter() - start
-            row = {"step": step, **metrics, "grad_norm": float(grad_norm), "wall_time": round(self.train_seconds, 3),
-                   "samples": step * cfg.batch_size * self.accelerator.num_processes}
+            row = {"step": step, **metrics, "wall_time": round(self.train_seconds, 3),
+                   "samples": step * cfg.batch_size * nproc}
             if self.world.name == "digits":
                 from .rewards.digits_gold import gold_score
 
                 row["gold"] = gold_score(images, prompts).mean().item()
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                row.update(self.evaluate_fixed())
-                bar.set_postfix({k: f"{row[k]:.2f}" for k in ("eval_reward", "eval_gold") if k in row})
-            if step % cfg.grid_every == 0 or step == cfg.steps:
-                if step % cfg.eval_every and step != cfg.steps:
-                    self.evaluate_fixed()
-                self.grid(self.last_eval_images, f"step_{step:06d}.png")
-            self.log(row)
+            row = ckpt.gather_metrics(row, nproc, self.accelerator.device)
+            row["step"], row["samples"] = step, step * cfg.batch_size * nproc
+            row["skipped"] = self._step_bad
+            row["bad_steps"] = self.bad_steps
+            if self.bad_in_a_row >= cfg.max_bad_steps:
+                self.log(row)
+                last = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+                where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                raise UserError(f"stopping at step {step}: {self.bad_in_a_row} updates in a row were skipped for "
+                                f"non-finite reward, loss or gradients (max_bad_steps={cfg.max_bad_steps}); {where}")
+            if self.main:
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    row.update(self.evaluate_fixed())
+                    bar.set_postfix({k: f"{row[k]:.2f}" for k in ("eval_reward", "eval_gold") if k in row})
+                if step % cfg.grid_every == 0 or step == cfg.steps:
+                    if step % cfg.eval_every and step != cfg.steps:
+                        self.evaluate_fixed()
+                    self.grid(self.last_eval_images, f"step_{step:06d}.png")
+                self.log(row)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not self._step_bad:
+                    self.save_checkpoint(gen)
+        self.accelerator.wait_for_everyone()  # reached by every rank
+        self._check_ranks_agree()
         return self.finish()
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must end with the same adapter (gradients are averaged by hand)."""
+        nproc = self.accelerator.num_processes
+        if not ckpt.dist_on(nproc):
+            return
+        flat = torch.cat([p.detach().reshape(-1).float() for p in self.params])
+        hi, lo = flat.clone(), flat.clone()
+        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+        if not torch.equal(hi, lo):
+            raise RuntimeError(f"the adapter differs across ranks (max diff {(hi - lo).abs().max().item():.3g})")
+        if self.main:
+            print(f"cmalign: adapter parameters identical across {nproc} ranks", flush=True)
+
+    def save_checkpoint(self, gen: torch.Generator) -> Path:
+        """checkpoints/step_XXXXXX (main process only; no collectives)."""
+        scalars = {"train_seconds": self.train_seconds, "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row,
+                   "data_position": {"generator": "rng.generator", "step": self.step}}
+        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.world, self.params, self.optimizer,
+                                    self.ema, gen, scalars, self.cfg.keep_checkpoints)
 
     def finish(self) -> Path:
         cfg = self.cfg
@@ -169,6 +315,9 @@ class Trainer:
         self.tb.close()
         adapter_dir = self.run_dir / "adapter"
         adapter_dir.mkdir(exist_ok=True)
+        if self.ema is not None:  # the EMA is the final adapter (and what the final evaluation scores)
+            self._ema_ctx = self.ema.applied()
+            self._ema_ctx.__enter__()
         self.world.save_adapter(adapter_dir)
         # Base vs tuned on fresh held-out noise: the same prompts and noise for both.
         final = {"n": cfg.final_eval_size}
@@ -200,5 +349,5 @@ class Trainer:
             save_grid(torch.cat(rows), self.run_dir / "before_after.png", nrow=ncol)
 
 
-def train(cfg: TrainConfig, overwrite: bool = False, progress: bool = True) -> Path:
-    return Trainer(cfg, overwrite=overwrite, progress=progress).train()
+def train(cfg: TrainConfig, overwrite: bool = False, progress: bool = True, resume: str | None = None) -> Path:
+    return Trainer(cfg, overwrite=overwrite, progress=progress, resume=resume).train()

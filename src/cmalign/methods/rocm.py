@@ -49,6 +49,14 @@ class Rocm:
             return {}
         return {"estimator": cfg.js_estimator, "num_samples": cfg.js_samples, "generator": generator}
 
+    def step(self, prompts: list[str], generator: torch.Generator, optimizer_step):
+        """One training step: a fresh fixed-noise rollout, the objective, one update."""
+        noise = ChainNoise.draw(len(prompts), self.world.latent_shape, self.cfg.num_steps, generator,
+                                self.world.device, self.world.dtype)
+        loss, metrics, images = self.loss(prompts, noise, generator)
+        metrics["grad_norm"] = optimizer_step(loss)
+        return metrics, images
+
     def loss(self, prompts: list[str], noise: ChainNoise, generator: torch.Generator | None = None):
         """One objective evaluation: (loss, metrics dict of floats, decoded images in [0, 1])."""
         cfg = self.cfg

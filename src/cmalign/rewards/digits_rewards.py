@@ -47,7 +47,15 @@ def proxy_reward(ctx: RewardContext) -> Reward:
     path = ctx.options.get("proxy", {}).get("path")
     if path is None:
         cfg = ctx.config
-        path = build_default_proxy(ctx.world, cfg.proxy_pairs if cfg else 2000, seed=0)
+        world = ctx.world
+        if getattr(world, "transition", None) is not None and cfg is not None:
+            # ddpo trains the DDPM teacher; the proxy is the one of the consistency model's samples, shared by all methods
+            import dataclasses
+
+            from ..worlds import build_world
+
+            world = build_world(dataclasses.replace(cfg, method="rocm"), lora=False)
+        path = build_default_proxy(world, cfg.proxy_pairs if cfg else 2000, seed=0)
     return ModuleReward("proxy", load_proxy(path), ctx.device)
 
 

@@ -22,9 +22,22 @@ def build_world(cfg, device="cpu", lora: bool = True) -> World:
     if cfg.world == "digits":
         from .digits import DigitsWorld
 
+        if getattr(cfg, "method", None) == "ddpo":
+            # DDPO: the DDPM teacher (v-prediction, cosine) with a LoRA, sampled by DDIM(eta).
+            from ..chain import DDIMTransition
+
+            world = DigitsWorld.from_pretrained(digits_pretrain_config(cfg), device, which="teacher",
+                                                lora_rank=rank, lora_alpha=cfg.lora_alpha)
+            world.transition = DDIMTransition(eta=cfg.ddim_eta)
+            return world
         return DigitsWorld.from_pretrained(digits_pretrain_config(cfg), device, lora_rank=rank, lora_alpha=cfg.lora_alpha)
     if cfg.world == "lcm":
         from .lcm import LCMWorld
+
+        if getattr(cfg, "method", None) == "ddpo":
+            from ..errors import UserError
+
+            raise UserError("ddpo needs a diffusion model's DDIM chain; it is implemented for the digits world's teacher only")
 
         return LCMWorld.from_config(cfg, device, lora=lora)
     raise ValueError(f"unknown world {cfg.world!r}")

@@ -59,7 +59,13 @@ class World(ABC):
     def model_output(self, x: torch.Tensor, timestep: int, cond: Any) -> torch.Tensor:
         """The raw network prediction (epsilon, v or sample) with the adapter as currently enabled."""
 
+    transition = None  # None: the consistency update; a chain.DDIMTransition makes this a DDIM sampler (ddpo)
+
     def timesteps(self, num_steps: int) -> list[int]:
+        if self.transition is not None:
+            grid = self.transition.timesteps(self, num_steps)
+            if grid is not None:
+                return grid
         return schedule.lcm_timesteps(num_steps, self.num_train_timesteps, self.original_inference_steps)
 
     def consistency(self, x: torch.Tensor, timestep: int, cond: Any, reference: bool = False) -> torch.Tensor:

@@ -1,0 +1,276 @@
+"""Exact-resume checkpoints, EMA of the adapter, and the multi-process helpers of the trainer.
+
+A checkpoint is a directory `checkpoints/step_XXXXXX/` holding
+  adapter file(s)        the world's own adapter format (safetensors), usable like a run's adapter/
+  state.safetensors      trainable parameters, optimiser tensors, EMA, RNG byte states
+  state.json             scalar state: step, train_seconds, counters, optimiser param_groups, RNG
+                         states of numpy and python random, and the config it was written under
+It is written under a temporary name and renamed into place (atomic on POSIX), so a run killed at
+any instant leaves either the previous or the new checkpoint, never a half-written one. Nothing is
+pickled: safetensors + JSON only (no torch.load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+FORMAT = 1
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+# --- distributed helpers ------------------------------------------------------------------------
+def dist_on(num_processes: int) -> bool:
+    return num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_mean_(flat: torch.Tensor, num_processes: int) -> torch.Tensor:
+    """In-place mean over ranks of a flat tensor (every rank must call this)."""
+    if dist_on(num_processes):
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat /= num_processes
+    return flat
+
+
+def gather_metrics(metrics: dict, num_processes: int, device) -> dict:
+    """Mean over ranks of every numeric metric (None stays None). Every rank must call this with
+    the same keys, which holds because every rank runs the same code path."""
+    if not dist_on(num_processes):
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not keys:
+        return metrics
+    vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    all_reduce_mean_(vec, num_processes)
+    return {**metrics, **{k: v for k, v in zip(keys, vec.tolist())}}
+
+
+@contextlib.contextmanager
+def sharded_noise(process_index: int, num_processes: int):
+    """Make every ChainNoise.draw(n) inside the block draw the global batch of n * num_processes
+    chains and return this rank's slice. With one generator seeded identically on all ranks, N
+    processes of batch b then train on exactly the chains one process of batch N*b would."""
+    if num_processes == 1:
+        yield
+        return
+    from .chain import ChainNoise
+
+    original = ChainNoise.__dict__["draw"]
+    draw = original.__func__
+
+    def sharded(batch, latent_shape, num_steps, generator, device="cpu", dtype=torch.float32):
+        full = draw(batch * num_processes, latent_shape, num_steps, generator, "cpu", dtype)
+        sl = slice(process_index * batch, (process_index + 1) * batch)
+        return ChainNoise(full.initial[sl].to(device), [s[sl].to(device) for s in full.steps])
+
+    ChainNoise.draw = staticmethod(sharded)
+    try:
+        yield
+    finally:
+        ChainNoise.draw = original
+
+
+# --- EMA -----------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the trainable parameters (float32 shadows)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone().float() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Parameters hold the EMA inside the block and their own values again after it."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, saved):
+                    p.copy_(v)
+
+
+# --- RNG state -----------------------------------------------------------------------------------
+def rng_state(generator: torch.Generator) -> tuple[dict, dict]:
+    tensors = {"rng.generator": generator.get_state(), "rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss_next = random.getstate()
+    scalars = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+               "python": [version, list(internal), gauss_next]}
+    return tensors, scalars
+
+
+def set_rng_state(generator: torch.Generator, tensors: dict, scalars: dict) -> None:
+    generator.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    kind, pos, has_gauss, gauss = scalars["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = scalars["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# --- optimiser state as tensors + JSON -----------------------------------------------------------
+def optimizer_flat(optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_unflat(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --- writing and reading -------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(root: Path, step: int, world, params, optimizer, ema: EMA | None, generator,
+                    scalars: dict, keep: int) -> Path:
+    """Write checkpoints/step_XXXXXX atomically and keep the newest `keep` of them."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    world.save_adapter(tmp)
+    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+    opt_t, opt_meta = optimizer_flat(optimizer)
+    tensors.update(opt_t)
+    if ema is not None:
+        tensors.update({f"ema.{i}": s.cpu().contiguous() for i, s in enumerate(ema.shadow)})
+    rng_t, rng_s = rng_state(generator)
+    tensors.update(rng_t)
+    save_file(tensors, str(tmp / STATE_TENSORS))
+    meta = {"format": FORMAT, "step": step, **scalars, "optimizer": opt_meta, "rng": rng_s}
+    with open(tmp / STATE_JSON, "w") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(tmp / STATE_TENSORS, "rb+") as f:
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first (temporary leftovers are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_JSON).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def find_checkpoint(resume: str, run_dir: Path) -> Path:
+    if resume == "latest":
+        found = list_checkpoints(run_dir / "checkpoints")
+        if not found:
+            raise UserError(f"--resume latest: {run_dir} holds no checkpoint (looked in {run_dir / 'checkpoints'})")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
+        raise UserError(f"--resume {resume}: not a checkpoint directory (expected {STATE_JSON} and {STATE_TENSORS})")
+    return path
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(tensors, meta) of a checkpoint; a truncated or corrupt file is a UserError."""
+    try:
+        meta = json.loads((path / STATE_JSON).read_text())
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "step" not in meta:
+            raise ValueError("missing fields")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} is unreadable ({STATE_JSON}: {type(exc).__name__}); pick another with --resume PATH") from None
+    try:
+        tensors = load_file(str(path / STATE_TENSORS))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise UserError(f"checkpoint {path} is unreadable ({STATE_TENSORS}: {type(exc).__name__}); pick another with --resume PATH") from None
+    return tensors, meta
+
+
+def restore(tensors: dict, meta: dict, params, optimizer, ema: EMA | None, generator) -> None:
+    n = sum(1 for k in tensors if k.startswith("param."))
+    if n != len(params):
+        raise UserError(f"checkpoint holds {n} trainable tensors; this model has {len(params)}")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            src = tensors[f"param.{i}"]
+            if src.shape != p.shape:
+                raise UserError(f"checkpoint tensor {i} has shape {tuple(src.shape)}; the model expects {tuple(p.shape)}")
+            p.copy_(src)
+    optimizer.load_state_dict(optimizer_unflat(tensors, meta["optimizer"]))
+    if ema is not None:
+        if "ema.0" not in tensors:
+            raise UserError("the run has ema_decay set but the checkpoint holds no EMA")
+        for i, s in enumerate(ema.shadow):
+            s.copy_(tensors[f"ema.{i}"])
+    set_rng_state(generator, tensors, meta["rng"])
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics rows of steps <= step (and drop a half-written last line)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", math.inf) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

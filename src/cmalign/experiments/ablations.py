@@ -1,0 +1,34 @@
+"""ROCM's design choices (DESIGN §2), each varied alone from the default (KL, beta = 3):
+final_step floor/skip, divergence_reduction per_dim/joint, divergence_grad full/stopgrad_ref,
+backprop_steps K/2/1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import make_config, plot, summary, train_run, write_report, write_table
+
+VARIANTS = {
+    "default": {},
+    "final_step=skip": {"final_step": "skip"},
+    "reduction=joint": {"divergence_reduction": "joint"},
+    "divergence_grad=stopgrad_ref": {"divergence_grad": "stopgrad_ref"},
+    "backprop_steps=2": {"backprop_steps": 2},
+    "backprop_steps=1": {"backprop_steps": 1},
+}
+
+
+def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, beta: float = 3.0) -> Path:
+    steps = steps or (2 if quick else 300)
+    table, curves = [], {}
+    for name, over in VARIANTS.items():
+        cfg = make_config(quick, threads, method="rocm", beta=beta, steps=steps, **over)
+        rows = train_run(cfg, out / "runs" / name.replace("=", "-"))
+        table.append({"variant": name, **summary(rows)})
+        ev = [r for r in rows if "eval_gold" in r]
+        curves[name] = ([r["step"] for r in ev], [r["eval_gold"] for r in ev])
+    t, _ = write_table(out, "summary", table, f"Ablations of ROCM (KL, beta = {beta:g}, {steps} steps)",
+                       ["the joint reduction sums over the d dimensions, so beta means d times more there",
+                        "s_per_step: train seconds per update (evaluation excluded)"])
+    img = plot(out, "gold", curves, "step", "gold (eval)")
+    return write_report(out, "ablations", quick, [t], [img])
