@@ -268,6 +268,7 @@ class Trainer:
             row["bad_steps"] = self.bad_steps
             if self.bad_in_a_row >= cfg.max_bad_steps:
                 self.log(row)
+                bar.close()
                 last = ckpt.list_checkpoints(self.run_dir / "checkpoints")
                 where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
                 raise UserError(f"stopping at step {step}: {self.bad_in_a_row} updates in a row were skipped for "
