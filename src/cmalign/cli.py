@@ -1,4 +1,4 @@
-"""Command line: cmalign train | sample | eval | pretrain | reward-model.
+"""Command line: cmalign train | sample | eval | pretrain | reward-model | experiment.
 
 Bad input ends with one line `cmalign: error: ...` and exit code 2, never a traceback.
 """
@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -91,7 +92,8 @@ def cmd_train(args: list[str]) -> int:
     cfg = parse(TrainConfig, rest, "cmalign train [--preset NAME] [--config FILE] [--overwrite] [--resume latest|PATH]",
                 default=base)
     run_dir = train(cfg, overwrite=overwrite, resume=resume)
-    print(f"cmalign: done. Results in {run_dir}/ (report.md, metrics.jsonl, grids/, adapter/, tensorboard/)")
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun: the main process only
+        print(f"cmalign: done. Results in {run_dir}/ (report.md, metrics.jsonl, grids/, adapter/, tensorboard/)")
     return 0
 
 

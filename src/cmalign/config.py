@@ -238,12 +238,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.num_steps <= 50, f"num_steps (K) must be <= 50 (the LCM grid), got {cfg.num_steps}")
     if cfg.backprop_steps is not None:
         need(1 <= cfg.backprop_steps <= cfg.num_steps, f"backprop_steps must be in [1, K={cfg.num_steps}], got {cfg.backprop_steps}")
+    need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")  # before ppo_minibatches <= batch_size
     need(cfg.ppo_clip > 0 and cfg.ppo_epochs >= 1 and cfg.ppo_minibatches >= 1, "ppo_clip must be > 0, ppo_epochs and ppo_minibatches >= 1")
     need(cfg.ppo_minibatches <= cfg.batch_size, f"ppo_minibatches ({cfg.ppo_minibatches}) must be <= batch_size ({cfg.batch_size})")
     need(cfg.adv_clip > 0 and cfg.stat_buffer >= 0 and cfg.stat_min_count >= 1, "adv_clip must be > 0, stat_buffer >= 0, stat_min_count >= 1")
     need(2 <= cfg.ddpo_steps <= 1000 and 0 <= cfg.ddim_eta, "ddpo_steps must be in [2, 1000] and ddim_eta >= 0")
     if cfg.method == "ddpo":
         cfg.num_steps = cfg.ddpo_steps  # the DDIM chain length; everything downstream reads num_steps
+    if cfg.method == "draft":  # DRaFT-K / AlignProp: no divergence; DRaFT-1 unless backprop_steps says otherwise
+        cfg.beta = 0.0
+        cfg.backprop_steps = 1 if cfg.backprop_steps is None else cfg.backprop_steps
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
     need(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
@@ -255,6 +259,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.digits_resolution in (8, 16), f"digits_resolution must be 8 or 16, got {cfg.digits_resolution}")
     need(cfg.proxy_pairs >= 10, f"proxy_pairs must be >= 10, got {cfg.proxy_pairs}")
     need(bool(cfg.reward_weights), "reward_weights is empty: name at least one reward")
+    need("gold" not in cfg.reward_weights,
+         "gold is the evaluation stand-in for human raters and never a training reward; train on proxy")
+    from .rewards import available
+
+    known = available(cfg.world)  # checked before any model is built or pretrained
+    unknown = [n for n in cfg.reward_weights if n not in known]
+    need(not unknown, f"unknown reward {', '.join(map(repr, unknown))} for the {cfg.world} world; available: {', '.join(known)}")
     need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(cfg.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {cfg.max_bad_steps}")

