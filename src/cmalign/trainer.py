@@ -6,10 +6,10 @@ grids/, the final adapter (adapter/), final_eval.json, curves (PNG), before_afte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -123,11 +123,11 @@ class Trainer:
         self.method = build_method(cfg, self.world, self.reward)
         self.train_prompts, self.eval_prompts = training_prompts(cfg, self.world)
         params = self.world.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # The network is NOT wrapped in DDP: methods call it many times per backward (policy and
         # reference, adapters toggled), which DDP's reducer handles badly. Gradients are averaged
         # over ranks by hand in optimizer_step instead (one all-reduce of the flat LoRA gradient).
-        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.optimizer = self.accelerator.prepare(optimizer)
         self.params = params
         self.ema = ckpt.EMA(params, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.step = 0
@@ -146,8 +146,6 @@ class Trainer:
         return prompts, self._noise(len(prompts), gen)
 
     def _ema_applied(self):
-        import contextlib
-
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def evaluate_fixed(self) -> dict:
