@@ -6,7 +6,6 @@ Bad input ends with one line `cmalign: error: ...` and exit code 2, never a trac
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import os

@@ -24,7 +24,6 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
-from .. import schedule
 from ..errors import UserError
 from ..hub import hub_errors, offline
 from ..precision import WEIGHT_DTYPES
