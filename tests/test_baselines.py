@@ -1,5 +1,6 @@
 """The baselines on the shared rollout core: PPO's log-probabilities, ratio and clipping (rlcm, ddpo,
-dpok), DDPO's DDIM chain against diffusers, DRaFT-K's truncation, and rlcm/draft/dpok on the lcm world."""
+dpok), DDPO's DDIM chain against diffusers, DRaFT-K's truncation, D3PO's pairs and loss, and the
+baselines on the lcm world."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from diffusers import DDIMScheduler
 
 from cmalign.chain import ChainNoise, DDIMTransition, run_chain
 from cmalign.methods import build_method
-from cmalign.methods.policy_gradient import PerPromptStats, gaussian_logprob, ppo_loss, step_logprobs
+from cmalign.methods.policy_gradient import PerPromptStats, gaussian_logprob, ppo_loss
 from cmalign.rewards import build_weighted, reward_context
 from cmalign.worlds import build_world
 from helpers import tiny_config
@@ -151,7 +152,45 @@ def test_dpok_adds_the_per_step_divergence_and_k1_is_refused():
         digits_method("rlcm", num_steps=1)
 
 
-@pytest.mark.parametrize("method", ["rlcm", "draft", "dpok"])
+def test_d3po_pairs_share_prompt_and_start_and_its_loss_is_log2_before_any_update():
+    import math
+
+    cfg, world, d3po = digits_method("d3po", beta=50.0, ppo_epochs=1, ppo_minibatches=1)
+    prompts = d3po.batch_prompts(PROMPTS)
+    assert prompts[:4] == prompts[4:] == PROMPTS[:4]
+    cond, states, logp, ref_logp, rewards, _ = d3po.rollout(prompts, torch.Generator().manual_seed(1))
+    assert torch.equal(states[0][:4], states[0][4:]) and not torch.equal(states[1][:4], states[1][4:])
+    assert torch.equal(logp, ref_logp)  # the zero-initialised adapter: policy == reference
+    losses = []
+
+    def optimizer_step(loss):
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return 0.0
+
+    opt = torch.optim.SGD(world.trainable_parameters(), lr=0.5)
+    metrics, _ = d3po.step(prompts, torch.Generator().manual_seed(1), optimizer_step)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and metrics["updates"] == 1
+    # After the update the same pairs are preferred more: the DPO loss on them falls below log 2.
+    cond, states, _, ref_logp, rewards, _ = d3po.rollout(prompts, torch.Generator().manual_seed(1))
+    win = torch.where(rewards[:4] >= rewards[4:], torch.arange(4), torch.arange(4) + 4)
+    lose = torch.where(rewards[:4] >= rewards[4:], torch.arange(4) + 4, torch.arange(4))
+    with torch.no_grad():
+        new, _ = d3po.evaluate_policy(cond, states, torch.cat([win, lose]))
+    ratio = new - ref_logp[torch.cat([win, lose])]
+    assert -torch.nn.functional.logsigmoid(cfg.beta * (ratio[:4] - ratio[4:])).mean().item() < math.log(2)
+
+
+def test_d3po_refuses_odd_batches():
+    from cmalign.errors import UserError
+
+    with pytest.raises(UserError, match="even"):
+        digits_method("d3po", batch_size=7)
+
+
+@pytest.mark.parametrize("method", ["rlcm", "draft", "dpok", "d3po"])
 def test_baselines_step_on_the_tiny_lcm_world(tmp_path, method):
     from cmalign.config import TrainConfig
     from cmalign.rewards import RewardContext, build_reward
@@ -172,7 +211,9 @@ def test_baselines_step_on_the_tiny_lcm_world(tmp_path, method):
         opt.step()
         return float(norm)
 
-    metrics, images = impl.step(["a red cat", "a dog on grass"], torch.Generator().manual_seed(0), optimizer_step)
+    prompts = ["a red cat", "a dog on grass"]
+    prompts = impl.batch_prompts(prompts) if hasattr(impl, "batch_prompts") else prompts
+    metrics, images = impl.step(prompts, torch.Generator().manual_seed(0), optimizer_step)
     assert images.shape[0] == 2 and torch.isfinite(torch.tensor(metrics["loss"]))
-    if method != "draft":  # minibatches of 1 from a rollout of 2: equal up to float rounding of the batch shape
+    if method not in ("draft", "d3po"):  # minibatches of 1 from a rollout of 2: equal up to float rounding of the batch shape
         assert metrics["ratio_first"] == pytest.approx(1.0, abs=1e-5) and metrics["updates"] == 2

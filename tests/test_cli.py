@@ -102,7 +102,6 @@ def test_prompt_file_errors(tmp_path, capsys):
 
 def test_corrupt_cache_is_reported_not_rebuilt(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "cache"))
-    from cmalign.config import TrainConfig
     from cmalign.worlds import digits_base, digits_pretrain_config
     from helpers import tiny_config
 

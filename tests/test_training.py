@@ -1,6 +1,7 @@
 """ROCM training on the tiny digits world: the objective improves the proxy, the run directory
 holds every promised artefact, and the adapter round-trips."""
 
+import dataclasses
 import json
 
 import pytest
@@ -70,3 +71,29 @@ def test_existing_run_directory_is_refused(tmp_path):
 def test_gold_is_refused_as_training_reward(tmp_path):
     with pytest.raises(UserError, match="never a training reward"):
         train(tiny_config(output_dir=str(tmp_path / "run"), reward_weights={"gold": 1.0}), progress=False)
+
+
+def test_wall_clock_budget_stops_early_with_a_final_evaluation(tmp_path, capsys):
+    cfg = tiny_config(steps=50, eval_every=20, max_train_seconds=1e-6, output_dir=str(tmp_path / "run"))
+    train(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and "eval_gold" in rows[-1]
+    assert "max_train_seconds" in capsys.readouterr().out
+    # It left a checkpoint, so a larger budget continues the same run.
+    train(dataclasses.replace(cfg, steps=3, max_train_seconds=None), progress=False, resume="latest")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_eval_prompts_make_the_fixed_evaluation_set(tmp_path):
+    from cmalign.trainer import Trainer
+
+    cfg = tiny_config(steps=1, prompts=["a handwritten one", "a handwritten two"], eval_prompts=["a handwritten nine"],
+                      output_dir=str(tmp_path / "run"))
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.train_prompts == ["a handwritten one", "a handwritten two"]
+    assert trainer.eval_prompts == ["a handwritten nine"]
+    trainer.train()
+    assert set(trainer.eval_set[0]) == {"a handwritten nine"}
+    with pytest.raises(UserError, match="eval_prompts"):
+        Trainer(tiny_config(eval_prompts=[" "], output_dir=str(tmp_path / "bad")), progress=False)

@@ -292,31 +292,33 @@ def cmd_reward_model(args: list[str]) -> int:
     return 0
 
 
+@dataclass
+class ExperimentArgs:
+    quick: bool = False
+    """Tiny test models and two steps per run (seconds; the numbers mean nothing)."""
+    out: str | None = None
+    """Results folder (default results/NAME[-quick])."""
+    threads: int = 1
+    """torch threads per run."""
+    steps: int | None = None
+    """Training steps per run (default: the experiment's own budget)."""
+    seeds: int | None = None
+    """Seeds per setting where the experiment repeats runs (default: the experiment's own)."""
+
+
 def cmd_experiment(args: list[str]) -> int:
     from .experiments import EXPERIMENTS, run_experiment
 
     listing = "\n".join(f"  {k:<16} {v}" for k, v in EXPERIMENTS.items())
     if not args or args[0] in ("-h", "--help"):
-        print(f"usage: cmalign experiment NAME [--quick] [--out DIR] [--threads N]\n\n{listing}")
+        print("usage: cmalign experiment NAME [--quick] [--out DIR] [--threads N] [--steps N] [--seeds N]\n\n" + listing)
         return 0
-    name, quick, out, threads, it = args[0], False, None, 1, iter(args[1:])
-    for a in it:
-        if a == "--quick":
-            quick = True
-        elif a in ("--out", "--threads"):
-            value = next(it, None)
-            if value is None:
-                raise UserError(f"{a} needs a value")
-            if a == "--out":
-                out = value
-            else:
-                if not value.isdigit() or int(value) < 1:
-                    raise UserError(f"--threads must be a positive integer, got {value!r}")
-                threads = int(value)
-        else:
-            raise UserError(f"unknown option {a!r} for experiment; expected --quick, --out DIR, --threads N")
-    report = run_experiment(name, out, quick=quick, threads=threads)
-    print(f"cmalign: experiment {name} -> {report}")
+    a = parse(ExperimentArgs, args[1:], f"cmalign experiment {args[0]}")
+    for flag, value in (("threads", a.threads), ("steps", a.steps), ("seeds", a.seeds)):
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be a positive integer, got {value}")
+    report = run_experiment(args[0], a.out, quick=a.quick, threads=a.threads, steps=a.steps, seeds=a.seeds)
+    print(f"cmalign: experiment {args[0]} -> {report}")
     return 0
 
 

@@ -18,7 +18,7 @@ from tyro.constructors import PrimitiveConstructorSpec
 from .errors import UserError
 
 WORLDS = ("digits", "lcm")
-METHODS = ("rocm", "rlcm", "ddpo", "draft", "dpok")
+METHODS = ("rocm", "rlcm", "ddpo", "draft", "dpok", "d3po")
 DIVERGENCE_NAMES = ("kl", "js", "hellinger", "fisher", "tv")
 
 
@@ -46,7 +46,7 @@ class TrainConfig:
     world: str = "digits"
     """Model world: digits (embedded, CPU, minutes) or lcm (diffusers latent consistency models)."""
     method: str = "rocm"
-    """Alignment method: rocm (reward gradient through the chain) | rlcm | ddpo | draft | dpok (baselines)."""
+    """Alignment method: rocm (reward gradient through the chain) | rlcm | ddpo | draft | dpok | d3po (baselines)."""
     seed: int = 0
     """Seed of the adapter initialisation, prompts and noise (per rank offset when distributed)."""
     output_dir: str | None = None
@@ -64,7 +64,7 @@ class TrainConfig:
 
     # --- the objective -----------------------------------------------------------------------------
     beta: float = 6.0
-    """Divergence weight: 0 lets the policy hack the reward; 6 keeps digits legible (docs/RESULTS.md)."""
+    """Divergence weight: 0 lets the policy hack the reward; 6 keeps digits legible (docs/RESULTS.md). d3po: DPO's temperature."""
     divergence: str = "kl"
     """Per-step f-divergence to the reference: kl | js | hellinger | fisher | tv."""
     divergence_reduction: Literal["per_dim", "joint"] = "per_dim"
@@ -82,7 +82,7 @@ class TrainConfig:
     clamp: Literal["hard", "straight_through", "soft"] = "hard"
     """How images are clamped to [0, 1] on the reward's gradient path (scores always use hard)."""
 
-    # --- policy-gradient baselines (rlcm, ddpo, dpok) and draft --------------------------------------
+    # --- policy-gradient baselines (rlcm, ddpo, dpok, d3po) and draft -----------------------------------
     ppo_clip: float = 1e-4
     """PPO ratio clip range epsilon (RLCM and DDPO default)."""
     ppo_epochs: int = 2
@@ -103,6 +103,8 @@ class TrainConfig:
     # --- optimisation ------------------------------------------------------------------------------
     steps: int = 400
     """Optimiser updates."""
+    max_train_seconds: float | None = None
+    """Stop earlier once this many seconds of training (evaluation excluded) are spent: a wall-clock budget."""
     batch_size: int = 32
     """Prompts (and chains) per update and process."""
     lr: float = 1e-4
@@ -121,6 +123,8 @@ class TrainConfig:
     """Training prompts; default: the world's own set (all ten digit classes for digits)."""
     prompt_file: str | None = None
     """A UTF-8 text file with one prompt per line (overrides prompts)."""
+    eval_prompts: list[str] | None = None
+    """Prompts of the fixed evaluation set (e.g. held-out digit classes); default: the world's evaluation split."""
 
     # --- digits world ------------------------------------------------------------------------------
     digits_resolution: int = 8
@@ -243,6 +247,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     need(cfg.ppo_minibatches <= cfg.batch_size, f"ppo_minibatches ({cfg.ppo_minibatches}) must be <= batch_size ({cfg.batch_size})")
     need(cfg.adv_clip > 0 and cfg.stat_buffer >= 0 and cfg.stat_min_count >= 1, "adv_clip must be > 0, stat_buffer >= 0, stat_min_count >= 1")
     need(2 <= cfg.ddpo_steps <= 1000 and 0 <= cfg.ddim_eta, "ddpo_steps must be in [2, 1000] and ddim_eta >= 0")
+    if cfg.method == "d3po":
+        need(cfg.batch_size >= 2 and cfg.batch_size % 2 == 0, f"d3po trains on pairs: batch_size must be even and >= 2, got {cfg.batch_size}")
+        need(cfg.beta > 0, f"d3po needs beta > 0 (DPO's temperature), got {cfg.beta}")
     if cfg.method == "ddpo":
         cfg.num_steps = cfg.ddpo_steps  # the DDIM chain length; everything downstream reads num_steps
     if cfg.method == "draft":  # DRaFT-K / AlignProp: no divergence; DRaFT-1 unless backprop_steps says otherwise
@@ -272,6 +279,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.ema_decay is not None:
         need(0 < cfg.ema_decay < 1, f"ema_decay must be in (0, 1), got {cfg.ema_decay}")
     need(cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.max_train_seconds is not None:
+        need(cfg.max_train_seconds > 0, f"max_train_seconds must be > 0, got {cfg.max_train_seconds}")
+    if cfg.eval_prompts is not None:
+        need(len(cfg.eval_prompts) > 0 and all(p.strip() for p in cfg.eval_prompts), "eval_prompts must be non-empty strings")
     if cfg.prompts is not None:
         need(len(cfg.prompts) > 0 and all(p.strip() for p in cfg.prompts), "prompts must be non-empty strings")
     return cfg

@@ -33,7 +33,7 @@ EVAL_SEED_OFFSET = 10_000  # the fixed evaluation noise
 FINAL_SEED_OFFSET = 20_000  # fresh held-out noise for the final base-vs-tuned comparison
 
 
-RESUMABLE_CHANGES = ("steps", "eval_every", "grid_every", "final_eval_size", "threads", "device", "output_dir",
+RESUMABLE_CHANGES = ("steps", "max_train_seconds", "eval_every", "grid_every", "final_eval_size", "threads", "device", "output_dir",
                      "checkpoint_every", "keep_checkpoints", "max_bad_steps")
 
 
@@ -214,7 +214,7 @@ class Trainer:
         if self.resume_state is not None:
             tensors, meta = self.resume_state
             ckpt.restore(tensors, meta, self.params, self.optimizer, self.ema, gen)
-            start_step = int(meta["step"])
+            start_step = self.step = int(meta["step"])
             self.train_seconds = float(meta["train_seconds"])
             self.bad_steps = int(meta.get("bad_steps", 0))
             self.bad_in_a_row = int(meta.get("bad_in_a_row", 0))
@@ -248,6 +248,8 @@ class Trainer:
             idx = torch.randint(0, len(self.train_prompts), (cfg.batch_size * nproc,), generator=gen)
             idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
             prompts = [self.train_prompts[i] for i in idx.tolist()]
+            if hasattr(self.method, "batch_prompts"):  # pairwise methods (d3po) draw each prompt twice
+                prompts = self.method.batch_prompts(prompts)
             with ckpt.sharded_noise(rank, nproc):
                 metrics, images = self.method.step(prompts, gen, self.optimizer_step)
             if self._step_bad:
@@ -268,6 +270,7 @@ class Trainer:
             row["step"], row["samples"] = step, step * cfg.batch_size * nproc
             row["skipped"] = self._step_bad
             row["bad_steps"] = self.bad_steps
+            last = step == cfg.steps or self._time_up()
             if self.bad_in_a_row >= cfg.max_bad_steps:
                 self.log(row)
                 bar.close()
@@ -276,16 +279,23 @@ class Trainer:
                 raise UserError(f"stopping at step {step}: {self.bad_in_a_row} updates in a row were skipped for "
                                 f"non-finite reward, loss or gradients (max_bad_steps={cfg.max_bad_steps}); {where}")
             if self.main:
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                if step % cfg.eval_every == 0 or last:
                     row.update(self.evaluate_fixed())
                     bar.set_postfix({k: f"{row[k]:.2f}" for k in ("eval_reward", "eval_gold") if k in row})
-                if step % cfg.grid_every == 0 or step == cfg.steps:
-                    if step % cfg.eval_every and step != cfg.steps:
+                if step % cfg.grid_every == 0 or last:
+                    if step % cfg.eval_every and not last:
                         self.evaluate_fixed()
                     self.grid(self.last_eval_images, f"step_{step:06d}.png")
                 self.log(row)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not self._step_bad:
                     self.save_checkpoint(gen)
+            if last:
+                if step < cfg.steps and self.main:  # stopped by the time budget: a checkpoint to resume from
+                    if cfg.checkpoint_every and not self._step_bad and step % cfg.checkpoint_every:
+                        self.save_checkpoint(gen)
+                    print(f"cmalign: stopping at step {step}: {self.train_seconds:.1f} train seconds reached "
+                          f"max_train_seconds={cfg.max_train_seconds:g}", flush=True)
+                break
         self.accelerator.wait_for_everyone()  # reached by every rank
         self._check_ranks_agree()
         if ckpt.dist_on(self.accelerator.num_processes):
@@ -294,6 +304,15 @@ class Trainer:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         return self.finish()
+
+    def _time_up(self) -> bool:
+        """The train-seconds budget is spent (on any rank: every rank stops at the same step)."""
+        if self.cfg.max_train_seconds is None:
+            return False
+        spent = torch.tensor([self.train_seconds], device=self.accelerator.device)
+        if ckpt.dist_on(self.accelerator.num_processes):
+            torch.distributed.all_reduce(spent, op=torch.distributed.ReduceOp.MAX)
+        return spent.item() >= self.cfg.max_train_seconds
 
     def _check_ranks_agree(self) -> None:
         """Every rank must end with the same adapter (gradients are averaged by hand)."""
@@ -340,7 +359,7 @@ class Trainer:
             self._before_after(final.pop("_base_images"), final.pop("_tuned_images"), prompts)
         report.plot_curves(self.run_dir)
         summary = f"`{cfg.method}` on `{cfg.world}`: K={cfg.num_steps}, beta={cfg.beta} ({cfg.divergence}), lr={cfg.lr}, " \
-                  f"{cfg.steps} steps x batch {cfg.batch_size}, {self.train_seconds:.0f} s of training."
+                  f"{self.step} steps x batch {cfg.batch_size}, {self.train_seconds:.0f} s of training."
         if cfg.final_eval_size > 0:
             report.write_report(self.run_dir, summary, final)
         return self.run_dir

@@ -11,10 +11,15 @@ EXPERIMENTS = {
     "beta-sweep": "final and peak gold per divergence over a log grid of beta",
     "divergences": "KL / JS / Hellinger / Fisher at each one's best beta (from beta-sweep), two seeds",
     "ablations": "final_step floor/skip, per_dim/joint, divergence_grad, backprop_steps",
+    "generalization": "train on five digit classes, score trained and held-out classes (beta 0 / 3 / 6)",
+    "scaling": "ROCM's time to RLCM's best gold, over resolution (8x8, 16x16) and K (2, 4, 8)",
 }
 
 
-def run_experiment(name: str, out: str | None = None, quick: bool = False, threads: int = 1):
+def run_experiment(name: str, out: str | None = None, quick: bool = False, threads: int = 1,
+                   steps: int | None = None, seeds: int | None = None):
+    import inspect
+    import re
     from importlib import import_module
     from pathlib import Path
 
@@ -25,4 +30,15 @@ def run_experiment(name: str, out: str | None = None, quick: bool = False, threa
     module = import_module(f".{name.replace('-', '_')}", __name__)
     out_dir = Path(out) if out else Path("results") / (name + ("-quick" if quick else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
-    return module.run(out_dir, quick=quick, threads=threads)
+    kwargs = {"steps": steps} if steps else {}
+    if seeds:
+        if "seeds" not in inspect.signature(module.run).parameters:
+            raise UserError(f"experiment {name} runs one seed per setting; --seeds does not apply")
+        kwargs["seeds"] = seeds
+    report = module.run(out_dir, quick=quick, threads=threads, **kwargs)
+    # The report's command line with every option that shaped the run, so that it reproduces it.
+    command = " ".join(["cmalign experiment", name] + (["--quick"] if quick else []) + ["--out", str(out_dir), "--threads", str(threads)]
+                       + [f"--{k} {v}" for k, v in kwargs.items()])
+    text = report.read_text()
+    report.write_text(re.sub(r"^- command: `[^`]*`", lambda _: f"- command: `{command}`", text, count=1, flags=re.M))
+    return report

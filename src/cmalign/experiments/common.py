@@ -31,13 +31,42 @@ def make_config(quick: bool, threads: int = 1, **overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def train_run(cfg: TrainConfig, run_dir: Path) -> list[dict]:
-    """Train one configuration into run_dir (overwriting) and return its metrics rows."""
-    from ..trainer import Trainer
+def train_run(cfg: TrainConfig, run_dir: Path, keep_trainer: bool = False):
+    """Train one configuration into run_dir (overwriting) and return its metrics rows
+    (and the finished Trainer, whose world holds the tuned adapter, when keep_trainer)."""
+    from ..config import validate
+    from ..trainer import Trainer, _config_diff
 
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
-    Trainer(cfg, overwrite=True, progress=False).train()
+    if not keep_trainer and finished(run_dir) and not _config_diff(validate(dataclasses.replace(cfg)),
+                                                                   (run_dir / "config.yaml").read_text(), ignore=("threads", "output_dir")):
+        print(f"cmalign: reusing the finished run {run_dir} (same configuration)", flush=True)
+        return read_metrics(run_dir)
+    trainer = Trainer(cfg, overwrite=True, progress=False)
+    trainer.train()
+    rows = read_metrics(run_dir)
+    return (rows, trainer) if keep_trainer else rows
+
+
+def finished(run_dir: Path) -> bool:
+    """A run that wrote its adapter (the trainer's last act) and its configuration."""
+    return (run_dir / "adapter").is_dir() and (run_dir / "config.yaml").is_file() and (run_dir / "metrics.jsonl").is_file()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def seeded_runs(cfg: TrainConfig, run_dir: Path, seeds: int) -> list[list[dict]]:
+    """The same configuration trained with seeds 0..seeds-1 (run_dir/seedN), metrics rows of each."""
+    return [train_run(dataclasses.replace(cfg, seed=s), run_dir / f"seed{s}") for s in range(seeds)]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return round(m, 4), round(sd, 4)
 
 
 def eval_rows(rows: list[dict]) -> list[dict]:
@@ -88,12 +117,13 @@ def write_table(out: Path, name: str, rows: list[dict], title: str, notes: list[
     return md_path, csv_path
 
 
-def plot(out: Path, name: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, logx: bool = False) -> Path:
+def plot(out: Path, name: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, logx: bool = False,
+         linthresh: float = 1.0) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, ms=3, lw=1.2)
     if logx:
-        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xscale("symlog", linthresh=linthresh)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

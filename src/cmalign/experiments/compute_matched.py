@@ -1,22 +1,33 @@
-"""ROCM against the baselines at matched compute: every method gets the same number of samples
-(steps x batch); gold on the fixed evaluation set is reported against train wall-clock and against
-samples, at the common wall-clock budget (the shortest method's total time: each method's best gold
-reached by then), and as the time each method needs to first reach RLCM's best gold, also with the
-base model's pretraining cost charged (consistency methods: teacher + distillation; DDPO: teacher only)."""
+"""ROCM against the baselines at matched compute: every run gets the same samples (steps x batch)
+and the same wall-clock budget (max_train_seconds), whichever ends first, and each method is run at
+every learning rate of one small grid. Gold on the fixed evaluation set (mean over seeds) is reported
+against train wall-clock and samples, and as the time each method needs to first reach RLCM's best
+gold, for RLCM at its default lr (1e-4) and at its best lr of the grid; also with the base model's
+pretraining charged (consistency methods: teacher + distillation; DDPO: teacher only)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from .common import eval_rows, make_config, plot, summary, train_run, wall, write_report, write_table
+from .common import eval_rows, make_config, mean_std, plot, seeded_runs, wall, write_report, write_table
 
-METHODS = ("rocm", "rlcm", "ddpo", "draft", "dpok")
+# name -> method settings; ROCM at its default beta (6) and at the beta of the hacking experiment (3)
+VARIANTS = {
+    "rocm": dict(method="rocm", beta=6.0),
+    "rocm-beta3": dict(method="rocm", beta=3.0),
+    "rlcm": dict(method="rlcm", beta=0.0),
+    "ddpo": dict(method="ddpo", beta=0.0),
+    "draft": dict(method="draft", beta=0.0),
+    "dpok": dict(method="dpok", beta=0.1),
+    "d3po": dict(method="d3po", beta=10.0),  # DPO temperature: a 60-step pilot, 1 / 10 / 100, took the middle
+}
+LRS = (1e-4, 1e-3)
+BUDGET_S = 300.0
 
 
 def pretrain_cost(run_dir: Path, method: str) -> float | None:
     """Seconds of base-model pretraining behind this method (from the base manifest), or None."""
-    import json
-
     import yaml
 
     from ..config import TrainConfig
@@ -30,50 +41,82 @@ def pretrain_cost(run_dir: Path, method: str) -> float | None:
     except Exception:
         return None
     teacher = stats.get("teacher_seconds")
-    distill = stats.get("distill_seconds")
     if teacher is None:
         return None
-    return float(teacher) if method == "ddpo" else float(teacher) + float(distill or 0.0)
+    return float(teacher) if method == "ddpo" else float(teacher) + float(stats.get("distill_seconds") or 0.0)
 
 
-def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, lr: float = 1e-4) -> Path:
+def mean_curve(runs: list[list[dict]]) -> list[dict]:
+    """Evaluation rows averaged over seeds (step, samples, wall_time, gold, proxy, accuracy), on the
+    steps every seed evaluated (a run cut by the time budget ends earlier)."""
+    evs = [eval_rows(rows) for rows in runs]
+    n = min(len(e) for e in evs)
+    out = []
+    for i in range(n):
+        pts = [e[i] for e in evs]
+        avg = lambda key: sum(float(p.get(key, float("nan"))) for p in pts) / len(pts)  # noqa: E731
+        out.append({"step": pts[0]["step"], "samples": pts[0].get("samples", 0), "wall_time": sum(map(wall, pts)) / len(pts),
+                    "gold": avg("eval_gold"), "proxy": avg("eval_reward"), "accuracy": avg("eval_accuracy")})
+    return out
+
+
+def time_to(curve: list[dict], target: float) -> dict | None:
+    return next((r for r in curve if r["gold"] >= target - 1e-9), None)
+
+
+def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1,
+        lrs=LRS, budget_s: float | None = None, variants=None) -> Path:
     steps = steps or (2 if quick else 150)
-    results = {}
-    for method in METHODS:
-        cfg = make_config(quick, threads, method=method, steps=steps, lr=lr,
-                          beta=0.0 if method in ("rlcm", "ddpo", "draft") else (3.0 if method == "rocm" else 0.1))
-        run_dir = out / "runs" / method
-        results[method] = (train_run(cfg, run_dir), run_dir)
-    budget = min(wall(rows[-1]) for rows, _ in results.values())
-    target = max(r["eval_gold"] for r in eval_rows(results["rlcm"][0]))
+    budget_s = budget_s or (60.0 if quick else BUDGET_S)
+    runs, curves = {}, {}
+    for name in variants or VARIANTS:
+        for lr in lrs:
+            cfg = make_config(quick, threads, lr=lr, steps=steps, max_train_seconds=budget_s, **VARIANTS[name])
+            run_dir = out / "runs" / f"{name}-lr{lr:g}"
+            runs[(name, lr)] = (seeded_runs(cfg, run_dir, seeds), run_dir / "seed0")
+            curves[(name, lr)] = mean_curve(runs[(name, lr)][0])
+    rlcm_lrs = [lr for (n, lr) in curves if n == "rlcm"]
+    rlcm_best = {lr: max(r["gold"] for r in curves[("rlcm", lr)]) for lr in rlcm_lrs}
+    tuned_lr = max(rlcm_best, key=rlcm_best.get)
+    default_lr = min(rlcm_lrs, key=lambda lr: abs(lr - 1e-4))
+    targets = {"rlcm_default": (default_lr, rlcm_best[default_lr]), "rlcm_tuned": (tuned_lr, rlcm_best[tuned_lr])}
+    rlcm_s = {k: wall(time_to(curves[("rlcm", lr)], g)) for k, (lr, g) in targets.items()}
     table = []
-    for method, (rows, run_dir) in results.items():
-        ev = eval_rows(rows)
-        s = summary(rows)
-        within = [r for r in ev if wall(r) <= budget + 1e-9]
-        reach = next((r for r in ev if r["eval_gold"] >= target), None)
-        cost = pretrain_cost(run_dir, method)
-        table.append({
-            "method": method, "samples": rows[-1].get("samples"), "train_s": s["train_s"], "s_per_step": s["s_per_step"],
-            "gold_start": s["gold_start"], "gold_peak": s["gold_peak"], "gold_final": s["gold_final"],
-            f"best_gold_within_{budget:.1f}s": round(max(r["eval_gold"] for r in within), 4),
-            "proxy_final": s["proxy_final"], "accuracy_final": s["accuracy_final"],
-            "s_to_rlcm_best": round(wall(reach), 2) if reach else None,
-            "samples_to_rlcm_best": reach.get("samples", 0) if reach else None,
-            "pretrain_s": round(cost, 1) if cost is not None else None,
-            "s_to_rlcm_best_with_pretrain": round(wall(reach) + cost, 1) if (reach and cost is not None) else None,
-        })
-    t, _ = write_table(out, "summary", table, f"Matched samples ({steps} steps x batch), budget {budget:.1f} s",
-                       [f"RLCM's best eval gold (the target): {target:.4f}",
-                        "s_to_rlcm_best: train seconds (evaluation excluded) to the first evaluation at or above it; – never",
+    for (name, lr), curve in curves.items():
+        seed_runs, run_dir0 = runs[(name, lr)]
+        finals = [eval_rows(rows)[-1] for rows in seed_runs]
+        gold_final, gold_final_sd = mean_std([f["eval_gold"] for f in finals])
+        row = {"method": name, "lr": lr, "seeds": seeds, "steps_done": min(rows[-1]["step"] for rows in seed_runs),
+               "samples": min(rows[-1].get("samples", 0) for rows in seed_runs),
+               "train_s": round(sum(wall(rows[-1]) for rows in seed_runs) / seeds, 1),
+               "gold_start": round(curve[0]["gold"], 4), "gold_peak": round(max(r["gold"] for r in curve), 4),
+               "gold_final": gold_final, "gold_final_sd": gold_final_sd,
+               "accuracy_final": round(sum(f.get("eval_accuracy", float("nan")) for f in finals) / seeds, 4)}
+        cost = pretrain_cost(run_dir0, VARIANTS[name]["method"])
+        for key, (_, target) in targets.items():
+            reach = time_to(curve, target)
+            row[f"s_to_{key}"] = round(wall(reach), 1) if reach else None
+            row[f"ratio_to_{key}"] = round(wall(reach) / rlcm_s[key], 3) if reach and rlcm_s[key] else None
+        reach = time_to(curve, targets["rlcm_tuned"][1])
+        row["pretrain_s"] = round(cost, 1) if cost is not None else None
+        row["s_to_rlcm_tuned_with_pretrain"] = round(wall(reach) + cost, 1) if (reach and cost is not None) else None
+        table.append(row)
+    t, _ = write_table(out, "summary", table,
+                       f"Matched samples ({steps} steps x batch) and wall-clock (max {budget_s:g} train s per run), lr grid {', '.join(f'{x:g}' for x in lrs)}",
+                       [f"targets: RLCM's best eval gold (seed mean) at lr {default_lr:g}: {targets['rlcm_default'][1]:.4f} "
+                        f"(reached in {rlcm_s['rlcm_default']:.1f} s); at its best lr {tuned_lr:g}: {targets['rlcm_tuned'][1]:.4f} "
+                        f"(reached in {rlcm_s['rlcm_tuned']:.1f} s)",
+                        "s_to_X: train seconds (evaluation excluded) of the seed-mean curve to first reach target X; – never; "
+                        "ratio_to_X: that over RLCM's own seconds to it",
+                        "gold_final: mean over seeds (± gold_final_sd); steps_done < steps: the wall-clock budget ended the run",
                         "pretrain_s: the base model's recorded pretraining seconds (teacher + distillation; DDPO: teacher)",
                         "policy-gradient methods make ppo_epochs x ppo_minibatches updates per step; ROCM/DRaFT one"])
-    trace = [{"method": m, "step": r["step"], "samples": r.get("samples", 0), "wall_time": wall(r),
-              "gold": round(r["eval_gold"], 4), "proxy": round(r["eval_reward"], 4)}
-             for m, (rows, _) in results.items() for r in eval_rows(rows)]
-    t2, _ = write_table(out, "trace", trace, "Gold over training")
-    imgs = [plot(out, "gold_vs_time", {m: ([wall(r) for r in eval_rows(rows)], [r["eval_gold"] for r in eval_rows(rows)])
-                                       for m, (rows, _) in results.items()}, "train seconds", "gold (eval)"),
-            plot(out, "gold_vs_samples", {m: ([r.get("samples", 0) for r in eval_rows(rows)], [r["eval_gold"] for r in eval_rows(rows)])
-                                          for m, (rows, _) in results.items()}, "samples", "gold (eval)")]
+    trace = [{"method": n, "lr": lr, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}}
+             for (n, lr), curve in curves.items() for r in curve]
+    t2, _ = write_table(out, "trace", trace, "Gold over training (seed mean)")
+    label = lambda n, lr: f"{n} lr={lr:g}"  # noqa: E731
+    imgs = [plot(out, "gold_vs_time", {label(*k): ([r["wall_time"] for r in c], [r["gold"] for r in c]) for k, c in curves.items()},
+                 "train seconds", "gold (eval, seed mean)"),
+            plot(out, "gold_vs_samples", {label(*k): ([r["samples"] for r in c], [r["gold"] for r in c]) for k, c in curves.items()},
+                 "samples", "gold (eval, seed mean)")]
     return write_report(out, "compute-matched", quick, [t, t2], imgs)

@@ -7,7 +7,7 @@ the gradient norm) once per update it makes.
 
 from __future__ import annotations
 
-METHOD_NAMES = ("rocm", "rlcm", "ddpo", "draft", "dpok")
+METHOD_NAMES = ("rocm", "rlcm", "ddpo", "draft", "dpok", "d3po")
 
 
 def build_method(cfg, world, reward):
@@ -23,4 +23,8 @@ def build_method(cfg, world, reward):
         from .policy_gradient import Ddpo, Dpok, Rlcm
 
         return {"rlcm": Rlcm, "ddpo": Ddpo, "dpok": Dpok}[cfg.method](cfg, world, reward)
+    if cfg.method == "d3po":
+        from .d3po import D3po
+
+        return D3po(cfg, world, reward)
     raise ValueError(f"unknown method {cfg.method!r}")
