@@ -37,3 +37,22 @@ def test_experiment_quick_end_to_end(tmp_path, names, capsys):
 def test_unknown_experiment_is_one_error_line(capsys):
     assert main(["experiment", "nope", "--quick"]) == 2
     assert "unknown experiment" in capsys.readouterr().err
+
+
+def test_the_scaling_experiments_16x16_base_model_ships_with_the_package(monkeypatch, tmp_path):
+    """No 37-minute pretraining on first use: the recipe scaling names resolves to the shipped weights,
+    whose manifest gives the command that rebuilds them."""
+    import json
+
+    from cmalign.config import TrainConfig
+    from cmalign.experiments.scaling import PRETRAIN_16
+    from cmalign.worlds import digits_base, digits_pretrain_config
+
+    monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "empty-cache"))
+    cfg = digits_pretrain_config(TrainConfig(digits_resolution=16, **PRETRAIN_16))
+    folder = digits_base.locate(cfg, allow_pretrain=False)
+    assert folder == digits_base.shipped_dir(cfg)
+    info = json.loads((folder / "manifest.json").read_text())
+    assert info["command"] == digits_base.pretrain_command(cfg) and info["config"]["resolution"] == 16
+    net, _, _ = digits_base.load_base(cfg, allow_pretrain=False)
+    assert net.config.sample_size == 16

@@ -38,6 +38,14 @@ def shipped_dir(cfg: PretrainConfig) -> Path | None:
     return Path(str(ref)) if ref.is_dir() else None
 
 
+def pretrain_command(cfg: PretrainConfig) -> str:
+    """The command that rebuilds these models (step counts only where they differ from the defaults)."""
+    default = PretrainConfig()
+    steps = "".join(f" --{name.replace('_', '-')} {getattr(cfg, name)}" for name in ("teacher_steps", "distill_steps")
+                    if getattr(cfg, name) != getattr(default, name))
+    return f"cmalign pretrain digits --resolution {cfg.resolution} --model-size {cfg.model_size}{steps}"
+
+
 def write_base(folder: Path, cfg: PretrainConfig, teacher, consistency, stats: dict, dtype=torch.float32) -> None:
     """Write both networks and the manifest that records how they were made."""
     save_weights(consistency, folder / "consistency.safetensors", dtype=dtype)
@@ -49,7 +57,7 @@ def write_base(folder: Path, cfg: PretrainConfig, teacher, consistency, stats: d
         data_sha256_16=data_hash(),
         seed=cfg.seed,
         stats=stats,
-        command=f"cmalign pretrain digits --resolution {cfg.resolution} --model-size {cfg.model_size}",
+        command=pretrain_command(cfg),
         dtype=str(dtype).replace("torch.", ""),
     )
     (folder / "manifest.json").write_text(json.dumps(info, indent=2))
