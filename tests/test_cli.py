@@ -74,7 +74,10 @@ BAD_TRAIN = [
     (["--num-steps", "2", "--backprop-steps", "3"], "backprop_steps"),
     (["--world", "atari"], "unknown world"),
     (["--method", "magic"], "unknown method"),
-    (["--beta", "abc"], "--beta"),
+    (["--beta", "abc"], "Error parsing --beta: could not convert string to float: 'abc'"),
+    (["--no-such-flag", "2"], "Unrecognized options: --no-such-flag"),
+    (["--method", "d3po", "--batch-size", "7"], "batch_size must be even"),
+    (["--max-train-seconds", "0"], "max_train_seconds must be > 0"),
     (["--preset", "no-such-preset"], "unknown preset"),
 ]
 

@@ -30,18 +30,25 @@ COMMANDS = {
 
 
 def _one_line_tyro_error(text: str) -> str:
-    """tyro prints a boxed multi-line message; keep its first paragraph as one line."""
-    lines = []
+    """tyro prints a boxed (or, without a terminal, dashed) multi-line message: keep the first paragraph
+    after its title as one line, without the "For full helptext" hint."""
+    paragraphs, current = [], []
     for raw in text.splitlines():
         line = raw.strip().strip("│╭╮╰╯").strip()
-        if not line or line.startswith("╭") or line.startswith("╰"):
+        if raw.strip().startswith(("╭", "╰")):
             continue
-        if set(line) <= set("─ "):
-            if lines:
-                break
+        if not line or set(line) <= set("─- "):
+            if current:
+                paragraphs.append(" ".join(current))
+                current = []
             continue
-        lines.append(line)
-    return re.sub(r"\s+", " ", " ".join(lines)) or "invalid arguments"
+        current.append(line)
+    if current:
+        paragraphs.append(" ".join(current))
+    paragraphs = [p for p in paragraphs if not p.startswith("For full helptext")]
+    if "╭" not in text and len(paragraphs) > 1:  # the dashed form starts with a title ("Value error")
+        paragraphs = paragraphs[1:]
+    return re.sub(r"\s+", " ", paragraphs[0]) if paragraphs else "invalid arguments"
 
 
 def parse(cls, args: list[str], prog: str, default=None):
