@@ -74,6 +74,11 @@ def eval_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if "eval_gold" in r or "eval_reward" in r]
 
 
+def first_reaching(points: list[dict], target: float, key: str = "eval_gold") -> dict | None:
+    """The first evaluation point whose `key` is at or above target (None: never reached)."""
+    return next((p for p in points if p[key] >= target - 1e-9), None)
+
+
 def wall(r: dict) -> float:
     return float(r.get("wall_time", 0.0) or 0.0)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import eval_rows, make_config, mean_std, plot, seeded_runs, wall, write_report, write_table
+from .common import eval_rows, first_reaching, make_config, mean_std, plot, seeded_runs, wall, write_report, write_table
 
 # name -> method settings; ROCM at its default beta (6) and at the beta of the hacking experiment (3)
 VARIANTS = {
@@ -60,10 +60,6 @@ def mean_curve(runs: list[list[dict]]) -> list[dict]:
     return out
 
 
-def time_to(curve: list[dict], target: float) -> dict | None:
-    return next((r for r in curve if r["gold"] >= target - 1e-9), None)
-
-
 def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1,
         lrs=LRS, budget_s: float | None = None, variants=None) -> Path:
     steps = steps or (2 if quick else 150)
@@ -80,7 +76,7 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
     tuned_lr = max(rlcm_best, key=rlcm_best.get)
     default_lr = min(rlcm_lrs, key=lambda lr: abs(lr - 1e-4))
     targets = {"rlcm_default": (default_lr, rlcm_best[default_lr]), "rlcm_tuned": (tuned_lr, rlcm_best[tuned_lr])}
-    rlcm_s = {k: wall(time_to(curves[("rlcm", lr)], g)) for k, (lr, g) in targets.items()}
+    rlcm_s = {k: wall(first_reaching(curves[("rlcm", lr)], g, "gold")) for k, (lr, g) in targets.items()}
     table = []
     for (name, lr), curve in curves.items():
         seed_runs, run_dir0 = runs[(name, lr)]
@@ -94,10 +90,10 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
                "accuracy_final": round(sum(f.get("eval_accuracy", float("nan")) for f in finals) / seeds, 4)}
         cost = pretrain_cost(run_dir0, VARIANTS[name]["method"])
         for key, (_, target) in targets.items():
-            reach = time_to(curve, target)
+            reach = first_reaching(curve, target, "gold")
             row[f"s_to_{key}"] = round(wall(reach), 1) if reach else None
             row[f"ratio_to_{key}"] = round(wall(reach) / rlcm_s[key], 3) if reach and rlcm_s[key] else None
-        reach = time_to(curve, targets["rlcm_tuned"][1])
+        reach = first_reaching(curve, targets["rlcm_tuned"][1], "gold")
         row["pretrain_s"] = round(cost, 1) if cost is not None else None
         row["s_to_rlcm_tuned_with_pretrain"] = round(wall(reach) + cost, 1) if (reach and cost is not None) else None
         table.append(row)

@@ -14,16 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import eval_rows, make_config, plot, summary, train_run, wall, write_report, write_table
+from .common import eval_rows, first_reaching, make_config, plot, summary, train_run, wall, write_report, write_table
 
 SETTINGS = ((8, 2), (8, 4), (8, 8), (16, 4))  # (resolution, K)
 QUICK_SETTINGS = ((8, 2), (16, 2))
 LRS = (1e-4, 1e-3)
 PRETRAIN_16 = dict(pretrain_teacher_steps=1500, pretrain_distill_steps=600)
-
-
-def first_reach(rows: list[dict], target: float) -> dict | None:
-    return next((r for r in eval_rows(rows) if r["eval_gold"] >= target), None)
 
 
 def best_gold(rows: list[dict]) -> float:
@@ -49,10 +45,10 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
                "gold_start": summary(rows[("rocm", default_lr)])["gold_start"]}
         for label, rlcm_lr in (("default", default_lr), ("tuned", tuned_lr)):
             target = best_gold(rows[("rlcm", rlcm_lr)])
-            rlcm_s = wall(first_reach(rows[("rlcm", rlcm_lr)], target))
+            rlcm_s = wall(first_reaching(eval_rows(rows[("rlcm", rlcm_lr)]), target))
             # ROCM at the same lr for "default"; at its fastest lr of the grid for "tuned"
             rocm_lrs = [default_lr] if label == "default" else list(lrs)
-            reach = [(wall(r), lr) for lr in rocm_lrs if (r := first_reach(rows[("rocm", lr)], target))]
+            reach = [(wall(r), lr) for lr in rocm_lrs if (r := first_reaching(eval_rows(rows[("rocm", lr)]), target))]
             rocm_s, rocm_lr = min(reach) if reach else (None, None)
             row.update({f"{label}_rlcm_lr": rlcm_lr, f"{label}_rlcm_best_gold": round(target, 4),
                         f"{label}_rlcm_s": round(rlcm_s, 1), f"{label}_rocm_lr": rocm_lr,
