@@ -132,3 +132,11 @@ def test_console_script_exit_code():
     proc = subprocess.run([sys.executable, "-m", "cmalign", "train", "--beta", "-3"], capture_output=True, text=True, env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "cmalign: error: beta must be >= 0, got -3.0"
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    """`cmalign experiment --help | head -1`: the reader leaves first; no traceback, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "cmalign", "experiment", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child has printed anything (it is still importing)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and err == ""

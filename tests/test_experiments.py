@@ -56,3 +56,37 @@ def test_the_scaling_experiments_16x16_base_model_ships_with_the_package(monkeyp
     assert info["command"] == digits_base.pretrain_command(cfg) and info["config"]["resolution"] == 16
     net, _, _ = digits_base.load_base(cfg, allow_pretrain=False)
     assert net.config.sample_size == 16
+
+
+def test_runs_trained_in_parallel_workers_equal_the_runs_trained_in_order(tmp_path, capsys):
+    """--jobs 2 trains the runs in spawned worker processes; every number in the table is the same as
+    training them one after another in this process."""
+    tables = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        assert main(["experiment", "ablations", "--quick", "--out", str(out), "--jobs", str(jobs)]) == 0
+        tables[jobs] = list(csv.DictReader(open(out / "summary.csv")))
+        assert f"--jobs {jobs}" in (out / "README.md").read_text()
+    assert "2 at a time" in capsys.readouterr().out
+    drop = ("train_s", "s_per_step")  # wall-clock, the only columns that may differ
+    assert [{k: v for k, v in r.items() if k not in drop} for r in tables[1]] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in tables[2]]
+    assert len(tables[1]) == 5
+
+
+def test_jobs_is_refused_where_runs_must_train_in_order(tmp_path, capsys):
+    assert main(["experiment", "generalization", "--quick", "--out", str(tmp_path), "--jobs", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--jobs does not apply" in err[0]
+
+
+def test_scaling_reports_the_ratio_seed_by_seed(tmp_path):
+    from cmalign.experiments import scaling
+
+    scaling.run(tmp_path, quick=True, seeds=2, settings=((8, 2),))
+    (row,) = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert row["seeds"] == "2"
+    for label in ("default", "tuned"):
+        per_seed = row[f"{label}_ratio_per_seed"].split(" / ")
+        assert len(per_seed) == 2 and all(v == "–" or float(v) >= 0 for v in per_seed)
+    assert sorted(p.name for p in (tmp_path / "runs" / "r8-k2-rocm-lr0.0001").iterdir()) == ["seed0", "seed1"]

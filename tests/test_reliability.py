@@ -304,3 +304,22 @@ def test_no_pickle_loading_or_remote_code_in_the_package():
         for line in t.splitlines():
             if unpickling_load in line:
                 assert "weights_only=True" in line, (p, line)
+
+
+def test_a_cache_entry_published_by_another_process_first_is_kept(tmp_path, monkeypatch):
+    """Two workers building the same cache entry: the loser's rename fails on the winner's folder,
+    which stays as it is; the loser's staging folder is removed."""
+    from cmalign import cache
+
+    final = tmp_path / "entry"
+    tmp = cache.staging_dir(final)
+    (tmp / "weights").write_text("mine")
+
+    def rival_wins(src, dst):
+        Path(dst).mkdir()
+        (Path(dst) / "weights").write_text("theirs")
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(os, "replace", rival_wins)
+    cache.publish_dir(tmp, final)
+    assert (final / "weights").read_text() == "theirs" and not tmp.exists()

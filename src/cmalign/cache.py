@@ -42,10 +42,14 @@ def manifest(**fields) -> dict:
 def publish_dir(tmp: Path, final: Path) -> None:
     """Move a fully written temporary folder into place in one rename (no half-written cache)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    os.replace(tmp, final)
+    try:
+        if not final.exists():
+            os.replace(tmp, final)
+            return
+    except OSError:  # another process (a parallel experiment run) published the same entry first
+        if not final.exists():
+            raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def staging_dir(final: Path) -> Path:

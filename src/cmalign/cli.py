@@ -305,12 +305,14 @@ class ExperimentArgs:
     """Tiny test models and two steps per run (seconds; the numbers mean nothing)."""
     out: str | None = None
     """Results folder (default results/NAME[-quick])."""
-    threads: int = 1
-    """torch threads per run."""
+    threads: int | None = None
+    """torch threads per run (default: 1 where runs train in parallel, else every core)."""
     steps: int | None = None
     """Training steps per run (default: the experiment's own budget)."""
     seeds: int | None = None
     """Seeds per setting where the experiment repeats runs (default: the experiment's own)."""
+    jobs: int | None = None
+    """Runs trained at once in worker processes, where an experiment's runs are independent (default: cores // threads)."""
 
 
 def cmd_experiment(args: list[str]) -> int:
@@ -318,13 +320,13 @@ def cmd_experiment(args: list[str]) -> int:
 
     listing = "\n".join(f"  {k:<16} {v}" for k, v in EXPERIMENTS.items())
     if not args or args[0] in ("-h", "--help"):
-        print("usage: cmalign experiment NAME [--quick] [--out DIR] [--threads N] [--steps N] [--seeds N]\n\n" + listing)
+        print("usage: cmalign experiment NAME [--quick] [--out DIR] [--threads N] [--jobs N] [--steps N] [--seeds N]\n\n" + listing)
         return 0
     a = parse(ExperimentArgs, args[1:], f"cmalign experiment {args[0]}")
-    for flag, value in (("threads", a.threads), ("steps", a.steps), ("seeds", a.seeds)):
+    for flag, value in (("threads", a.threads), ("jobs", a.jobs), ("steps", a.steps), ("seeds", a.seeds)):
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be a positive integer, got {value}")
-    report = run_experiment(args[0], a.out, quick=a.quick, threads=a.threads, steps=a.steps, seeds=a.seeds)
+    report = run_experiment(args[0], a.out, quick=a.quick, threads=a.threads, steps=a.steps, seeds=a.seeds, jobs=a.jobs)
     print(f"cmalign: experiment {args[0]} -> {report}")
     return 0
 
@@ -357,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cmalign: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`cmalign ... --help | head`): nothing left to say
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

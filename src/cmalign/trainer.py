@@ -226,7 +226,8 @@ class Trainer:
             else:
                 ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-            print(f"cmalign: resolved config ->{self.run_dir / 'config.yaml'}\n{to_yaml(cfg)}", flush=True)
+            # the whole configuration on screen for an interactive run; experiments' runs (progress off) name the file
+            print(f"cmalign: resolved config -> {self.run_dir / 'config.yaml'}" + (f"\n{to_yaml(cfg)}" if self.progress else ""), flush=True)
             print(f"cmalign: {nproc} process(es) x batch {cfg.batch_size} per process = global batch "
                   f"{nproc * cfg.batch_size}; {cfg.steps} steps = {cfg.steps * nproc * cfg.batch_size} samples"
                   + (f"; resuming from {self.resume_from} (step {start_step})" if self.resume_from else ""), flush=True)

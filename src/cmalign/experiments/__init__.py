@@ -1,13 +1,13 @@
 """The paper's analyses, one file each: thin scripts over Trainer + evaluation that write a markdown
 and a CSV table and PNG plots into their results directory (`cmalign experiment NAME [--quick] [--out DIR]`).
 --quick runs each on the tiny digits models in seconds (the tests); without it they use the default
-base model and budgets sized for a 2-core CPU."""
+base model and budgets sized for a 2-core CPU (see run_experiment for how they use the cores)."""
 
 from __future__ import annotations
 
 EXPERIMENTS = {
     "hacking": "beta = 0 vs beta = 3: proxy and gold over training (reward hacking)",
-    "compute-matched": "ROCM vs RLCM vs DDPO vs DRaFT vs DPOK at the same samples: gold vs wall-clock and samples",
+    "compute-matched": "ROCM vs RLCM, DDPO, DRaFT, DPOK, D3PO at the same samples and time: gold vs wall-clock and samples",
     "beta-sweep": "final and peak gold per divergence over a log grid of beta",
     "divergences": "KL / JS / Hellinger / Fisher at each one's best beta (from beta-sweep), two seeds",
     "ablations": "final_step floor/skip, per_dim/joint, divergence_grad, backprop_steps",
@@ -16,25 +16,40 @@ EXPERIMENTS = {
 }
 
 
-def run_experiment(name: str, out: str | None = None, quick: bool = False, threads: int = 1,
-                   steps: int | None = None, seeds: int | None = None):
+def run_experiment(name: str, out: str | None = None, quick: bool = False, threads: int | None = None,
+                   steps: int | None = None, seeds: int | None = None, jobs: int | None = None):
+    """Run one experiment into `out` and return its README. Experiments of independent runs train them
+    `jobs` at a time (default: one per core, 1 thread each; quick: in order, as worker processes would
+    cost more than the runs); the others train in order with every core (default threads)."""
     import inspect
+    import os
     import re
     from importlib import import_module
     from pathlib import Path
+
+    import torch
 
     from ..errors import UserError
 
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r}; expected one of {', '.join(EXPERIMENTS)}")
     module = import_module(f".{name.replace('-', '_')}", __name__)
-    out_dir = Path(out) if out else Path("results") / (name + ("-quick" if quick else ""))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    params = inspect.signature(module.run).parameters
+    cores = os.cpu_count() or 1
     kwargs = {"steps": steps} if steps else {}
     if seeds:
-        if "seeds" not in inspect.signature(module.run).parameters:
+        if "seeds" not in params:
             raise UserError(f"experiment {name} runs one seed per setting; --seeds does not apply")
         kwargs["seeds"] = seeds
+    if "jobs" in params:
+        threads = threads or 1
+        kwargs["jobs"] = jobs or (1 if quick else max(1, cores // threads))
+    elif jobs and jobs > 1:
+        raise UserError(f"experiment {name} trains its runs one after another (it keeps each trained model); --jobs does not apply")
+    threads = threads or cores
+    out_dir = Path(out) if out else Path("results") / (name + ("-quick" if quick else ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)  # the runs trained in this process, and the thread count in the report
     report = module.run(out_dir, quick=quick, threads=threads, **kwargs)
     # The report's command line with every option that shaped the run, so that it reproduces it.
     command = " ".join(["cmalign experiment", name] + (["--quick"] if quick else []) + ["--out", str(out_dir), "--threads", str(threads)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import make_config, plot, summary, train_run, write_report, write_table
+from .common import make_config, plot, summary, train_runs, write_report, write_table
 
 VARIANTS = {
     "default": {},
@@ -18,14 +18,14 @@ VARIANTS = {
 }
 
 
-def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, beta: float = 3.0) -> Path:
+def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, beta: float = 3.0, jobs: int = 1) -> Path:
     steps = steps or (2 if quick else 300)
+    # quick mode: one truncation setting is enough to exercise the path
+    variants = {name: over for name, over in VARIANTS.items() if not (quick and over.get("backprop_steps") == 2)}
+    runs = train_runs({name: (make_config(quick, threads, method="rocm", beta=beta, steps=steps, **over), out / "runs" / name.replace("=", "-"))
+                       for name, over in variants.items()}, jobs)
     table, curves = [], {}
-    for name, over in VARIANTS.items():
-        if quick and over.get("backprop_steps") == 2:
-            continue  # quick mode: one truncation setting is enough to exercise the path
-        cfg = make_config(quick, threads, method="rocm", beta=beta, steps=steps, **over)
-        rows = train_run(cfg, out / "runs" / name.replace("=", "-"))
+    for name, rows in runs.items():
         table.append({"variant": name, **summary(rows)})
         ev = [r for r in rows if "eval_gold" in r]
         curves[name] = ([r["step"] for r in ev], [r["eval_gold"] for r in ev])

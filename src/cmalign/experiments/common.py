@@ -34,12 +34,10 @@ def make_config(quick: bool, threads: int = 1, **overrides) -> TrainConfig:
 def train_run(cfg: TrainConfig, run_dir: Path, keep_trainer: bool = False):
     """Train one configuration into run_dir (overwriting) and return its metrics rows
     (and the finished Trainer, whose world holds the tuned adapter, when keep_trainer)."""
-    from ..config import validate
-    from ..trainer import Trainer, _config_diff
+    from ..trainer import Trainer
 
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
-    if not keep_trainer and finished(run_dir) and not _config_diff(validate(dataclasses.replace(cfg)),
-                                                                   (run_dir / "config.yaml").read_text(), ignore=("threads", "output_dir")):
+    if not keep_trainer and reusable(cfg, run_dir):
         print(f"cmalign: reusing the finished run {run_dir} (same configuration)", flush=True)
         return read_metrics(run_dir)
     trainer = Trainer(cfg, overwrite=True, progress=False)
@@ -57,9 +55,69 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def seeded_runs(cfg: TrainConfig, run_dir: Path, seeds: int) -> list[list[dict]]:
-    """The same configuration trained with seeds 0..seeds-1 (run_dir/seedN), metrics rows of each."""
-    return [train_run(dataclasses.replace(cfg, seed=s), run_dir / f"seed{s}") for s in range(seeds)]
+def reusable(cfg: TrainConfig, run_dir: Path) -> bool:
+    """A finished run in run_dir trained with this configuration (threads and output folder aside)."""
+    from ..config import validate
+    from ..trainer import _config_diff
+
+    return finished(run_dir) and not _config_diff(validate(dataclasses.replace(cfg, output_dir=str(run_dir))),
+                                                  (run_dir / "config.yaml").read_text(), ignore=("threads", "output_dir"))
+
+
+def train_runs(cells: dict, jobs: int = 1) -> dict:
+    """Train every cell (key -> (config, run_dir)) and return key -> metrics rows. With jobs > 1 the
+    runs that are not already finished train `jobs` at a time in spawned worker processes (each its
+    own torch, `threads` threads); their rows are then read back in the cells' order."""
+    todo = {str(d): (c, d) for c, d in cells.values() if not reusable(c, d)}
+    trained: set[str] = set()
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        build_cached_models([cfg for cfg, _ in todo.values()])
+        print(f"cmalign: training {len(todo)} runs, {min(jobs, len(todo))} at a time", flush=True)
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            # the longest runs first, so that none is left running alone at the end
+            list(pool.map(_train_one, sorted(todo.values(), key=lambda cell: rough_cost(cell[0]), reverse=True)))
+        trained = set(todo)
+    return {key: read_metrics(d) if str(d) in trained else train_run(c, d) for key, (c, d) in cells.items()}
+
+
+def build_cached_models(configs: list[TrainConfig]) -> None:
+    """Build what the digits runs take from the cache (base model, proxy, classifier) here, once per
+    distinct world, rather than in several workers at the same time."""
+    from ..rewards import build_weighted, reward_context
+    from ..rewards.digits_classifier import load_classifier
+    from ..worlds import build_world, digits_base, digits_pretrain_config
+
+    worlds = {(repr(digits_pretrain_config(c)), c.proxy_pairs, repr(sorted(c.reward_weights.items()))): c
+              for c in configs if c.world == "digits"}
+    for cfg in worlds.values():
+        digits_base.locate(digits_pretrain_config(cfg), True, False)
+        build_weighted(cfg.reward_weights, reward_context(build_world(cfg, "cpu"), cfg, "cpu"))
+        load_classifier(cfg.digits_resolution)
+
+
+def rough_cost(cfg: TrainConfig) -> int:
+    """Pixels x network calls per chain x updates: enough to order runs by length."""
+    return cfg.digits_resolution ** 2 * (cfg.ddpo_steps if cfg.method == "ddpo" else cfg.num_steps) * cfg.steps
+
+
+def _train_one(cell: tuple[TrainConfig, Path]) -> None:
+    train_run(*cell)
+    print(f"cmalign: finished {cell[1]}", flush=True)
+
+
+def seed_cells(cells: dict, seeds: int) -> dict:
+    """Each cell (key -> (config, run_dir)) once per seed: (key, s) -> (config with seed s, run_dir/seed<s>)."""
+    return {(key, s): (dataclasses.replace(cfg, seed=s), run_dir / f"seed{s}")
+            for key, (cfg, run_dir) in cells.items() for s in range(seeds)}
+
+
+def seeded_train_runs(cells: dict, seeds: int, jobs: int = 1) -> dict:
+    """key -> [metrics rows of seed 0, 1, ...] for every cell, trained as train_runs does."""
+    rows = train_runs(seed_cells(cells, seeds), jobs)
+    return {key: [rows[(key, s)] for s in range(seeds)] for key in cells}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -72,6 +130,20 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def eval_rows(rows: list[dict]) -> list[dict]:
     """The rows that hold a fixed-set evaluation (step 0 and every eval_every steps)."""
     return [r for r in rows if "eval_gold" in r or "eval_reward" in r]
+
+
+def mean_curve(runs: list[list[dict]]) -> list[dict]:
+    """Evaluation rows averaged over seeds (step, samples, wall_time, gold, proxy, accuracy), on the
+    steps every seed evaluated (a run cut by the time budget ends earlier)."""
+    evs = [eval_rows(rows) for rows in runs]
+    n = min(len(e) for e in evs)
+    out = []
+    for i in range(n):
+        pts = [e[i] for e in evs]
+        avg = lambda key: sum(float(p.get(key, float("nan"))) for p in pts) / len(pts)  # noqa: E731
+        out.append({"step": pts[0]["step"], "samples": pts[0].get("samples", 0), "wall_time": sum(map(wall, pts)) / len(pts),
+                    "gold": avg("eval_gold"), "proxy": avg("eval_reward"), "accuracy": avg("eval_accuracy")})
+    return out
 
 
 def first_reaching(points: list[dict], target: float, key: str = "eval_gold") -> dict | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import eval_rows, first_reaching, make_config, mean_std, plot, seeded_runs, wall, write_report, write_table
+from .common import eval_rows, first_reaching, make_config, mean_curve, mean_std, plot, seeded_train_runs, wall, write_report, write_table
 
 # name -> method settings; ROCM at its default beta (6) and at the beta of the hacking experiment (3)
 VARIANTS = {
@@ -23,7 +23,7 @@ VARIANTS = {
     "d3po": dict(method="d3po", beta=10.0),  # DPO temperature: a 60-step pilot, 1 / 10 / 100, took the middle
 }
 LRS = (1e-4, 1e-3)
-BUDGET_S = 300.0
+BUDGET_S = 200.0  # DDPO's 20-step chain uses it all; every other method ends on its samples
 
 
 def pretrain_cost(run_dir: Path, method: str) -> float | None:
@@ -46,31 +46,15 @@ def pretrain_cost(run_dir: Path, method: str) -> float | None:
     return float(teacher) if method == "ddpo" else float(teacher) + float(stats.get("distill_seconds") or 0.0)
 
 
-def mean_curve(runs: list[list[dict]]) -> list[dict]:
-    """Evaluation rows averaged over seeds (step, samples, wall_time, gold, proxy, accuracy), on the
-    steps every seed evaluated (a run cut by the time budget ends earlier)."""
-    evs = [eval_rows(rows) for rows in runs]
-    n = min(len(e) for e in evs)
-    out = []
-    for i in range(n):
-        pts = [e[i] for e in evs]
-        avg = lambda key: sum(float(p.get(key, float("nan"))) for p in pts) / len(pts)  # noqa: E731
-        out.append({"step": pts[0]["step"], "samples": pts[0].get("samples", 0), "wall_time": sum(map(wall, pts)) / len(pts),
-                    "gold": avg("eval_gold"), "proxy": avg("eval_reward"), "accuracy": avg("eval_accuracy")})
-    return out
-
-
-def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1,
+def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1, jobs: int = 1,
         lrs=LRS, budget_s: float | None = None, variants=None) -> Path:
     steps = steps or (2 if quick else 150)
     budget_s = budget_s or (60.0 if quick else BUDGET_S)
-    runs, curves = {}, {}
-    for name in variants or VARIANTS:
-        for lr in lrs:
-            cfg = make_config(quick, threads, lr=lr, steps=steps, max_train_seconds=budget_s, **VARIANTS[name])
-            run_dir = out / "runs" / f"{name}-lr{lr:g}"
-            runs[(name, lr)] = (seeded_runs(cfg, run_dir, seeds), run_dir / "seed0")
-            curves[(name, lr)] = mean_curve(runs[(name, lr)][0])
+    cells = {(name, lr): (make_config(quick, threads, lr=lr, steps=steps, max_train_seconds=budget_s, **VARIANTS[name]),
+                          out / "runs" / f"{name}-lr{lr:g}") for name in variants or VARIANTS for lr in lrs}
+    seeded = seeded_train_runs(cells, seeds, jobs)
+    runs = {key: (seeded[key], run_dir / "seed0") for key, (_, run_dir) in cells.items()}
+    curves = {key: mean_curve(seed_rows) for key, seed_rows in seeded.items()}
     rlcm_lrs = [lr for (n, lr) in curves if n == "rlcm"]
     rlcm_best = {lr: max(r["gold"] for r in curves[("rlcm", lr)]) for lr in rlcm_lrs}
     tuned_lr = max(rlcm_best, key=rlcm_best.get)

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import eval_rows, make_config, plot, summary, train_run, write_report, write_table
+from .common import eval_rows, make_config, plot, summary, train_runs, write_report, write_table
 
 BETAS = (0.0, 3.0)
 
 
-def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None) -> Path:
+def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, jobs: int = 1) -> Path:
     steps = steps or (2 if quick else 400)
+    runs = train_runs({beta: (make_config(quick, threads, method="rocm", beta=beta, steps=steps), out / "runs" / f"beta{beta:g}")
+                       for beta in BETAS}, jobs)
     curves, summaries = {}, []
-    for beta in BETAS:
-        cfg = make_config(quick, threads, method="rocm", beta=beta, steps=steps)
-        rows = train_run(cfg, out / "runs" / f"beta{beta:g}")
+    for beta, rows in runs.items():
         curves[beta] = eval_rows(rows)
         s = summary(rows)
         s = {"beta": beta, **s, "gold_drop_from_peak": round(1 - s["gold_final"] / s["gold_peak"], 4) if s["gold_peak"] else ""}
