@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import make_config, plot, summary, train_runs, write_report, write_table
+from .common import eval_rows, make_config, plot, summary, train_runs, write_report, write_table
 
 VARIANTS = {
     "default": {},
@@ -27,7 +27,7 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
     table, curves = [], {}
     for name, rows in runs.items():
         table.append({"variant": name, **summary(rows)})
-        ev = [r for r in rows if "eval_gold" in r]
+        ev = eval_rows(rows)
         curves[name] = ([r["step"] for r in ev], [r["eval_gold"] for r in ev])
     t, _ = write_table(out, "summary", table, f"Ablations of ROCM (KL, beta = {beta:g}, {steps} steps)",
                        ["the joint reduction sums over the d dimensions, so beta means d times more there",

@@ -68,9 +68,9 @@ def train_runs(cells: dict, jobs: int = 1) -> dict:
     """Train every cell (key -> (config, run_dir)) and return key -> metrics rows. With jobs > 1 the
     runs that are not already finished train `jobs` at a time in spawned worker processes (each its
     own torch, `threads` threads); their rows are then read back in the cells' order."""
-    todo = {str(d): (c, d) for c, d in cells.values() if not reusable(c, d)}
+    todo = {str(d): (c, d) for c, d in cells.values() if not reusable(c, d)} if jobs > 1 else {}
     trained: set[str] = set()
-    if jobs > 1 and len(todo) > 1:
+    if len(todo) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 

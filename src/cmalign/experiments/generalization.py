@@ -6,7 +6,6 @@ trained ones, where beta = 0 over-fits the proxy on the trained classes?"""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from ..chain import ChainNoise
 from ..evaluation import diversity, evaluate
 from ..prompts import split_prompts
 from ..worlds.digits_data import NUM_CLASSES, class_prompt
-from .common import eval_rows, make_config, mean_std, plot, summary, train_run, write_report, write_table
+from .common import eval_rows, make_config, mean_std, plot, seed_cells, summary, train_run, write_report, write_table
 
 BETAS = (0.0, 3.0, 6.0)
 PER_CLASS = 50  # fresh samples per class in the final comparison
@@ -49,8 +48,8 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
         cfg = make_config(quick, threads, method="rocm", beta=beta, steps=steps, prompts=trained, eval_prompts=heldout,
                           **({} if quick else {"eval_every": 25}))
         results = []
-        for s in range(seeds):
-            rows, trainer = train_run(dataclasses.replace(cfg, seed=s), out / "runs" / f"beta{beta:g}" / f"seed{s}", keep_trainer=True)
+        for (_, s), (seed_cfg, run_dir) in seed_cells({beta: (cfg, out / "runs" / f"beta{beta:g}")}, seeds).items():
+            rows, trainer = train_run(seed_cfg, run_dir, keep_trainer=True)
             scores = {"trained": final_scores(trainer, trained, per_class), "heldout": final_scores(trainer, heldout, per_class)}
             results.append((rows, scores))
             if s == 0:
