@@ -4,7 +4,8 @@ A checkpoint is a directory `checkpoints/step_XXXXXX/` holding
   adapter file(s)        the world's own adapter format (safetensors), usable like a run's adapter/
   state.safetensors      trainable parameters, optimiser tensors, EMA, RNG byte states
   state.json             scalar state: step, train_seconds, counters, optimiser param_groups, RNG
-                         states of numpy and python random, and the config it was written under
+                         states of numpy and python random, the method's own state (reward
+                         buffers), and the run's config with its fingerprint (checked on resume)
 It is written under a temporary name and renamed into place (atomic on POSIX), so a run killed at
 any instant leaves either the previous or the new checkpoint, never a half-written one. Nothing is
 pickled: safetensors + JSON only (no torch.load).
@@ -13,6 +14,8 @@ pickled: safetensors + JSON only (no torch.load).
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
@@ -30,7 +33,7 @@ from .errors import UserError
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
-FORMAT = 1
+FORMAT = 2  # 2: state.json carries the run's config and its fingerprint, and the method's state
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
@@ -162,6 +165,49 @@ def optimizer_unflat(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+# --- the run a checkpoint belongs to -------------------------------------------------------------
+def _flat(config: dict, prefix: str = "") -> dict:
+    """{"ppo": {"clip": 1}} -> {"ppo.clip": 1}, values normalised through JSON (tuples are lists)."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+def _ignored(name: str, resumable) -> bool:
+    return any(name == r or name.startswith(f"{r}.") for r in resumable)
+
+
+def config_fingerprint(config: dict, resumable=()) -> str:
+    """Hash of a run's config without the fields a resume may change (steps, logging, output_dir)."""
+    kept = {k: v for k, v in _flat(config).items() if not _ignored(k, resumable)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_differences(stored: dict, now: dict, resumable=()) -> list[str]:
+    a, b = _flat(stored), _flat(now)
+    return sorted(k for k in set(a) | set(b) if not _ignored(k, resumable) and a.get(k, "<unset>") != b.get(k, "<unset>"))
+
+
+def check_belongs(path: Path, meta: dict, config: dict, resumable=(), steps: int | None = None) -> None:
+    """Refuse a checkpoint written under another config (a foreign run's weights would otherwise
+    replace this run's adapter and report), or one beyond the steps this run is asked to train."""
+    want = config_fingerprint(config, resumable)
+    if meta.get("config_hash") != want:
+        stored = meta.get("config")
+        diff = config_differences(stored, config, resumable) if isinstance(stored, dict) else []
+        what = f" ({', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''})" if diff else ""
+        raise UserError(f"--resume: checkpoint {path} belongs to a run with a different config{what}; resume it "
+                        "with its own settings and output_dir, or start a new run")
+    if steps is not None and int(meta["step"]) > steps:
+        raise UserError(f"--resume: checkpoint {path} is at step {meta['step']}, beyond steps={steps}; "
+                        f"pass --steps {meta['step']} or more")
+
+
 # --- writing and reading -------------------------------------------------------------------------
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
@@ -172,45 +218,94 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def remove_temporaries(root: Path) -> None:
+    """Drop leftovers of writes that a killed or failed run did not finish (.tmp_* / .old_*).
+    Only the lock holder writes here, so none of them is in progress."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp_step_", ".old_step_")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(root: Path, step: int, world, params, optimizer, ema: EMA | None, generator,
-                    scalars: dict, keep: int) -> Path:
-    """Write checkpoints/step_XXXXXX atomically and keep the newest `keep` of them."""
-    root.mkdir(parents=True, exist_ok=True)
+                    scalars: dict, keep: int, *, config: dict | None = None, resumable=(), method=None) -> Path:
+    """Write checkpoints/step_XXXXXX atomically and keep the newest `keep` of them.
+
+    `config` (the run's resolved config as a dict) and its fingerprint without the `resumable` fields
+    go into state.json, so that another run refuses the checkpoint; `method` (with state_dict()) adds
+    the method's own state (reward buffers, ...). A failed write (full disk, read-only folder) is a
+    UserError that leaves the previous checkpoints as they were and no temporary folder behind."""
+    root = Path(root)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    world.save_adapter(tmp)
-    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
-    opt_t, opt_meta = optimizer_flat(optimizer)
-    tensors.update(opt_t)
-    if ema is not None:
-        tensors.update({f"ema.{i}": s.cpu().contiguous() for i, s in enumerate(ema.shadow)})
-    rng_t, rng_s = rng_state(generator)
-    tensors.update(rng_t)
-    save_file(tensors, str(tmp / STATE_TENSORS))
-    meta = {"format": FORMAT, "step": step, **scalars, "optimizer": opt_meta, "rng": rng_s}
-    with open(tmp / STATE_JSON, "w") as f:
-        json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    with open(tmp / STATE_TENSORS, "rb+") as f:
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    old = root / f".old_step_{step:06d}"
+    before = list_checkpoints(root)
+    last_good = f"the last good checkpoint {before[-1]} is intact" if before else "no earlier checkpoint exists"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(root)
+        tmp.mkdir()
+        world.save_adapter(tmp)
+        tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+        opt_t, opt_meta = optimizer_flat(optimizer)
+        tensors.update(opt_t)
+        if ema is not None:
+            tensors.update({f"ema.{i}": s.cpu().contiguous() for i, s in enumerate(ema.shadow)})
+        rng_t, rng_s = rng_state(generator)
+        tensors.update(rng_t)
+        method_meta = {}
+        if method is not None:
+            method_t, method_meta = method.state_dict()
+            tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method_t.items()})
+        meta = {"format": FORMAT, "step": step, **scalars, "optimizer": opt_meta, "rng": rng_s, "method": method_meta}
+        if config is not None:
+            meta["config"] = _flat(config)
+            meta["config_hash"] = config_fingerprint(config, resumable)
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        with open(tmp / STATE_JSON, "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / STATE_TENSORS, "rb+") as f:
+            os.fsync(f.fileno())
+        if final.exists():  # rewritten at the same step: move the old one aside, never delete it first
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, final)
+        cause = f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno, '')})" if exc.errno else str(exc)
+        raise UserError(f"cannot write checkpoint {final}: {cause}; {last_good}") from None
+    shutil.rmtree(old, ignore_errors=True)
+    older = [p for p in list_checkpoints(root) if _step_of(p) < step]
+    for p in older[:max(len(older) - (keep - 1), 0)] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
     return final
 
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under root, oldest first (temporary leftovers are ignored)."""
+    root = Path(root)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_JSON).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
+
+
+def remove_newer(root: Path, step: int) -> list[Path]:
+    """Remove checkpoints beyond `step`: resuming from an earlier checkpoint abandons them, and a later
+    `--resume latest` or the pruning must not pick them up instead of the new ones."""
+    gone = [p for p in list_checkpoints(root) if _step_of(p) > step]
+    for p in gone:
+        shutil.rmtree(p)
+    return gone
 
 
 def find_checkpoint(resume: str, run_dir: Path) -> Path:
@@ -229,10 +324,13 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """(tensors, meta) of a checkpoint; a truncated or corrupt file is a UserError."""
     try:
         meta = json.loads((path / STATE_JSON).read_text())
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "step" not in meta:
+        if not isinstance(meta, dict) or "step" not in meta or "format" not in meta:
             raise ValueError("missing fields")
     except (OSError, ValueError) as exc:
         raise UserError(f"checkpoint {path} is unreadable ({STATE_JSON}: {type(exc).__name__}); pick another with --resume PATH") from None
+    if meta["format"] != FORMAT:
+        raise UserError(f"checkpoint {path} has format {meta['format']}; this cmalign reads format {FORMAT} "
+                        "(format 1 carried no run config to check it against); start the run again")
     try:
         tensors = load_file(str(path / STATE_TENSORS))
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
@@ -240,7 +338,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def restore(tensors: dict, meta: dict, params, optimizer, ema: EMA | None, generator) -> None:
+def restore(tensors: dict, meta: dict, params, optimizer, ema: EMA | None, generator, method=None) -> None:
     n = sum(1 for k in tensors if k.startswith("param."))
     if n != len(params):
         raise UserError(f"checkpoint holds {n} trainable tensors; this model has {len(params)}")
@@ -257,6 +355,9 @@ def restore(tensors: dict, meta: dict, params, optimizer, ema: EMA | None, gener
         for i, s in enumerate(ema.shadow):
             s.copy_(tensors[f"ema.{i}"])
     set_rng_state(generator, tensors, meta["rng"])
+    if method is not None:
+        method.load_state_dict({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")},
+                               meta.get("method") or {})
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .run_safety import writing  # noqa: E402
+
+# The pictures report.md may link, in the order shown; a run writes only some of them (gold.png
+# needs a gold score: digits runs only; before_after.png needs a final evaluation).
+PICTURES = (("before/after", "before_after.png"), ("reward", "reward.png"), ("gold", "gold.png"), ("divergence", "divergence.png"))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -44,8 +51,11 @@ def plot_curves(run_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = Path(run_dir) / f"{name}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        try:
+            with writing("the plot", path):
+                fig.savefig(path, dpi=120)
+        finally:
+            plt.close(fig)
         written.append(path)
     return written
 
@@ -59,7 +69,18 @@ def write_report(run_dir: Path, cfg_summary: str, final: dict) -> Path:
         b, t = final["base"].get(key), final["tuned"][key]
         fmt = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}" if isinstance(s, dict) else f"{s:.3f}"  # noqa: E731
         lines.append(f"| {key} | {fmt(b) if b is not None else '–'} | {fmt(t)} |")
-    lines += ["", "![before/after](before_after.png)", "", "![reward](reward.png) ![gold](gold.png) ![divergence](divergence.png)", ""]
+    shown = [f"![{label}]({name})" for label, name in PICTURES if (Path(run_dir) / name).is_file()]  # no dead links
+    if shown and shown[0].endswith("(before_after.png)"):
+        lines += ["", shown.pop(0)]
+    if shown:
+        lines += ["", " ".join(shown)]
+    lines.append("")
     path = Path(run_dir) / "report.md"
-    path.write_text("\n".join(lines))
+    tmp = path.with_name(".report.md.tmp")
+    with writing("the report", path):
+        try:
+            tmp.write_text("\n".join(lines))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
