@@ -272,6 +272,17 @@ def test_report_links_only_the_plots_that_exist(tmp_path):
     assert "gold.png" not in text and "before_after.png" not in text
 
 
+def test_report_on_a_full_disk_is_one_line_and_keeps_the_old_report(tmp_path, monkeypatch):
+    from cmalign import report
+
+    (tmp_path / "report.md").write_text("old")
+    monkeypatch.setattr(report.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    final = {"n": 1, "base": {}, "tuned": {"reward": {"mean": 1.0, "std": 0.0}}}
+    with pytest.raises(UserError, match=r"cannot write the report .*report\.md: No space left on device"):
+        report.write_report(tmp_path, "summary", final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"] and (tmp_path / "report.md").read_text() == "old"
+
+
 @pytest.mark.parametrize("mask,mode", [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
 def test_cache_staging_folder_honours_the_umask(tmp_path, mask, mode):
     from cmalign import cache
