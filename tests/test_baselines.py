@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from cmalign.chain import ChainNoise, DDIMTransition, run_chain
-from cmalign.methods import build_method
+from cmalign.methods import Batch, build_method
 from cmalign.methods.policy_gradient import PerPromptStats, gaussian_logprob, ppo_loss
 from cmalign.rewards import build_weighted, reward_context
 from cmalign.worlds import build_world
@@ -41,8 +41,8 @@ def test_gaussian_logprob_matches_torch_normal():
 @pytest.mark.parametrize("method", ["rlcm", "ddpo"])
 def test_rollout_logprobs_are_the_chain_gaussians_and_ratio_is_one_before_update(method):
     cfg, world, pg = digits_method(method, ppo_minibatches=1)
-    cond, states, old, rewards, images = pg.rollout(PROMPTS, torch.Generator().manual_seed(1))
-    k_steps = cfg.num_steps
+    cond, states, old, rewards, images = pg.rollout(Batch(PROMPTS, torch.Generator().manual_seed(1)))
+    k_steps = pg.num_steps  # ddpo: its DDIM chain's ddpo.steps
     assert old.shape == (len(PROMPTS), k_steps - 1) and len(states) == k_steps  # the final step is no action
     # The stored log-probabilities are those of the chain's own per-step Gaussians.
     with torch.no_grad():
@@ -53,7 +53,7 @@ def test_rollout_logprobs_are_the_chain_gaussians_and_ratio_is_one_before_update
     # Re-evaluated with gradient, before any update: the PPO ratio is exactly one.
     new, _ = pg.evaluate_policy(cond, states, torch.arange(len(PROMPTS)))
     assert new.requires_grad and torch.equal(new.detach(), old)
-    loss, ratio, clipfrac = ppo_loss(new, old, torch.randn(len(PROMPTS)), cfg.ppo_clip)
+    loss, ratio, clipfrac = ppo_loss(new, old, torch.randn(len(PROMPTS)), cfg.ppo.clip)
     assert torch.equal(ratio, torch.ones_like(ratio)) and clipfrac == 0
     # The trainer-facing step reports the same and makes epochs x minibatches updates.
     calls = []
@@ -62,8 +62,8 @@ def test_rollout_logprobs_are_the_chain_gaussians_and_ratio_is_one_before_update
         calls.append(loss.item())
         return 0.0
 
-    metrics, _ = pg.step(PROMPTS, torch.Generator().manual_seed(1), optimizer_step)
-    assert metrics["ratio_first"] == 1.0 and len(calls) == cfg.ppo_epochs * cfg.ppo_minibatches
+    metrics, _ = pg.step(Batch(PROMPTS, torch.Generator().manual_seed(1)), optimizer_step)
+    assert metrics["ratio_first"] == 1.0 and len(calls) == cfg.ppo.epochs * cfg.ppo.minibatches
 
 
 def test_clipped_objective_has_zero_gradient_outside_the_clip_range_in_the_improving_direction():
@@ -115,7 +115,7 @@ def test_ddim_transition_matches_diffusers_ddim_eta_one():
 
 
 def test_draft_detaches_exactly_the_earlier_steps():
-    cfg, world, draft = digits_method("draft", beta=3.0)
+    cfg, world, draft = digits_method("draft", beta=0.0)
     assert draft.cfg.beta == 0 and draft.cfg.backprop_steps == 1  # DRaFT-1 by default, no divergence
     params = world.trainable_parameters()
     cond = world.encode_prompts(PROMPTS)
@@ -145,7 +145,7 @@ def test_dpok_adds_the_per_step_divergence_and_k1_is_refused():
     _, world, dpok = digits_method("dpok", beta=1.0)
     for p in world.trainable_parameters():
         torch.nn.init.normal_(p, std=0.05)
-    cond, states, old, _, _ = dpok.rollout(PROMPTS, torch.Generator().manual_seed(1))
+    cond, states, old, _, _ = dpok.rollout(Batch(PROMPTS, torch.Generator().manual_seed(1)))
     new, div = dpok.evaluate_policy(cond, states, torch.arange(4))
     assert div.shape == (4,) and (div > 0).all() and div.requires_grad
     with pytest.raises(UserError):
@@ -158,7 +158,7 @@ def test_d3po_pairs_share_prompt_and_start_and_its_loss_is_log2_before_any_updat
     cfg, world, d3po = digits_method("d3po", beta=50.0, ppo_epochs=1, ppo_minibatches=1)
     prompts = d3po.batch_prompts(PROMPTS)
     assert prompts[:4] == prompts[4:] == PROMPTS[:4]
-    cond, states, logp, ref_logp, rewards, _ = d3po.rollout(prompts, torch.Generator().manual_seed(1))
+    cond, states, logp, ref_logp, rewards, _ = d3po.rollout(Batch(prompts, torch.Generator().manual_seed(1)))
     assert torch.equal(states[0][:4], states[0][4:]) and not torch.equal(states[1][:4], states[1][4:])
     assert torch.equal(logp, ref_logp)  # the zero-initialised adapter: policy == reference
     losses = []
@@ -171,10 +171,10 @@ def test_d3po_pairs_share_prompt_and_start_and_its_loss_is_log2_before_any_updat
         return 0.0
 
     opt = torch.optim.SGD(world.trainable_parameters(), lr=0.5)
-    metrics, _ = d3po.step(prompts, torch.Generator().manual_seed(1), optimizer_step)
+    metrics, _ = d3po.step(Batch(prompts, torch.Generator().manual_seed(1)), optimizer_step)
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and metrics["updates"] == 1
     # After the update the same pairs are preferred more: the DPO loss on them falls below log 2.
-    cond, states, _, ref_logp, rewards, _ = d3po.rollout(prompts, torch.Generator().manual_seed(1))
+    cond, states, _, ref_logp, rewards, _ = d3po.rollout(Batch(prompts, torch.Generator().manual_seed(1)))
     win = torch.where(rewards[:4] >= rewards[4:], torch.arange(4), torch.arange(4) + 4)
     lose = torch.where(rewards[:4] >= rewards[4:], torch.arange(4) + 4, torch.arange(4))
     with torch.no_grad():
@@ -213,7 +213,7 @@ def test_baselines_step_on_the_tiny_lcm_world(tmp_path, method):
 
     prompts = ["a red cat", "a dog on grass"]
     prompts = impl.batch_prompts(prompts) if hasattr(impl, "batch_prompts") else prompts
-    metrics, images = impl.step(prompts, torch.Generator().manual_seed(0), optimizer_step)
+    metrics, images = impl.step(Batch(prompts, torch.Generator().manual_seed(0)), optimizer_step)
     assert images.shape[0] == 2 and torch.isfinite(torch.tensor(metrics["loss"]))
     if method not in ("draft", "d3po"):  # minibatches of 1 from a rollout of 2: equal up to float rounding of the batch shape
         assert metrics["ratio_first"] == pytest.approx(1.0, abs=1e-5) and metrics["updates"] == 2

@@ -30,7 +30,7 @@ def test_run_directory_contract(tmp_path):
     for name in ("config.yaml", "metrics.jsonl", "adapter/adapter.safetensors", "final_eval.json", "report.md",
                  "reward.png", "gold.png", "divergence.png", "before_after.png", "grids/step_000000.png", "grids/step_000004.png"):
         assert (run / name).is_file(), name
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))  # accelerate: tensorboard/<project>/
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["step"] > 0]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]

@@ -22,6 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from . import divergences as D
+from .distributed import SINGLE, Shard
 
 FINAL_STEP_MODES = ("floor", "skip")
 DIVERGENCE_GRADS = ("full", "stopgrad_ref")
@@ -35,12 +36,14 @@ class ChainNoise:
     steps: list[torch.Tensor]
 
     @staticmethod
-    def draw(batch: int, latent_shape, num_steps: int, generator: torch.Generator, device="cpu", dtype=torch.float32):
-        """Drawn in sampling order from one generator: the same order as LCMScheduler's sampler."""
-        shape = (batch, *latent_shape)
+    def draw(batch: int, latent_shape, num_steps: int, generator: torch.Generator, device="cpu", dtype=torch.float32,
+             shard: Shard = SINGLE):
+        """Drawn in sampling order from one generator: the same order as LCMScheduler's sampler.
+        With a shard of N ranks the global batch of batch * N chains is drawn and this rank's slice kept."""
+        shape = (batch * shard.count, *latent_shape)
         initial = torch.randn(shape, generator=generator, dtype=dtype)
         steps = [torch.randn(shape, generator=generator, dtype=dtype) for _ in range(num_steps - 1)]
-        return ChainNoise(initial.to(device), [s.to(device) for s in steps])
+        return ChainNoise(shard.take(initial, batch).to(device), [shard.take(s, batch).to(device) for s in steps])
 
 
 class ConsistencyTransition:

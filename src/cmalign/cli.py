@@ -68,7 +68,7 @@ def parse(cls, args: list[str], prog: str, default=None):
 
 # --- train -----------------------------------------------------------------------------------------
 def cmd_train(args: list[str]) -> int:
-    from .config import TrainConfig, load_preset
+    from .config import TrainConfig, cli_aliases, load_preset
     from .trainer import train
 
     preset, config_file, overwrite, resume, rest = None, None, False, None, []
@@ -94,22 +94,13 @@ def cmd_train(args: list[str]) -> int:
     if preset:
         base = load_preset(preset)
     if config_file:
-        base = load_preset(config_file) if not preset else _merge(base, config_file)
-    cfg = parse(TrainConfig, rest, "cmalign train [--preset NAME] [--config FILE] [--overwrite] [--resume latest|PATH]",
+        base = load_preset(config_file, base)
+    cfg = parse(TrainConfig, cli_aliases(rest), "cmalign train [--preset NAME] [--config FILE] [--overwrite] [--resume latest|PATH]",
                 default=base)
-    run_dir = train(cfg, overwrite=overwrite, resume=resume)
+    run_dir = train(cfg, overwrite=overwrite, resume=resume).run_dir
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun: the main process only
         print(f"cmalign: done. Results in {run_dir}/ (report.md, metrics.jsonl, grids/, adapter/, tensorboard/)")
     return 0
-
-
-def _merge(base, config_file: str):
-    import yaml
-
-    from .config import from_mapping
-
-    values = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
-    return from_mapping(values, base, source=config_file)
 
 
 # --- sample and eval ---------------------------------------------------------------------------------
@@ -144,22 +135,31 @@ class EvalArgs(SampleArgs):
 
 
 def _world_for(args: SampleArgs):
-    from .config import TrainConfig, load_preset
+    """(config, world, K): the run's world with its adapter, or the base model; K from --num-steps or the run's chain."""
+    from .config import TrainConfig, load_preset, with_changes
+    from .methods import method_class
     from .worlds import build_world
 
+    if args.num_steps is not None and args.num_steps < 1:
+        raise UserError(f"num_steps must be >= 1, got {args.num_steps}")
+    if args.guidance_scale is not None and not (args.guidance_scale >= 0 and args.guidance_scale < float("inf")):
+        raise UserError(f"guidance_scale must be a finite number >= 0, got {args.guidance_scale}")
     if args.run:
         run = Path(args.run)
         if not (run / "config.yaml").is_file():
             raise UserError(f"{run} is not a run directory (no config.yaml)")
+        if not (run / "adapter").is_dir():
+            raise UserError(f"{run} holds no finished adapter (adapter/ is missing): the run did not finish")
         cfg = load_preset(str(run / "config.yaml"))
-        world = build_world(cfg)
-        world.load_adapter(run / "adapter")
     else:
         cfg = TrainConfig(world=args.world)
-        world = build_world(cfg, lora=False)
-    if args.guidance_scale is not None:
-        cfg.guidance_scale = args.guidance_scale
-    return cfg, world
+    if args.guidance_scale is not None:  # before the world is built: the world embeds it
+        cfg = with_changes(cfg, **{"lcm.guidance_scale": args.guidance_scale})
+    world = build_world(cfg, lora=bool(args.run))
+    if args.run:
+        world.load_adapter(Path(args.run) / "adapter")
+    k = args.num_steps or method_class(cfg.method).chain_length(cfg)
+    return cfg, world, k
 
 
 def _prompts_for(args: SampleArgs, world) -> list[str]:
@@ -177,11 +177,8 @@ def cmd_sample(args: list[str]) -> int:
     from .evaluation import image_grid
 
     a = parse(SampleArgs, args, "cmalign sample")
-    cfg, world = _world_for(a)
+    cfg, world, k = _world_for(a)
     prompts = _prompts_for(a, world)
-    k = a.num_steps or cfg.num_steps
-    if k < 1:
-        raise UserError(f"num_steps must be >= 1, got {k}")
     images = generate(world, prompts, k, torch.Generator().manual_seed(a.seed)).cpu()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,11 +198,8 @@ def cmd_eval(args: list[str]) -> int:
     from .rewards import build_weighted, reward_context
 
     a = parse(EvalArgs, args, "cmalign eval")
-    cfg, world = _world_for(a)
+    cfg, world, k = _world_for(a)
     prompts = _prompts_for(a, world)
-    k = a.num_steps or cfg.num_steps
-    if k < 1:
-        raise UserError(f"num_steps must be >= 1, got {k}")
     reward = build_weighted(cfg.reward_weights, reward_context(world, cfg))
     noise = ChainNoise.draw(len(prompts), world.latent_shape, k, torch.Generator().manual_seed(a.seed), world.device, world.dtype)
     scores, images = evaluate(world, reward, prompts, noise, k)
@@ -359,6 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cmalign: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("cmalign: error: out of memory: lower batch_size / eval_size / final_eval_size (or the resolution)", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # torch's allocators (CPU and CUDA) raise RuntimeError subclasses
+        text = str(exc)
+        if "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text:
+            print(f"cmalign: error: out of memory ({text.splitlines()[0][:160]}): lower batch_size / eval_size / "
+                  "final_eval_size (or the resolution)", file=sys.stderr)
+            return 2
+        raise
     except BrokenPipeError:  # the reader went away (`cmalign ... --help | head`): nothing left to say
         sys.stdout = open(os.devnull, "w")
         return 0

@@ -1,12 +1,20 @@
-"""Training configuration: one dataclass, YAML presets, command-line overrides, validation.
+"""Training configuration: common fields at the top level, one section per method family and world,
+YAML presets, command-line overrides, typed validation.
 
 Every field carries a one-line reason (its docstring), which `cmalign train --help` shows.
 Precedence: dataclass defaults < preset (--preset NAME or --config FILE) < command-line flags.
+Sections: `ppo` (rlcm, ddpo, dpok, d3po), `ddpo` (its DDIM chain), `digits`, `lcm`; on the command
+line `--ppo.epochs 1`, `--lcm.model DIR`. The flat spellings of earlier releases (`--ppo-epochs`,
+`--lcm-model`, `digits_resolution:` in YAML, `TrainConfig(lcm_model=...)`) are accepted as aliases.
+`validate()` only checks: it never rewrites the config it is given.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,8 +25,6 @@ from tyro.constructors import PrimitiveConstructorSpec
 
 from .errors import UserError
 
-WORLDS = ("digits", "lcm")
-METHODS = ("rocm", "rlcm", "ddpo", "draft", "dpok", "d3po")
 DIVERGENCE_NAMES = ("kl", "js", "hellinger", "fisher", "tv")
 
 
@@ -40,13 +46,96 @@ def _name_value_pairs(kind):
     )
 
 
+# --- sections ---------------------------------------------------------------------------------------
+@dataclass
+class PPOConfig:
+    """Policy-gradient baselines (rlcm, ddpo, dpok) and d3po's inner loop."""
+
+    clip: float = 1e-4
+    """PPO ratio clip range epsilon (RLCM and DDPO default)."""
+    epochs: int = 2
+    """PPO inner epochs over each batch of rollouts."""
+    minibatches: int = 2
+    """Minibatches per inner epoch (one optimiser update each)."""
+    adv_clip: float = 10.0
+    """Clip normalised advantages to [-adv_clip, adv_clip]."""
+    stat_buffer: int = 32
+    """Per-prompt reward buffer for advantage normalisation (0: batch statistics only)."""
+    stat_min_count: int = 16
+    """Rewards a prompt needs in its buffer before its own statistics replace the batch's."""
+
+
+@dataclass
+class DDPOConfig:
+    """The ddpo baseline's chain: DDIM on the digits DDPM teacher."""
+
+    steps: int = 20
+    """DDIM steps of the ddpo chain (its K; num_steps is the consistency chain's)."""
+    eta: float = 1.0
+    """DDIM eta of the ddpo chain (1: DDPM-like stochastic steps, as DDPO)."""
+
+
+@dataclass
+class DigitsConfig:
+    """The embedded digits world."""
+
+    resolution: int = 8
+    """Image side of the digits world (8, or 16 by bilinear upsampling)."""
+    model_size: Literal["base", "tiny"] = "base"
+    """Base UNet size: base (1.1M parameters) or tiny (tests)."""
+    proxy_pairs: int = 2000
+    """Gold-labelled preference pairs the digits proxy reward model is trained on."""
+    pretrain_teacher_steps: int | None = None
+    """Override the DDPM teacher steps if pretraining runs (tests use few)."""
+    pretrain_distill_steps: int | None = None
+    """Override the distillation steps if pretraining runs (tests use few)."""
+    proxy_path: str | None = None
+    """Folder of a proxy trained by `cmalign reward-model train`; default: the cached one."""
+
+
+@dataclass
+class LCMConfig:
+    """The lcm world: diffusers latent consistency models."""
+
+    model: str = "SimianLuo/LCM_Dreamshaper_v7"
+    """Hub id or local folder of a diffusers latent consistency model (or an SD-1.5 base with lora)."""
+    lora: str | None = None
+    """Hub id or folder of an LCM-LoRA (e.g. latent-consistency/lcm-lora-sdv1-5) applied to the model."""
+    lora_mode: Literal["fuse", "stack"] = "fuse"
+    """fuse the LCM-LoRA into the base weights, or stack it under the trained adapter."""
+    guidance_scale: float = 8.0
+    """LCM guidance-embedding scale w (the pipeline embeds w - 1)."""
+    resolution: int = 512
+    """Image side in pixels."""
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Module names the trained LoRA adapter attaches to (attention projections by default)."""
+    heldout_fraction: float = 0.2
+    """Share of prompts held out from training for evaluation."""
+
+
+SECTIONS = {"ppo": PPOConfig, "ddpo": DDPOConfig, "digits": DigitsConfig, "lcm": LCMConfig}
+
+# The flat names of earlier releases -> (section, field); accepted in YAML, flags and TrainConfig(...).
+FLAT_ALIASES = {
+    "ppo_clip": ("ppo", "clip"), "ppo_epochs": ("ppo", "epochs"), "ppo_minibatches": ("ppo", "minibatches"),
+    "adv_clip": ("ppo", "adv_clip"), "stat_buffer": ("ppo", "stat_buffer"), "stat_min_count": ("ppo", "stat_min_count"),
+    "ddpo_steps": ("ddpo", "steps"), "ddim_eta": ("ddpo", "eta"),
+    "digits_resolution": ("digits", "resolution"), "digits_model_size": ("digits", "model_size"),
+    "proxy_pairs": ("digits", "proxy_pairs"), "pretrain_teacher_steps": ("digits", "pretrain_teacher_steps"),
+    "pretrain_distill_steps": ("digits", "pretrain_distill_steps"), "proxy_path": ("digits", "proxy_path"),
+    "lcm_model": ("lcm", "model"), "lcm_lora": ("lcm", "lora"), "lcm_lora_mode": ("lcm", "lora_mode"),
+    "guidance_scale": ("lcm", "guidance_scale"), "resolution": ("lcm", "resolution"),
+    "lora_targets": ("lcm", "lora_targets"), "heldout_fraction": ("lcm", "heldout_fraction"),
+}
+
+
 @dataclass
 class TrainConfig:
     # --- what is trained ---------------------------------------------------------------------------
     world: str = "digits"
-    """Model world: digits (embedded, CPU, minutes) or lcm (diffusers latent consistency models)."""
+    """Model world: digits (embedded, CPU, minutes), lcm (diffusers latent consistency models), or a registered plug-in."""
     method: str = "rocm"
-    """Alignment method: rocm (reward gradient through the chain) | rlcm | ddpo | draft | dpok | d3po (baselines)."""
+    """Alignment method: rocm (reward gradient through the chain) | rlcm | ddpo | draft | dpok | d3po (baselines) | a registered plug-in."""
     seed: int = 0
     """Seed of the adapter initialisation, prompts and noise (per rank offset when distributed)."""
     output_dir: str | None = None
@@ -76,29 +165,12 @@ class TrainConfig:
     divergence_grad: Literal["full", "stopgrad_ref"] = "full"
     """full: exact gradient (reference on live states); stopgrad_ref: cheaper, biased."""
     reward_weights: Annotated[dict[str, float], _name_value_pairs(float)] = field(default_factory=lambda: {"proxy": 1.0})
-    """Training reward as a weighted sum of registered rewards, e.g. proxy=1.0 classifier=0.5."""
+    """Training reward as a weighted sum of rewards: registered names or package.module:attribute, e.g. proxy=1.0 mypkg.scores:sharpness=0.5."""
     reward_scale: float = 1.0
     """Multiplies the reward in the loss (the divergence keeps weight beta)."""
     clamp: Literal["hard", "straight_through", "soft"] = "hard"
     """How images are clamped to [0, 1] on the reward's gradient path (scores always use hard)."""
 
-    # --- policy-gradient baselines (rlcm, ddpo, dpok, d3po) and draft -----------------------------------
-    ppo_clip: float = 1e-4
-    """PPO ratio clip range epsilon (RLCM and DDPO default)."""
-    ppo_epochs: int = 2
-    """PPO inner epochs over each batch of rollouts."""
-    ppo_minibatches: int = 2
-    """Minibatches per inner epoch (one optimiser update each)."""
-    adv_clip: float = 10.0
-    """Clip normalised advantages to [-adv_clip, adv_clip]."""
-    stat_buffer: int = 32
-    """Per-prompt reward buffer for advantage normalisation (0: batch statistics only)."""
-    stat_min_count: int = 16
-    """Rewards a prompt needs in its buffer before its own statistics replace the batch's."""
-    ddpo_steps: int = 20
-    """DDIM steps of the ddpo baseline on the digits DDPM teacher (num_steps is set to it)."""
-    ddim_eta: float = 1.0
-    """DDIM eta of the ddpo chain (1: DDPM-like stochastic steps, as DDPO)."""
 
     # --- optimisation ------------------------------------------------------------------------------
     steps: int = 400
@@ -126,40 +198,19 @@ class TrainConfig:
     eval_prompts: list[str] | None = None
     """Prompts of the fixed evaluation set (e.g. held-out digit classes); default: the world's evaluation split."""
 
-    # --- digits world ------------------------------------------------------------------------------
-    digits_resolution: int = 8
-    """Image side of the digits world (8, or 16 by bilinear upsampling)."""
-    digits_model_size: Literal["base", "tiny"] = "base"
-    """Base UNet size: base (1.1M parameters) or tiny (tests)."""
-    proxy_pairs: int = 2000
-    """Gold-labelled preference pairs the digits proxy reward model is trained on."""
-    pretrain_teacher_steps: int | None = None
-    """Override the DDPM teacher steps if pretraining runs (tests use few)."""
-    pretrain_distill_steps: int | None = None
-    """Override the distillation steps if pretraining runs (tests use few)."""
 
-    proxy_path: str | None = None
-    """Folder of a proxy trained by `cmalign reward-model train`; default: the cached one."""
 
-    # --- lcm world ---------------------------------------------------------------------------------
-    lcm_model: str = "SimianLuo/LCM_Dreamshaper_v7"
-    """Hub id or local folder of a diffusers latent consistency model (or an SD-1.5 base with lcm_lora)."""
-    lcm_lora: str | None = None
-    """Hub id or folder of an LCM-LoRA (e.g. latent-consistency/lcm-lora-sdv1-5) applied to lcm_model."""
-    lcm_lora_mode: Literal["fuse", "stack"] = "fuse"
-    """fuse the LCM-LoRA into the base weights, or stack it under the trained adapter."""
-    guidance_scale: float = 8.0
-    """LCM guidance-embedding scale w (the pipeline embeds w - 1)."""
-    resolution: int = 512
-    """Image side in pixels for the lcm world."""
+    # --- sections: each method family and world owns its settings ----------------------------------
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ddpo: DDPOConfig = field(default_factory=DDPOConfig)
+    digits: DigitsConfig = field(default_factory=DigitsConfig)
+    lcm: LCMConfig = field(default_factory=LCMConfig)
+
+    # --- models in any world -----------------------------------------------------------------------
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast dtype of the frozen networks (LoRA parameters stay float32)."""
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Module names the lcm world's LoRA adapter attaches to (attention projections by default)."""
     reward_paths: Annotated[dict[str, str], _name_value_pairs(str)] = field(default_factory=dict)
-    """Per-reward local folder or hub id overriding the default weights, e.g. pickscore=/models/pick."""
-    heldout_fraction: float = 0.2
-    """Share of prompts held out from training for evaluation (lcm world)."""
+    """Per-reward local folders or hub ids: NAME=PATH for its weights, NAME.COMPONENT=PATH for a part (e.g. aesthetic.clip=/models/clip); see docs/rewards.md."""
 
     # --- evaluation and logging --------------------------------------------------------------------
     eval_every: int = 25
@@ -174,6 +225,8 @@ class TrainConfig:
     """auto (cuda when available), cpu or cuda."""
     threads: int | None = None
     """torch CPU threads; default: torch's own choice."""
+    report_to: str = "tensorboard"
+    """Experiment tracker(s) through accelerate: tensorboard | wandb | trackio | none (comma-separated for several)."""
 
     # --- reliability -------------------------------------------------------------------------------
     checkpoint_every: int = 100
@@ -186,12 +239,132 @@ class TrainConfig:
     """Stop after this many updates in a row skipped for NaN/inf reward, loss or gradients."""
 
 
+_dataclass_init = TrainConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_aliases(self, *args, **kwargs):
+    """TrainConfig(lcm_model=...) and the other flat names of earlier releases set their section's field."""
+    flat = {k: kwargs.pop(k) for k in list(kwargs) if k in FLAT_ALIASES}
+    _dataclass_init(self, *args, **kwargs)
+    for key, value in flat.items():
+        section, name = FLAT_ALIASES[key]
+        # a fresh section object: never mutate one that another config shares (dataclasses.replace passes it on)
+        setattr(self, section, dataclasses.replace(getattr(self, section), **{name: value}))
+
+
+TrainConfig.__init__ = _init_with_aliases
+
+
+def with_changes(cfg: TrainConfig, **changes) -> TrainConfig:
+    """A copy of cfg with top-level fields, flat aliases or "section.field" keys changed."""
+    top, nested = {}, {}
+    for key, value in changes.items():
+        if key in FLAT_ALIASES:
+            key = ".".join(FLAT_ALIASES[key])
+        if "." in key:
+            section, name = key.split(".", 1)
+            nested.setdefault(section, {})[name] = value
+        else:
+            top[key] = value
+    for section, values in nested.items():
+        top[section] = dataclasses.replace(top.get(section, getattr(cfg, section)), **values)
+    return dataclasses.replace(cfg, **top)
+
+
+# --- field types: checked for every value, whether it came from YAML, flags or Python ---------------
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _describe(tp) -> str:
+    tp = _strip(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of name: {_describe(args[1])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _strip(tp):
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+
+
+def _convert(value, tp):
+    """value as type tp (ints become floats where a float is wanted), or ValueError."""
+    tp = _strip(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError
+    if origin is typing.Union or type(tp).__name__ == "UnionType":
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a)
+            except ValueError:
+                pass
+        raise ValueError
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        return [_convert(v, args[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError
+        return {_convert(k, args[0]): _convert(v, args[1]) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        raise ValueError
+    return value
+
+
+def _checked(cls, name: str, value, where: str):
+    try:
+        return _convert(value, _hints(cls)[name])
+    except ValueError:
+        raise UserError(f"{where}{name} must be {_describe(_hints(cls)[name])}, got {value!r}") from None
+
+
+# --- YAML -------------------------------------------------------------------------------------------
 def _preset_text(name: str) -> str:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise UserError(f"config file {name} does not exist")
-        return path.read_text(encoding="utf-8")
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"config file {name} is unreadable ({type(exc).__name__})") from None
     ref = resources.files("cmalign") / "presets" / f"{name}.yaml"
     if not ref.is_file():
         raise UserError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
@@ -204,75 +377,173 @@ def available_presets() -> list[str]:
 
 
 def from_mapping(values: dict[str, Any], base: TrainConfig | None = None, source: str = "config") -> TrainConfig:
-    """Apply a {field: value} mapping (from YAML) onto a config; unknown keys are refused."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
+    """Apply a {field: value} mapping (from YAML) onto a config. Keys are top-level fields, sections
+    ({ppo: {epochs: 1}}), "section.field" or the flat aliases; unknown keys and ill-typed values are refused."""
+    base = base or TrainConfig()
+    if not isinstance(values, dict):
+        raise UserError(f"{source} must be a mapping of field: value")
+    top = {f.name for f in dataclasses.fields(TrainConfig)}
+    changes, unknown = {}, []
+    for key, value in values.items():
+        key = str(key)
+        if key in SECTIONS and isinstance(value, dict):
+            for name, v in value.items():
+                changes[f"{key}.{name}"] = v
+        elif key in FLAT_ALIASES:
+            changes[".".join(FLAT_ALIASES[key])] = value
+        elif key in top and key not in SECTIONS:
+            changes[key] = value
+        elif "." in key:
+            changes[key] = value
+        else:
+            unknown.append(key)
+    for key, value in list(changes.items()):
+        if "." in key:
+            section, name = key.split(".", 1)
+            cls = SECTIONS.get(section)
+            if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
+                unknown.append(key)
+                continue
+            changes[key] = _checked(cls, name, value, f"{source}: {section}.")
+        else:
+            changes[key] = _checked(TrainConfig, key, value, f"{source}: ")
     if unknown:
-        raise UserError(f"{source}: unknown config key(s) {', '.join(unknown)}")
-    return dataclasses.replace(base or TrainConfig(), **values)
+        raise UserError(f"{source}: unknown config key(s) {', '.join(sorted(unknown))}")
+    return with_changes(base, **changes)
 
 
-def load_preset(name: str) -> TrainConfig:
+def load_preset(name: str, base: TrainConfig | None = None) -> TrainConfig:
     try:
         values = yaml.safe_load(_preset_text(name)) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config {name} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"config {name} must be a mapping of field: value")
-    return from_mapping(values, source=name)
+    return from_mapping(values, base, source=name)
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
 
 
 def to_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Refuse impossible settings with one clear line each (UserError)."""
-    from .methods import METHOD_NAMES
+def flat_items(values: dict[str, Any]) -> dict[str, Any]:
+    """{"ppo.epochs": 2, "beta": 6.0, ...} of a config dict (nested or with flat aliases, as stored)."""
+    out = {}
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        elif key in FLAT_ALIASES:
+            out[".".join(FLAT_ALIASES[key])] = value
+        else:
+            out[key] = value
+    return out
+
+
+def config_diff(cfg: TrainConfig, stored: dict | str, ignore=()) -> list[str]:
+    """The fields (as "section.field" for sections) in which cfg differs from a stored config."""
+    if isinstance(stored, str):
+        try:
+            stored = yaml.safe_load(stored) or {}
+        except yaml.YAMLError:
+            return ["config.yaml (unreadable)"]
+    if not isinstance(stored, dict):
+        return ["config.yaml (not a mapping)"]
+    now, then = flat_items(to_dict(cfg)), flat_items(stored)
+    defaults = flat_items(to_dict(TrainConfig()))
+    # a field missing from an older stored config counts as its default
+    return sorted(k for k in set(now) | set(then)
+                  if k not in ignore and now.get(k, defaults.get(k)) != then.get(k, defaults.get(k)))
+
+
+# --- command line -----------------------------------------------------------------------------------
+def cli_aliases(args: list[str]) -> list[str]:
+    """Rewrite the flat flags of earlier releases (--lcm-model X, --ppo_epochs=1) to their sections' (--lcm.model)."""
+    out = []
+    for a in args:
+        if a.startswith("--") and len(a) > 2:
+            flag, sep, value = a[2:].partition("=")
+            key = flag.replace("-", "_")
+            if key in FLAT_ALIASES:
+                section, name = FLAT_ALIASES[key]
+                a = f"--{section}.{name.replace('_', '-')}" + (sep + value if sep else "")
+        out.append(a)
+    return out
+
+
+# --- validation -------------------------------------------------------------------------------------
+def _check_types(obj, cls, where: str = "") -> None:
+    for f in dataclasses.fields(cls):
+        value = getattr(obj, f.name)
+        if f.name in SECTIONS and cls is TrainConfig:
+            if not isinstance(value, SECTIONS[f.name]):
+                raise UserError(f"{f.name} must be a {SECTIONS[f.name].__name__}, got {type(value).__name__}")
+            _check_types(value, SECTIONS[f.name], f"{f.name}.")
+            continue
+        _checked(cls, f.name, value, where)
+        for x in _floats(value):
+            if not math.isfinite(x):
+                raise UserError(f"{where}{f.name} must be finite, got {value!r}")
+
+
+def _floats(value):
+    if isinstance(value, float):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _floats(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _floats(v)
+
+
+MAX_BATCH = 1 << 16  # beyond this no world here can allocate a chain; refuse before an allocator trace
+
+
+def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards: bool = True) -> TrainConfig:
+    """Refuse impossible settings with one clear line each (UserError); the config is not changed.
+    Common fields are checked here; the world's and the method's own checks come from their classes,
+    so that a setting of one method (e.g. ppo.minibatches) never refuses another method's run.
+    world_cls / method_cls: the classes that will run (default: the config's names in the registries);
+    check_rewards=False when a ready reward object replaces reward_weights."""
+    from .methods import method_class
+    from .worlds import world_class
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UserError(message)
 
-    need(cfg.world in WORLDS, f"unknown world {cfg.world!r}; expected one of {', '.join(WORLDS)}")
-    need(cfg.method in METHOD_NAMES, f"unknown method {cfg.method!r}; expected one of {', '.join(METHOD_NAMES)}")
+    if not isinstance(cfg, TrainConfig):
+        raise UserError(f"expected a TrainConfig, got {type(cfg).__name__}")
+    _check_types(cfg, TrainConfig)
+    world_cls = world_cls or world_class(cfg.world)
+    method_cls = method_cls or method_class(cfg.method)
     need(cfg.divergence in DIVERGENCE_NAMES, f"unknown divergence {cfg.divergence!r}; expected one of {', '.join(DIVERGENCE_NAMES)}")
     need(cfg.beta >= 0, f"beta must be >= 0, got {cfg.beta}")
     need(cfg.num_steps >= 1, f"num_steps (K) must be >= 1, got {cfg.num_steps}")
     need(cfg.num_steps <= 50, f"num_steps (K) must be <= 50 (the LCM grid), got {cfg.num_steps}")
     if cfg.backprop_steps is not None:
         need(1 <= cfg.backprop_steps <= cfg.num_steps, f"backprop_steps must be in [1, K={cfg.num_steps}], got {cfg.backprop_steps}")
-    need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")  # before ppo_minibatches <= batch_size
-    need(cfg.ppo_clip > 0 and cfg.ppo_epochs >= 1 and cfg.ppo_minibatches >= 1, "ppo_clip must be > 0, ppo_epochs and ppo_minibatches >= 1")
-    need(cfg.ppo_minibatches <= cfg.batch_size, f"ppo_minibatches ({cfg.ppo_minibatches}) must be <= batch_size ({cfg.batch_size})")
-    need(cfg.adv_clip > 0 and cfg.stat_buffer >= 0 and cfg.stat_min_count >= 1, "adv_clip must be > 0, stat_buffer >= 0, stat_min_count >= 1")
-    need(2 <= cfg.ddpo_steps <= 1000 and 0 <= cfg.ddim_eta, "ddpo_steps must be in [2, 1000] and ddim_eta >= 0")
-    if cfg.method == "d3po":
-        need(cfg.batch_size >= 2 and cfg.batch_size % 2 == 0, f"d3po trains on pairs: batch_size must be even and >= 2, got {cfg.batch_size}")
-        need(cfg.beta > 0, f"d3po needs beta > 0 (DPO's temperature), got {cfg.beta}")
-    if cfg.method == "ddpo":
-        cfg.num_steps = cfg.ddpo_steps  # the DDIM chain length; everything downstream reads num_steps
-    if cfg.method == "draft":  # DRaFT-K / AlignProp: no divergence; DRaFT-1 unless backprop_steps says otherwise
-        cfg.beta = 0.0
-        cfg.backprop_steps = 1 if cfg.backprop_steps is None else cfg.backprop_steps
-    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
-    need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
-    need(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
-    need(cfg.grad_clip >= 0, f"grad_clip must be >= 0, got {cfg.grad_clip}")
-    need(cfg.lora_rank >= 1, f"lora_rank must be >= 1, got {cfg.lora_rank}")
-    need(cfg.eval_every >= 1 and cfg.grid_every >= 1, "eval_every and grid_every must be >= 1")
-    need(cfg.eval_size >= 1 and cfg.final_eval_size >= 0, "eval_size must be >= 1 and final_eval_size >= 0")
+    need(cfg.reward_scale > 0, f"reward_scale must be > 0, got {cfg.reward_scale}")
     need(cfg.js_samples >= 1, f"js_samples must be >= 1, got {cfg.js_samples}")
-    need(cfg.digits_resolution in (8, 16), f"digits_resolution must be 8 or 16, got {cfg.digits_resolution}")
-    need(cfg.proxy_pairs >= 10, f"proxy_pairs must be >= 10, got {cfg.proxy_pairs}")
-    need(bool(cfg.reward_weights), "reward_weights is empty: name at least one reward")
-    need("gold" not in cfg.reward_weights,
-         "gold is the evaluation stand-in for human raters and never a training reward; train on proxy")
-    from .rewards import available
+    need(1 <= cfg.batch_size <= MAX_BATCH, f"batch_size must be >= 1 (and at most {MAX_BATCH}), got {cfg.batch_size}")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
+    need(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {cfg.grad_clip}")
+    need(cfg.lora_rank >= 1, f"lora_rank must be >= 1, got {cfg.lora_rank}")
+    need(cfg.lora_alpha > 0, f"lora_alpha must be > 0, got {cfg.lora_alpha}")
+    need(cfg.eval_every >= 1 and cfg.grid_every >= 1, "eval_every and grid_every must be >= 1")
+    need(1 <= cfg.eval_size <= MAX_BATCH, f"eval_size must be >= 1 (and at most {MAX_BATCH}), got {cfg.eval_size}")
+    need(0 <= cfg.final_eval_size <= MAX_BATCH, f"final_eval_size must be >= 0 (and at most {MAX_BATCH}), got {cfg.final_eval_size}")
+    need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    if check_rewards:
+        from .rewards import check_reward_names
 
-    known = available(cfg.world)  # checked before any model is built or pretrained
-    unknown = [n for n in cfg.reward_weights if n not in known]
-    need(not unknown, f"unknown reward {', '.join(map(repr, unknown))} for the {cfg.world} world; available: {', '.join(known)}")
+        need(bool(cfg.reward_weights), "reward_weights is empty: name at least one reward")
+        need(all(n.strip() for n in cfg.reward_weights), "reward_weights has an empty reward name")
+        check_reward_names(cfg, world_cls, method_cls)  # before any model is built or pretrained
     need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
     need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(cfg.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {cfg.max_bad_steps}")
@@ -285,4 +556,22 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         need(len(cfg.eval_prompts) > 0 and all(p.strip() for p in cfg.eval_prompts), "eval_prompts must be non-empty strings")
     if cfg.prompts is not None:
         need(len(cfg.prompts) > 0 and all(p.strip() for p in cfg.prompts), "prompts must be non-empty strings")
+    from .tracking import check_trackers
+
+    check_trackers(cfg.report_to)
+    # the sections' own ranges, whichever world and method run (a bad value is bad input either way)
+    p, d = cfg.ppo, cfg.ddpo
+    need(p.clip > 0 and p.epochs >= 1 and p.minibatches >= 1, "ppo.clip must be > 0, ppo.epochs and ppo.minibatches >= 1")
+    need(p.adv_clip > 0 and p.stat_buffer >= 0 and p.stat_min_count >= 1, "ppo.adv_clip must be > 0, ppo.stat_buffer >= 0, ppo.stat_min_count >= 1")
+    need(2 <= d.steps <= 1000 and d.eta >= 0, "ddpo.steps must be in [2, 1000] and ddpo.eta >= 0")
+    need(cfg.digits.resolution in (8, 16), f"digits.resolution must be 8 or 16, got {cfg.digits.resolution}")
+    need(cfg.digits.proxy_pairs >= 10, f"digits.proxy_pairs must be >= 10, got {cfg.digits.proxy_pairs}")
+    for name in ("pretrain_teacher_steps", "pretrain_distill_steps"):
+        value = getattr(cfg.digits, name)
+        need(value is None or value >= 1, f"digits.{name} must be >= 1, got {value}")
+    need(cfg.lcm.resolution >= 8 and cfg.lcm.resolution % 8 == 0, f"lcm.resolution must be a positive multiple of 8, got {cfg.lcm.resolution}")
+    need(0 <= cfg.lcm.heldout_fraction < 1, f"lcm.heldout_fraction must be in [0, 1), got {cfg.lcm.heldout_fraction}")
+    need(bool(cfg.lcm.lora_targets), "lcm.lora_targets is empty")
+    world_cls.check_config(cfg)
+    method_cls.check_config(cfg)
     return cfg

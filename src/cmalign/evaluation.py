@@ -47,21 +47,6 @@ def diversity(images01: torch.Tensor, prompts: list[str]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def world_metrics(world, images01: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Per-sample scores a world offers beyond the training reward (digits: gold and accuracy)."""
-    if world.name != "digits":
-        return {}
-    from .rewards.digits_classifier import load_classifier
-    from .rewards.digits_gold import gold_components
-
-    labels = world.encode_prompts(prompts).cpu()
-    out = gold_components(images01, labels)
-    classifier = load_classifier(world.resolution)
-    with torch.no_grad():
-        out["accuracy"] = (classifier(images01.float().cpu()).argmax(1) == labels).float()
-    return out
-
-
 def summarize(values: torch.Tensor) -> dict[str, float]:
     v = values.detach().float().cpu()
     std = v.std().item() if len(v) > 1 else 0.0
@@ -90,7 +75,7 @@ def evaluate(world, reward, prompts: list[str], noise: ChainNoise, num_steps: in
         batch_scores = {"reward": reward(images, chunk)}
         if len(getattr(reward, "rewards", {})) > 1:
             batch_scores.update({f"reward_{k}": v for k, v in reward.last_components.items()})
-        batch_scores.update(world_metrics(world, images, chunk))
+        batch_scores.update(world.eval_metrics(images, chunk))
         if use_adapter and cfg is not None:
             batch_scores["divergence"] = step_divergences(traj, cfg.divergence, cfg.divergence_reduction, cfg.final_step).sum(1)
         for k, v in batch_scores.items():

@@ -1,51 +1,66 @@
-"""The training loop on accelerate: rollout -> objective -> step -> log -> evaluate -> save.
+"""The training loop on accelerate: restore -> draw batch -> step -> log/evaluate -> checkpoint -> stop.
 
-A run directory holds config.yaml, metrics.jsonl (one JSON object per step), tensorboard/,
-grids/, the final adapter (adapter/), final_eval.json, curves (PNG), before_after.png, report.md.
+The trainer names no world and no method: it drives a `World`, a `Method` and a reward found through
+their registries (or handed in ready-made through `train(config, world=..., reward=..., method=...)`).
+A run directory holds config.yaml, metrics.jsonl (one JSON object per step), tensorboard/, grids/,
+the final adapter (adapter/), final_eval.json, curves (PNG), before_after.png, report.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import report
+from . import distributed as dist
+from . import report, tracking
 from .chain import ChainNoise
-from .config import TrainConfig, to_yaml, validate
+from .config import TrainConfig, config_diff, to_yaml, validate, with_changes
+from .distributed import Shard
 from .errors import UserError
-from .evaluation import evaluate, save_grid, summarize, diversity
-from .methods import build_method
+from .evaluation import diversity, evaluate, save_grid, summarize
+from .methods import Batch, Method, method_class
 from .prompts import read_prompt_file, training_prompts
-from .rewards import build_weighted, reward_context
-from .worlds import build_world
+from .rewards import as_training_reward, build_weighted, reward_context
+from .worlds import World, world_class
 
 EVAL_SEED_OFFSET = 10_000  # the fixed evaluation noise
 FINAL_SEED_OFFSET = 20_000  # fresh held-out noise for the final base-vs-tuned comparison
 
-
 RESUMABLE_CHANGES = ("steps", "max_train_seconds", "eval_every", "grid_every", "final_eval_size", "threads", "device", "output_dir",
-                     "checkpoint_every", "keep_checkpoints", "max_bad_steps")
+                     "checkpoint_every", "keep_checkpoints", "max_bad_steps", "report_to")
 
 
-def _config_diff(cfg: TrainConfig, stored_yaml: str, ignore=()) -> list[str]:
-    import yaml
+@dataclass
+class TrainResult:
+    """What a finished run gives its caller (the run directory holds the same on disk)."""
 
-    try:
-        stored = yaml.safe_load(stored_yaml) or {}
-    except yaml.YAMLError:
-        return ["config.yaml (unreadable)"]
-    now = dataclasses.asdict(cfg)
-    return sorted(k for k in set(now) | set(stored) if k not in ignore and now.get(k) != stored.get(k))
+    run_dir: Path
+    config: TrainConfig
+    metrics: list[dict]  # the rows of metrics.jsonl
+    final_eval: dict  # final_eval.json: base vs tuned on held-out noise ({} when final_eval_size is 0)
+    eval_prompts: list[str]  # prompts of the fixed evaluation chains
+    base_eval_images: torch.Tensor | None  # the fixed evaluation chains at step 0 (None when resumed)
+    last_eval_images: torch.Tensor | None  # ... and at the last evaluation
+    world: World = field(repr=False)  # holds the tuned adapter
+    reward: Any = field(repr=False)
+
+    # a result stands for its run directory where a path is expected: os.fspath(result), result / "report.md"
+    def __fspath__(self) -> str:
+        return str(self.run_dir)
+
+    def __truediv__(self, other) -> Path:
+        return self.run_dir / other
 
 
 def resolve_run_dir(cfg: TrainConfig, overwrite: bool = False, resume: str | None = None) -> Path:
@@ -54,28 +69,28 @@ def resolve_run_dir(cfg: TrainConfig, overwrite: bool = False, resume: str | Non
     if resume is not None:
         if overwrite:
             raise UserError("--resume and --overwrite exclude each other")
+        output_dir = cfg.output_dir
         if resume != "latest":
             ckpt.find_checkpoint(resume, Path("."))  # refuse a path that is not a checkpoint first
-            if cfg.output_dir is None:
-                cfg.output_dir = str(Path(resume).parent.parent)  # runs/X/checkpoints/step_N -> runs/X
-        if cfg.output_dir is None:
+            output_dir = output_dir or str(Path(resume).parent.parent)  # runs/X/checkpoints/step_N -> runs/X
+        if output_dir is None:
             raise UserError("--resume latest needs --output-dir (the run directory to resume)")
-        run_dir = Path(cfg.output_dir)
+        run_dir = Path(output_dir)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"--resume: {run_dir} holds no run (no config.yaml)")
-        diff = _config_diff(cfg, (run_dir / "config.yaml").read_text(), ignore=RESUMABLE_CHANGES)
+        diff = config_diff(cfg, (run_dir / "config.yaml").read_text(errors="replace"), ignore=RESUMABLE_CHANGES)
         if diff:
             raise UserError(f"--resume: {run_dir} holds a run with a different config ({', '.join(diff[:6])}); "
                             "resume with the same settings, or start a new output_dir")
         return run_dir
     if cfg.output_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        cfg.output_dir = str(Path("runs") / f"{cfg.method}-{cfg.world}-{stamp}")
+        return Path("runs") / f"{cfg.method}-{cfg.world}-{stamp}"
     run_dir = Path(cfg.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output_dir {run_dir} exists and is not a directory")
     if (run_dir / "config.yaml").exists() and not overwrite:
-        diff = _config_diff(cfg, (run_dir / "config.yaml").read_text(errors="replace"), ignore=("output_dir",))
+        diff = config_diff(cfg, (run_dir / "config.yaml").read_text(errors="replace"), ignore=("output_dir",))
         what = f" with a different config ({', '.join(diff[:6])})" if diff else ""
         raise UserError(f"{run_dir} already holds a run{what}; choose another output_dir, pass --resume latest "
                         "to continue it, or --overwrite to replace it")
@@ -97,48 +112,52 @@ def device_of(cfg: TrainConfig) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, overwrite: bool = False, progress: bool = True, resume: str | None = None):
-        self.cfg = validate(cfg)
-        self.resume = resume
-        self.progress = progress
+    def __init__(self, cfg: TrainConfig, *, world: World | None = None, reward=None, method=None,
+                 overwrite: bool = False, progress: bool = True, resume: str | None = None):
+        world_cls = type(world) if world is not None else world_class(cfg.world)
+        method_cls = _method_class_of(method) if method is not None else method_class(cfg.method)
+        validate(cfg, world_cls=world_cls, method_cls=method_cls, check_rewards=reward is None)
+        self.progress, self.resume = progress, resume
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.accelerator = Accelerator(cpu=device_of(cfg) == "cpu")
-        self.run_dir = resolve_run_dir(cfg, overwrite, resume)
-        self.resume_from = ckpt.find_checkpoint(resume, self.run_dir) if resume is not None else None
-        self.resume_state = ckpt.read_checkpoint(self.resume_from) if self.resume_from is not None else None
+        run_dir = resolve_run_dir(cfg, overwrite, resume)
+        self.cfg = cfg = with_changes(cfg, output_dir=str(run_dir))  # a copy: the caller's config is not changed
+        self.run_dir = run_dir
+        self.accelerator = Accelerator(cpu=device_of(cfg) == "cpu", log_with=tracking.trackers(cfg.report_to) or None,
+                                       project_config=ProjectConfiguration(str(run_dir), str(run_dir / "tensorboard")))
         self.main = self.accelerator.is_main_process
+        self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
+        self.resume_from = ckpt.find_checkpoint(resume, run_dir) if resume is not None else None
+        self.resume_state = ckpt.read_checkpoint(self.resume_from) if self.resume_from is not None else None
         if cfg.prompt_file:
             read_prompt_file(cfg.prompt_file)  # fail on a bad file before any expensive set-up
-        if cfg.world == "digits":
-            # Build a missing base-model cache (which draws random numbers) BEFORE seeding, so that
-            # the adapter's initialisation does not depend on whether the cache already existed.
-            from .worlds import digits_base, digits_pretrain_config
-
-            digits_base.locate(digits_pretrain_config(cfg), True, progress)
+        if world is None:
+            # a missing cache is built (which draws random numbers) BEFORE seeding, so that the
+            # adapter's initialisation does not depend on whether the cache already existed
+            world_cls.prepare(cfg, progress)
         torch.manual_seed(cfg.seed)
-        self.world = build_world(cfg, self.accelerator.device)
-        ctx = reward_context(self.world, cfg, self.accelerator.device)
-        self.reward = build_weighted(cfg.reward_weights, ctx)
-        self.method = build_method(cfg, self.world, self.reward)
+        device = self.accelerator.device
+        self.world = world if world is not None else world_cls.from_config(cfg, device, transition=method_cls.transition(cfg))
+        self.reward = (as_training_reward(reward) if reward is not None
+                       else build_weighted(cfg.reward_weights, reward_context(self.world, cfg, device)))
+        self.method = method if isinstance(method, Method) else method_cls(cfg, self.world, self.reward)
+        self.num_steps = method_cls.chain_length(cfg)
         self.train_prompts, self.eval_prompts = training_prompts(cfg, self.world)
-        params = self.world.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.params = self.world.trainable_parameters()
+        if not self.params:
+            raise UserError(f"the {self.world.name} world has no trainable parameters (no adapter attached)")
         # The network is NOT wrapped in DDP: methods call it many times per backward (policy and
-        # reference, adapters toggled), which DDP's reducer handles badly. Gradients are averaged
-        # over ranks by hand in optimizer_step instead (one all-reduce of the flat LoRA gradient).
-        self.optimizer = self.accelerator.prepare(optimizer)
-        self.params = params
-        self.ema = ckpt.EMA(params, cfg.ema_decay) if cfg.ema_decay is not None else None
-        self.step = 0
-        self.train_seconds = 0.0
-        self.bad_steps = 0  # updates skipped for non-finite values, in all
-        self.bad_in_a_row = 0
+        # reference, adapters toggled). Gradients are averaged over ranks in optimizer_step instead.
+        self.optimizer = self.accelerator.prepare(torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        self.ema = ckpt.EMA(self.params, cfg.ema_decay) if cfg.ema_decay is not None else None
+        self.step, self.train_seconds = 0, 0.0
+        self.bad_steps = self.bad_in_a_row = 0  # updates skipped for non-finite values: in all, in a row
         self._step_bad = False
+        self.base_eval_images = self.last_eval_images = None
 
-    # --- pieces of the loop ---------------------------------------------------------------------
+    # --- evaluation pieces -----------------------------------------------------------------------
     def _noise(self, n: int, generator: torch.Generator) -> ChainNoise:
-        return ChainNoise.draw(n, self.world.latent_shape, self.cfg.num_steps, generator, self.world.device, self.world.dtype)
+        return ChainNoise.draw(n, self.world.latent_shape, self.num_steps, generator, self.world.device, self.world.dtype)
 
     def _eval_set(self, size: int, offset: int):
         prompts = eval_prompt_set(self.eval_prompts, size)
@@ -146,14 +165,12 @@ class Trainer:
         return prompts, self._noise(len(prompts), gen)
 
     def _ema_applied(self):
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        return self.ema.applied() if self.ema is not None else _nothing()
 
     def evaluate_fixed(self) -> dict:
+        """Scores of the fixed evaluation chains (with the EMA when one is kept)."""
         with self._ema_applied():
-            return self._evaluate_fixed()
-
-    def _evaluate_fixed(self) -> dict:
-        scores, images = evaluate(self.world, self.reward, self.eval_set[0], self.eval_set[1], self.cfg.num_steps, self.cfg)
+            scores, images = evaluate(self.world, self.reward, self.eval_set[0], self.eval_set[1], self.num_steps, self.cfg)
         self.last_eval_images = images
         return {f"eval_{k}": v.mean().item() for k, v in scores.items()}
 
@@ -169,13 +186,11 @@ class Trainer:
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)) and v is not None:
-                self.tb.add_scalar(k, v, row["step"])
+        tracking.log_row(self.accelerator, row, row["step"])
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
-        """One update of the adapter from `loss`; returns the gradient norm before clipping.
-        Methods call it once per step (ROCM) or once per minibatch (policy gradient)."""
+        """One update of the trainable parameters from `loss`; returns the gradient norm before clipping
+        (NaN when the update is skipped). Methods call it once per update they make."""
         self.optimizer.zero_grad(set_to_none=True)
         params = self.params
         local_bad = not bool(torch.isfinite(loss.detach()).all())
@@ -185,40 +200,57 @@ class Trainer:
         # bad-flag, so that all ranks take the same skip-or-step decision.
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
                           for p in params] + [torch.tensor([float(local_bad)], device=params[0].device)])
-        ckpt.all_reduce_mean_(flat, self.accelerator.num_processes)
-        bad = bool(flat[-1] > 0) or not bool(torch.isfinite(flat).all())
-        if bad:
+        dist.all_reduce_mean_(flat, self.accelerator.num_processes)
+        if bool(flat[-1] > 0) or not bool(torch.isfinite(flat).all()):
             self.optimizer.zero_grad(set_to_none=True)
             self._step_bad = True
             return float("nan")
         offset = 0
         for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
-            offset += n
+            p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
+            offset += p.numel()
         grad_norm = torch.norm(flat[:-1])
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.optimizer.step()
         return float(grad_norm)
 
-    # --- the run ---------------------------------------------------------------------------------
-    def train(self) -> Path:
-        cfg = self.cfg
-        nproc, rank = self.accelerator.num_processes, self.accelerator.process_index
-        # One generator seeded identically on every rank: each step draws the GLOBAL batch of
-        # prompts and chain noise and every rank takes its own slice (ckpt.sharded_noise), so N
-        # processes of batch b train on exactly the samples one process of batch N*b would.
-        gen = torch.Generator().manual_seed(cfg.seed * 1000)
-        start_step = 0
-        if self.resume_state is not None:
-            tensors, meta = self.resume_state
-            ckpt.restore(tensors, meta, self.params, self.optimizer, self.ema, gen)
-            start_step = self.step = int(meta["step"])
-            self.train_seconds = float(meta["train_seconds"])
-            self.bad_steps = int(meta.get("bad_steps", 0))
-            self.bad_in_a_row = int(meta.get("bad_in_a_row", 0))
-            self.resume_state = None
+    # --- the phases of a run ---------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        # One generator seeded identically on every rank: each step draws the GLOBAL batch of prompts
+        # and chain noise, and every rank keeps its own slice (self.shard).
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000)
+        start_step = self._restore(gen)
+        self._open_run(start_step)
+        bar = tqdm(range(start_step + 1, self.cfg.steps + 1), desc=f"{self.cfg.method} {self.cfg.world}",
+                   disable=not (self.progress and self.main))
+        for step in bar:
+            row = self._train_step(step, self._draw_batch(gen))
+            last = step == self.cfg.steps or self._time_up()
+            self._check_bad_steps(row, bar)
+            self._log_and_evaluate(row, last, bar)
+            self._checkpoint(gen, last)
+            if last:
+                self._announce_stop()
+                break
+        return self._close()
+
+    def _restore(self, gen: torch.Generator) -> int:
+        """Parameters, optimiser, EMA, generator, counters and method state of the checkpoint resumed from."""
+        if self.resume_state is None:
+            return 0
+        tensors, meta = self.resume_state
+        ckpt.restore(tensors, meta, self.params, self.optimizer, self.ema, gen)
+        self.step = int(meta["step"])
+        self.train_seconds = float(meta["train_seconds"])
+        self.bad_steps = int(meta.get("bad_steps", 0))
+        self.bad_in_a_row = int(meta.get("bad_in_a_row", 0))
+        self.resume_state = None
+        return self.step
+
+    def _open_run(self, start_step: int) -> None:
+        """The run directory, its config and metrics file, trackers; the step-0 evaluation of a new run."""
+        cfg, nproc = self.cfg, self.accelerator.num_processes
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if start_step == 0 and self.resume_from is None:
@@ -231,103 +263,99 @@ class Trainer:
             print(f"cmalign: {nproc} process(es) x batch {cfg.batch_size} per process = global batch "
                   f"{nproc * cfg.batch_size}; {cfg.steps} steps = {cfg.steps * nproc * cfg.batch_size} samples"
                   + (f"; resuming from {self.resume_from} (step {start_step})" if self.resume_from else ""), flush=True)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        tracking.init_run_trackers(self.accelerator, self.run_dir, cfg, start_step)
         self.eval_set = self._eval_set(cfg.eval_size, EVAL_SEED_OFFSET)
         if start_step == 0 and self.main:
             row = {"step": 0, **self.evaluate_fixed()}
             self.grid(self.last_eval_images, "step_000000.png")
             self.base_eval_images = self.last_eval_images
             self.log(row)
-        bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=f"{cfg.method} {cfg.world}",
-                   disable=not (self.progress and self.main))
-        for step in bar:
-            self.step = step
-            self._step_bad = False
-            start = time.perf_counter()
-            idx = torch.randint(0, len(self.train_prompts), (cfg.batch_size * nproc,), generator=gen)
-            idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-            prompts = [self.train_prompts[i] for i in idx.tolist()]
-            if hasattr(self.method, "batch_prompts"):  # pairwise methods (d3po) draw each prompt twice
-                prompts = self.method.batch_prompts(prompts)
-            with ckpt.sharded_noise(rank, nproc):
-                metrics, images = self.method.step(prompts, gen, self.optimizer_step)
-            if self._step_bad:
-                self.bad_steps += 1
-                self.bad_in_a_row += 1
-            else:
-                self.bad_in_a_row = 0
-                if self.ema is not None:
-                    self.ema.update()
-            self.train_seconds += time.perf_counter() - start
-            row = {"step": step, **metrics, "wall_time": round(self.train_seconds, 3),
-                   "samples": step * cfg.batch_size * nproc}
-            if self.world.name == "digits":
-                from .rewards.digits_gold import gold_score
 
-                row["gold"] = gold_score(images, prompts).mean().item()
-            row = ckpt.gather_metrics(row, nproc, self.accelerator.device)
-            row["step"], row["samples"] = step, step * cfg.batch_size * nproc
-            row["skipped"] = self._step_bad
-            row["bad_steps"] = self.bad_steps
-            last = step == cfg.steps or self._time_up()
-            if self.bad_in_a_row >= cfg.max_bad_steps:
-                self.log(row)
-                bar.close()
-                last = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-                where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-                raise UserError(f"stopping at step {step}: {self.bad_in_a_row} updates in a row were skipped for "
-                                f"non-finite reward, loss or gradients (max_bad_steps={cfg.max_bad_steps}); {where}")
-            if self.main:
-                if step % cfg.eval_every == 0 or last:
-                    row.update(self.evaluate_fixed())
-                    bar.set_postfix({k: f"{row[k]:.2f}" for k in ("eval_reward", "eval_gold") if k in row})
-                if step % cfg.grid_every == 0 or last:
-                    if step % cfg.eval_every and not last:
-                        self.evaluate_fixed()
-                    self.grid(self.last_eval_images, f"step_{step:06d}.png")
-                self.log(row)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not self._step_bad:
-                    self.save_checkpoint(gen)
-            if last:
-                if step < cfg.steps and self.main:  # stopped by the time budget: a checkpoint to resume from
-                    if cfg.checkpoint_every and not self._step_bad and step % cfg.checkpoint_every:
-                        self.save_checkpoint(gen)
-                    print(f"cmalign: stopping at step {step}: {self.train_seconds:.1f} train seconds reached "
-                          f"max_train_seconds={cfg.max_train_seconds:g}", flush=True)
-                break
-        self.accelerator.wait_for_everyone()  # reached by every rank
-        self._check_ranks_agree()
-        if ckpt.dist_on(self.accelerator.num_processes):
-            # Every rank leaves the process group together; a rank exiting while the main process
-            # still writes its report would otherwise abort gloo ("terminate called ...").
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-        return self.finish()
+    def _draw_batch(self, gen: torch.Generator) -> Batch:
+        """The global batch of prompts from the run's generator; this rank's slice, widened by the method."""
+        b = self.cfg.batch_size
+        idx = torch.randint(0, len(self.train_prompts), (b * self.shard.count,), generator=gen)
+        prompts = [self.train_prompts[i] for i in self.shard.take(idx, b).tolist()]
+        return Batch(self.method.batch_prompts(prompts), gen, self.shard)
+
+    def _train_step(self, step: int, batch: Batch) -> dict:
+        """The method's step, the EMA and the bad-step counters; the step's metrics row (mean over ranks)."""
+        self.step, self._step_bad = step, False
+        start = time.perf_counter()
+        metrics, images = self.method.step(batch, self.optimizer_step)
+        if self._step_bad:
+            self.bad_steps += 1
+            self.bad_in_a_row += 1
+        else:
+            self.bad_in_a_row = 0
+            if self.ema is not None:
+                self.ema.update()
+        self.train_seconds += time.perf_counter() - start
+        row = {"step": step, **metrics, "wall_time": round(self.train_seconds, 3)}
+        row.update(self.world.step_metrics(images, batch.prompts))
+        row = dist.gather_metrics(row, self.shard.count, self.accelerator.device)
+        samples = step * self.cfg.batch_size * self.shard.count
+        return {**row, "step": step, "samples": samples, "skipped": self._step_bad, "bad_steps": self.bad_steps}
+
+    def _check_bad_steps(self, row: dict, bar) -> None:
+        if self.bad_in_a_row < self.cfg.max_bad_steps:
+            return
+        self.log(row)
+        bar.close()
+        found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+        where = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+        raise UserError(f"stopping at step {self.step}: {self.bad_in_a_row} updates in a row were skipped for "
+                        f"non-finite reward, loss or gradients (max_bad_steps={self.cfg.max_bad_steps}); {where}")
+
+    def _log_and_evaluate(self, row: dict, last: bool, bar) -> None:
+        cfg, step = self.cfg, self.step
+        if not self.main:
+            return
+        if step % cfg.eval_every == 0 or last:
+            row.update(self.evaluate_fixed())
+            bar.set_postfix({k: f"{row[k]:.2f}" for k in ("eval_reward", "eval_gold") if k in row})
+        if step % cfg.grid_every == 0 or last:
+            if step % cfg.eval_every and not last:
+                self.evaluate_fixed()
+            self.grid(self.last_eval_images, f"step_{step:06d}.png")
+        self.log(row)
+
+    def _checkpoint(self, gen: torch.Generator, last: bool) -> None:
+        """Every checkpoint_every steps, and at an early stop (time budget) so that --resume continues."""
+        every, step = self.cfg.checkpoint_every, self.step
+        if not (self.main and every) or self._step_bad:
+            return
+        if step % every == 0 or (last and step < self.cfg.steps):
+            self.save_checkpoint(gen)
+
+    def _announce_stop(self) -> None:
+        if self.step < self.cfg.steps and self.main:
+            print(f"cmalign: stopping at step {self.step}: {self.train_seconds:.1f} train seconds reached "
+                  f"max_train_seconds={self.cfg.max_train_seconds:g}", flush=True)
 
     def _time_up(self) -> bool:
         """The train-seconds budget is spent (on any rank: every rank stops at the same step)."""
         if self.cfg.max_train_seconds is None:
             return False
-        spent = torch.tensor([self.train_seconds], device=self.accelerator.device)
-        if ckpt.dist_on(self.accelerator.num_processes):
-            torch.distributed.all_reduce(spent, op=torch.distributed.ReduceOp.MAX)
-        return spent.item() >= self.cfg.max_train_seconds
+        spent = dist.all_reduce_max(self.train_seconds, self.shard.count, self.accelerator.device)
+        return spent >= self.cfg.max_train_seconds
 
-    def _check_ranks_agree(self) -> None:
-        """Every rank must end with the same adapter (gradients are averaged by hand)."""
+    def _close(self) -> TrainResult:
+        """Every rank leaves together (a rank exiting while the main process still writes its report
+        would abort gloo); then the main process writes the adapter, final evaluation and report."""
         nproc = self.accelerator.num_processes
-        if not ckpt.dist_on(nproc):
-            return
-        flat = torch.cat([p.detach().reshape(-1).float() for p in self.params])
-        hi, lo = flat.clone(), flat.clone()
-        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-        if not torch.equal(hi, lo):
-            raise RuntimeError(f"the adapter differs across ranks (max diff {(hi - lo).abs().max().item():.3g})")
-        if self.main:
+        self.accelerator.wait_for_everyone()
+        if dist.check_ranks_agree(self.params, nproc) and self.main:
             print(f"cmalign: adapter parameters identical across {nproc} ranks", flush=True)
+        if dist.dist_on(nproc):
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        final = self.finish() if self.main else {}
+        for tracker in self.accelerator.trackers:  # (end_training would also tear down the process group)
+            tracker.finish()
+        metrics = report.read_metrics(self.run_dir) if self.main and (self.run_dir / "metrics.jsonl").is_file() else []
+        return TrainResult(self.run_dir, self.cfg, metrics, final, list(self.eval_set[0]), self.base_eval_images,
+                           self.last_eval_images, self.world, self.reward)
 
     def save_checkpoint(self, gen: torch.Generator) -> Path:
         """checkpoints/step_XXXXXX (main process only; no collectives)."""
@@ -336,34 +364,34 @@ class Trainer:
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.world, self.params, self.optimizer,
                                     self.ema, gen, scalars, self.cfg.keep_checkpoints)
 
-    def finish(self) -> Path:
+    def finish(self) -> dict:
+        """The final adapter (the EMA's when one is kept), base vs tuned on fresh held-out noise, report."""
         cfg = self.cfg
-        if not self.main:
-            return self.run_dir
-        self.tb.close()
         adapter_dir = self.run_dir / "adapter"
         adapter_dir.mkdir(exist_ok=True)
-        if self.ema is not None:  # the EMA is the final adapter (and what the final evaluation scores)
-            self._ema_ctx = self.ema.applied()
-            self._ema_ctx.__enter__()
-        self.world.save_adapter(adapter_dir)
-        # Base vs tuned on fresh held-out noise: the same prompts and noise for both.
-        final = {"n": cfg.final_eval_size}
-        if cfg.final_eval_size > 0:
-            prompts, noise = self._eval_set(cfg.final_eval_size, FINAL_SEED_OFFSET)
-            for label, use_adapter in (("base", False), ("tuned", True)):
-                scores, images = evaluate(self.world, self.reward, prompts, noise, cfg.num_steps, use_adapter=use_adapter)
-                final[label] = {k: summarize(v) for k, v in scores.items()}
-                final[label]["diversity"] = diversity(images, prompts)
-                final[f"_{label}_images"] = images
-            (self.run_dir / "final_eval.json").write_text(json.dumps({k: v for k, v in final.items() if not k.startswith("_")}, indent=2))
-            self._before_after(final.pop("_base_images"), final.pop("_tuned_images"), prompts)
+        final: dict = {}
+        with self._ema_applied():
+            self.world.save_adapter(adapter_dir)
+            if cfg.final_eval_size > 0:
+                final = self._final_evaluation()
         report.plot_curves(self.run_dir)
-        summary = f"`{cfg.method}` on `{cfg.world}`: K={cfg.num_steps}, beta={cfg.beta} ({cfg.divergence}), lr={cfg.lr}, " \
+        summary = f"`{cfg.method}` on `{cfg.world}`: K={self.num_steps}, beta={cfg.beta} ({cfg.divergence}), lr={cfg.lr}, " \
                   f"{self.step} steps x batch {cfg.batch_size}, {self.train_seconds:.0f} s of training."
-        if cfg.final_eval_size > 0:
+        if final:
             report.write_report(self.run_dir, summary, final)
-        return self.run_dir
+        return final
+
+    def _final_evaluation(self) -> dict:
+        """The same prompts and noise for the base (adapter off) and the tuned model."""
+        prompts, noise = self._eval_set(self.cfg.final_eval_size, FINAL_SEED_OFFSET)
+        final, images = {"n": self.cfg.final_eval_size}, {}
+        for label, use_adapter in (("base", False), ("tuned", True)):
+            scores, images[label] = evaluate(self.world, self.reward, prompts, noise, self.num_steps, use_adapter=use_adapter)
+            final[label] = {k: summarize(v) for k, v in scores.items()}
+            final[label]["diversity"] = diversity(images[label], prompts)
+        (self.run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+        self._before_after(images["base"], images["tuned"], prompts)
+        return final
 
     def _before_after(self, base: torch.Tensor, tuned: torch.Tensor, prompts: list[str]) -> None:
         """Rows alternate base / tuned for each prompt (same noise), up to 8 samples each."""
@@ -377,5 +405,27 @@ class Trainer:
             save_grid(torch.cat(rows), self.run_dir / "before_after.png", nrow=ncol)
 
 
-def train(cfg: TrainConfig, overwrite: bool = False, progress: bool = True, resume: str | None = None) -> Path:
-    return Trainer(cfg, overwrite=overwrite, progress=progress, resume=resume).train()
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _method_class_of(method) -> type[Method]:
+    if isinstance(method, Method):
+        return type(method)
+    if isinstance(method, type) and issubclass(method, Method):
+        return method
+    if isinstance(method, str):
+        return method_class(method)
+    raise UserError(f"method must be a registered name, a Method subclass or instance, got {type(method).__name__}")
+
+
+def train(config: TrainConfig, *, world: World | None = None, reward=None, method=None, overwrite: bool = False,
+          progress: bool = True, resume: str | None = None) -> TrainResult:
+    """Train `config`; `world`, `reward` and `method` may be ready objects in place of the config's names:
+    a World instance, any reward callable (images, prompts) -> (B,) scores, a Method subclass or instance."""
+    trainer = Trainer(config, world=world, reward=reward, method=method, overwrite=overwrite, progress=progress, resume=resume)
+    return trainer.train()

@@ -31,19 +31,17 @@ def make_config(quick: bool, threads: int = 1, **overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def train_run(cfg: TrainConfig, run_dir: Path, keep_trainer: bool = False):
+def train_run(cfg: TrainConfig, run_dir: Path, keep_result: bool = False):
     """Train one configuration into run_dir (overwriting) and return its metrics rows
-    (and the finished Trainer, whose world holds the tuned adapter, when keep_trainer)."""
-    from ..trainer import Trainer
+    (and the TrainResult, whose world holds the tuned adapter, when keep_result)."""
+    from ..trainer import train
 
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
-    if not keep_trainer and reusable(cfg, run_dir):
+    if not keep_result and reusable(cfg, run_dir):
         print(f"cmalign: reusing the finished run {run_dir} (same configuration)", flush=True)
         return read_metrics(run_dir)
-    trainer = Trainer(cfg, overwrite=True, progress=False)
-    trainer.train()
-    rows = read_metrics(run_dir)
-    return (rows, trainer) if keep_trainer else rows
+    result = train(cfg, overwrite=True, progress=False)
+    return (result.metrics, result) if keep_result else result.metrics
 
 
 def finished(run_dir: Path) -> bool:
@@ -57,11 +55,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def reusable(cfg: TrainConfig, run_dir: Path) -> bool:
     """A finished run in run_dir trained with this configuration (threads and output folder aside)."""
-    from ..config import validate
-    from ..trainer import _config_diff
+    from ..config import config_diff, validate
 
-    return finished(run_dir) and not _config_diff(validate(dataclasses.replace(cfg, output_dir=str(run_dir))),
-                                                  (run_dir / "config.yaml").read_text(), ignore=("threads", "output_dir"))
+    return finished(run_dir) and not config_diff(validate(dataclasses.replace(cfg, output_dir=str(run_dir))),
+                                                 (run_dir / "config.yaml").read_text(), ignore=("threads", "output_dir"))
 
 
 def train_runs(cells: dict, jobs: int = 1) -> dict:
@@ -90,17 +87,19 @@ def build_cached_models(configs: list[TrainConfig]) -> None:
     from ..rewards.digits_classifier import load_classifier
     from ..worlds import build_world, digits_base, digits_pretrain_config
 
-    worlds = {(repr(digits_pretrain_config(c)), c.proxy_pairs, repr(sorted(c.reward_weights.items()))): c
+    worlds = {(repr(digits_pretrain_config(c)), c.digits.proxy_pairs, repr(sorted(c.reward_weights.items()))): c
               for c in configs if c.world == "digits"}
     for cfg in worlds.values():
         digits_base.locate(digits_pretrain_config(cfg), True, False)
         build_weighted(cfg.reward_weights, reward_context(build_world(cfg, "cpu"), cfg, "cpu"))
-        load_classifier(cfg.digits_resolution)
+        load_classifier(cfg.digits.resolution)
 
 
 def rough_cost(cfg: TrainConfig) -> int:
     """Pixels x network calls per chain x updates: enough to order runs by length."""
-    return cfg.digits_resolution ** 2 * (cfg.ddpo_steps if cfg.method == "ddpo" else cfg.num_steps) * cfg.steps
+    from ..methods import method_class
+
+    return cfg.digits.resolution ** 2 * method_class(cfg.method).chain_length(cfg) * cfg.steps
 
 
 def _train_one(cell: tuple[TrainConfig, Path]) -> None:

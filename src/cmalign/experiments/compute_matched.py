@@ -28,13 +28,10 @@ BUDGET_S = 200.0  # DDPO's 20-step chain uses it all; every other method ends on
 
 def pretrain_cost(run_dir: Path, method: str) -> float | None:
     """Seconds of base-model pretraining behind this method (from the base manifest), or None."""
-    import yaml
-
-    from ..config import TrainConfig
+    from ..config import load_preset
     from ..worlds import digits_base, digits_pretrain_config
 
-    cfg = TrainConfig(**{k: v for k, v in yaml.safe_load((run_dir / "config.yaml").read_text()).items()
-                         if k in TrainConfig.__dataclass_fields__})
+    cfg = load_preset(str(run_dir / "config.yaml"))
     try:
         folder = digits_base.locate(digits_pretrain_config(cfg), allow_pretrain=False)
         stats = json.loads((folder / "manifest.json").read_text()).get("stats", {})

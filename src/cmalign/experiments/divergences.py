@@ -46,19 +46,19 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
     for div, beta in betas.items():
         cfg = make_config(quick, threads, method="rocm", divergence=div, beta=beta, steps=steps, seed=1,
                           **({} if quick else {"eval_every": 25}))
-        rows, trainer = train_run(cfg, out / "runs" / f"{div}-beta{beta:g}-seed1", keep_trainer=True)
+        rows, result = train_run(cfg, out / "runs" / f"{div}-beta{beta:g}-seed1", keep_result=True)
         s1 = summary(rows)
-        prompts = trainer.eval_set[0]
+        prompts = result.eval_prompts
         if not columns:
-            columns.append(class_rows(trainer.base_eval_images, prompts, PER_CELL))
-        columns.append(class_rows(trainer.last_eval_images, prompts, PER_CELL))
+            columns.append(class_rows(result.base_eval_images, prompts, PER_CELL))
+        columns.append(class_rows(result.last_eval_images, prompts, PER_CELL))
         s0 = sweep[(div, beta)]
         table.append({"divergence": div, "best_beta": beta, "gold_final_seed0": float(s0["gold_final"]),
                       "gold_final_seed1": s1["gold_final"], "gold_peak_seed1": s1["gold_peak"],
                       "proxy_final_seed1": s1["proxy_final"], "accuracy_final_seed1": s1["accuracy_final"],
-                      "diversity_seed1": round(diversity(trainer.last_eval_images, prompts), 4),
+                      "diversity_seed1": round(diversity(result.last_eval_images, prompts), 4),
                       "s_per_step_seed1": s1["s_per_step"]})
-    base_div = round(diversity(trainer.base_eval_images, prompts), 4)
+    base_div = round(diversity(result.base_eval_images, prompts), 4)
     gap = torch.full_like(columns[0][0][:1], 0.5)  # a grey tile between the models' blocks
     grid = torch.cat([torch.cat([t for col in columns for t in (col[r], gap)][:-1]) for r in range(len(columns[0]))])
     save_grid(grid, out / "grids.png", nrow=sum(len(col[0]) for col in columns) + len(columns) - 1)

@@ -25,15 +25,15 @@ def class_split() -> tuple[list[str], list[str]]:
     return split_prompts([class_prompt(c) for c in range(NUM_CLASSES)], 0.5, seed=0)
 
 
-def final_scores(trainer, prompts: list[str], per_class: int) -> dict[str, dict[str, float]]:
+def final_scores(result, prompts: list[str], per_class: int) -> dict[str, dict[str, float]]:
     """Gold, accuracy and diversity of base and tuned on the same fresh noise (seed 10**6 + run seed)."""
-    cfg, world = trainer.cfg, trainer.world
+    cfg, world = result.config, result.world
     chain_prompts = [p for p in prompts for _ in range(per_class)]
     gen = torch.Generator().manual_seed(10**6 + cfg.seed)
     noise = ChainNoise.draw(len(chain_prompts), world.latent_shape, cfg.num_steps, gen, world.device, world.dtype)
     out = {}
     for label, use_adapter in (("base", False), ("tuned", True)):
-        scores, images = evaluate(world, trainer.reward, chain_prompts, noise, cfg.num_steps, use_adapter=use_adapter)
+        scores, images = evaluate(world, result.reward, chain_prompts, noise, cfg.num_steps, use_adapter=use_adapter)
         out[label] = {"gold": scores["gold"].mean().item(), "accuracy": scores["accuracy"].mean().item(),
                       "diversity": diversity(images, chain_prompts)}
     return out
@@ -49,8 +49,8 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
                           **({} if quick else {"eval_every": 25}))
         results = []
         for (_, s), (seed_cfg, run_dir) in seed_cells({beta: (cfg, out / "runs" / f"beta{beta:g}")}, seeds).items():
-            rows, trainer = train_run(seed_cfg, run_dir, keep_trainer=True)
-            scores = {"trained": final_scores(trainer, trained, per_class), "heldout": final_scores(trainer, heldout, per_class)}
+            rows, result = train_run(seed_cfg, run_dir, keep_result=True)
+            scores = {"trained": final_scores(result, trained, per_class), "heldout": final_scores(result, heldout, per_class)}
             results.append((rows, scores))
             if s == 0:
                 ev = eval_rows(rows)

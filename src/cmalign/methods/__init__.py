@@ -1,30 +1,44 @@
-"""Alignment methods, one per file, all rolling out through chain.run_chain.
-
-A method offers `step(prompts, generator, optimizer_step) -> (metrics, images)`: it draws its own
-rollouts for the prompts and calls `optimizer_step(loss)` (zero_grad, backward, clip, step; returns
-the gradient norm) once per update it makes.
-"""
+"""Alignment methods, one per file, all rolling out through chain.run_chain; found by name in a
+registry that users extend (register_method, entry points `cmalign.methods`, module:attribute)."""
 
 from __future__ import annotations
 
-METHOD_NAMES = ("rocm", "rlcm", "ddpo", "draft", "dpok", "d3po")
+from ..errors import UserError
+from ..plugins import Registry
+from .base import Batch, Method
 
 
-def build_method(cfg, world, reward):
-    if cfg.method == "rocm":
-        from .rocm import Rocm
+def _builtins() -> None:
+    from . import d3po, draft, policy_gradient, rocm  # noqa: F401  (each registers its methods)
 
-        return Rocm(cfg, world, reward)
-    if cfg.method == "draft":
-        from .draft import Draft
 
-        return Draft(cfg, world, reward)
-    if cfg.method in ("rlcm", "ddpo", "dpok"):
-        from .policy_gradient import Ddpo, Dpok, Rlcm
+METHODS = Registry("method", "cmalign.methods", _builtins)
 
-        return {"rlcm": Rlcm, "ddpo": Ddpo, "dpok": Dpok}[cfg.method](cfg, world, reward)
-    if cfg.method == "d3po":
-        from .d3po import D3po
 
-        return D3po(cfg, world, reward)
-    raise ValueError(f"unknown method {cfg.method!r}")
+def register_method(name: str, cls: type[Method] | None = None, *, replace: bool = False):
+    """Register a Method subclass under `name` (also usable as @register_method("name"))."""
+
+    def put(c):
+        if not (isinstance(c, type) and issubclass(c, Method)):
+            raise TypeError(f"register_method({name!r}): expected a subclass of cmalign.Method, got {c!r}")
+        return METHODS.register(name, c, replace=replace)
+
+    return put if cls is None else put(cls)
+
+
+def method_class(name: str) -> type[Method]:
+    cls = METHODS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise UserError(f"method {name!r} is {cls!r}, not a subclass of cmalign.Method")
+    return cls
+
+
+def method_names() -> list[str]:
+    return METHODS.names()
+
+
+def build_method(cfg, world, reward) -> Method:
+    return method_class(cfg.method)(cfg, world, reward)
+
+
+__all__ = ["Batch", "Method", "METHODS", "build_method", "method_class", "method_names", "register_method"]

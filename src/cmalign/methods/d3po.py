@@ -19,28 +19,40 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..chain import ChainNoise, run_chain
+from ..chain import run_chain
+from ..errors import UserError
+from . import register_method
+from .base import Batch
 from .policy_gradient import PolicyGradient, gaussian_logprob, step_logprobs
 
 
+@register_method("d3po")
 class D3po(PolicyGradient):
     name = "d3po"
 
-    @staticmethod
-    def batch_prompts(prompts: list[str]) -> list[str]:
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cls.chain_length(cfg) < 2:
+            raise UserError("d3po needs K >= 2: the last step is deterministic, so K = 1 has no step to compare")
+        if cfg.batch_size < 2 or cfg.batch_size % 2:
+            raise UserError(f"d3po trains on pairs: batch_size must be even and >= 2, got {cfg.batch_size}")
+        if cfg.beta <= 0:
+            raise UserError(f"d3po needs beta > 0 (DPO's temperature), got {cfg.beta}")
+
+    def batch_prompts(self, prompts: list[str]) -> list[str]:
         """The trainer's batch as pairs: the first half of its prompts, each twice (i and i + B/2)."""
         half = len(prompts) // 2
         return prompts[:half] * 2
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str], generator: torch.Generator):
+    def rollout(self, batch: Batch):
         """Pairs (i, i + B/2) of chains for the same prompt and initial latent: (cond, states, policy
         log-probs, reference log-probs (B, K-1), rewards, images)."""
+        prompts = batch.prompts
         half = len(prompts) // 2
         if prompts[:half] != prompts[half:]:
             raise ValueError("d3po expects paired prompts (see batch_prompts)")
-        noise = ChainNoise.draw(len(prompts), self.world.latent_shape, self.cfg.num_steps, generator,
-                                self.world.device, self.world.dtype)
+        noise = batch.noise(self.world, self.num_steps)
         noise.initial[half:] = noise.initial[:half]
         cond = self.world.encode_prompts(prompts)
         traj = run_chain(self.world, cond, noise, self.timesteps, with_reference=True)
@@ -51,18 +63,19 @@ class D3po(PolicyGradient):
                                 for k in range(len(traj.states) - 1)], 1)
         return cond, traj.states, logp, ref_logp, rewards, images
 
-    def step(self, prompts: list[str], generator: torch.Generator, optimizer_step):
+    def step(self, batch: Batch, optimizer_step):
         cfg = self.cfg
-        cond, states, _, ref_logp, rewards, images = self.rollout(prompts, generator)
+        prompts = batch.prompts
+        cond, states, _, ref_logp, rewards, images = self.rollout(batch)
         half = len(prompts) // 2
         first_wins = rewards[:half] >= rewards[half:]
         ar = torch.arange(half, device=rewards.device)
         win = torch.where(first_wins, ar, ar + half)
         lose = torch.where(first_wins, ar + half, ar)
         losses, norms, accs, margins = [], [], [], []
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(half, generator=generator).to(rewards.device)
-            for pairs in torch.tensor_split(perm, min(cfg.ppo_minibatches, half)):
+        for _ in range(cfg.ppo.epochs):
+            perm = torch.randperm(half, generator=batch.generator).to(rewards.device)
+            for pairs in torch.tensor_split(perm, min(cfg.ppo.minibatches, half)):
                 idx = torch.cat([win[pairs], lose[pairs]])
                 new_logp, _ = self.evaluate_policy(cond, states, idx)
                 ratio = new_logp - ref_logp[idx]  # (2b, K-1) log pi / pi_ref of each step's action

@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..errors import UserError
+from . import register_method
 from .rocm import Rocm
 
 
+@register_method("draft")
 class Draft(Rocm):
     name = "draft"
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.beta != 0:
+            raise UserError(f"draft (DRaFT-K / AlignProp) has no divergence term: pass --beta 0 (got {cfg.beta:g}), "
+                            "or use --method rocm for the regularised objective")
+
     def __init__(self, cfg, world, reward):
+        # DRaFT-1 unless backprop_steps says otherwise; the run's config keeps what the user gave
         k = 1 if cfg.backprop_steps is None else cfg.backprop_steps
         super().__init__(dataclasses.replace(cfg, beta=0.0, backprop_steps=min(k, cfg.num_steps)), world, reward)

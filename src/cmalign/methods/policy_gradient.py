@@ -27,8 +27,10 @@ from collections import defaultdict, deque
 
 import torch
 
-from ..chain import ChainNoise, run_chain, step_divergences
+from ..chain import DDIMTransition, run_chain, step_divergences
 from ..errors import UserError
+from . import register_method
+from .base import Batch, Method
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -80,23 +82,40 @@ class PerPromptStats:
         return out.to(rewards.device)
 
 
-class PolicyGradient:
+class PolicyGradient(Method):
     name = "rlcm"
     needs_differentiable_reward = False
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cls.chain_length(cfg) < 2:
+            raise UserError(f"{cls.name} needs K >= 2: the last step is deterministic, so K = 1 has no action to reinforce")
+        if cfg.ppo.minibatches > cfg.batch_size:
+            raise UserError(f"ppo.minibatches ({cfg.ppo.minibatches}) must be <= batch_size ({cfg.batch_size})")
+
     def __init__(self, cfg, world, reward, kl_weight: float = 0.0):
-        if cfg.num_steps < 2:
-            raise UserError(f"{cfg.method} needs K >= 2: the last step is deterministic, so K = 1 has no action to reinforce")
-        self.cfg, self.world, self.reward = cfg, world, reward
+        super().__init__(cfg, world, reward)
         self.kl_weight = kl_weight
-        self.timesteps = world.timesteps(cfg.num_steps)
-        self.stats = PerPromptStats(cfg.stat_buffer, cfg.stat_min_count)
+        self.num_steps = type(self).chain_length(cfg)
+        if self.num_steps < 2:
+            raise UserError(f"{self.name} needs K >= 2: the last step is deterministic, so K = 1 has no action to reinforce")
+        self.timesteps = world.timesteps(self.num_steps)
+        self.stats = PerPromptStats(cfg.ppo.stat_buffer, cfg.ppo.stat_min_count)
+
+    def state_dict(self):
+        """The per-prompt reward buffers (exact resume: the advantages of the next steps depend on them)."""
+        return {}, {"stat_history": {p: list(h) for p, h in self.stats.history.items()}}
+
+    def load_state_dict(self, tensors, meta):
+        self.stats.history.clear()
+        for prompt, values in meta.get("stat_history", {}).items():
+            self.stats.history[prompt].extend(float(v) for v in values)
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str], generator: torch.Generator):
+    def rollout(self, batch: Batch):
         """Sample chains with the current policy: (cond, states x_1..x_K, old log-probs (B, K-1), rewards, images)."""
-        noise = ChainNoise.draw(len(prompts), self.world.latent_shape, self.cfg.num_steps, generator,
-                                self.world.device, self.world.dtype)
+        prompts = batch.prompts
+        noise = batch.noise(self.world, self.num_steps)
         cond = self.world.encode_prompts(prompts)
         traj = run_chain(self.world, cond, noise, self.timesteps)
         images = self.world.decode(traj.x0).float().clamp(0, 1)
@@ -119,18 +138,19 @@ class PolicyGradient:
             div = step_divergences(traj, self.cfg.divergence, self.cfg.divergence_reduction, final).sum(1)
         return logp, div
 
-    def step(self, prompts: list[str], generator: torch.Generator, optimizer_step):
-        cfg = self.cfg
-        cond, states, old_logp, rewards, images = self.rollout(prompts, generator)
-        adv = self.stats.normalize(prompts, rewards).clamp(-cfg.adv_clip, cfg.adv_clip)
+    def step(self, batch: Batch, optimizer_step):
+        ppo = self.cfg.ppo
+        prompts = batch.prompts
+        cond, states, old_logp, rewards, images = self.rollout(batch)
+        adv = self.stats.normalize(prompts, rewards).clamp(-ppo.adv_clip, ppo.adv_clip)
         b = len(prompts)
         ratios, clipfracs, losses, norms, divs = [], [], [], [], []
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(b, generator=generator)
-            for idx in torch.tensor_split(perm, cfg.ppo_minibatches):
+        for _ in range(ppo.epochs):
+            perm = torch.randperm(b, generator=batch.generator)
+            for idx in torch.tensor_split(perm, ppo.minibatches):
                 idx = idx.to(old_logp.device)
                 new_logp, div = self.evaluate_policy(cond, states, idx)
-                loss, ratio, clipfrac = ppo_loss(new_logp, old_logp[idx], adv[idx], cfg.ppo_clip)
+                loss, ratio, clipfrac = ppo_loss(new_logp, old_logp[idx], adv[idx], ppo.clip)
                 if div is not None:
                     loss = loss + self.kl_weight * div.mean()
                     divs.append(div.mean().item())
@@ -163,19 +183,33 @@ def _index_cond(cond, idx: torch.Tensor):
     raise TypeError(f"cannot index conditioning of type {type(cond).__name__}")
 
 
+@register_method("rlcm")
 class Rlcm(PolicyGradient):
     name = "rlcm"
 
 
+@register_method("ddpo")
 class Ddpo(PolicyGradient):
+    """PPO on a diffusion model's DDIM(eta) chain of ddpo.steps steps: the world samples its diffusion
+    model (the digits world: the DDPM teacher) with a chain.DDIMTransition."""
+
     name = "ddpo"
 
+    @classmethod
+    def transition(cls, cfg):
+        return DDIMTransition(eta=cfg.ddpo.eta)
+
+    @classmethod
+    def chain_length(cls, cfg) -> int:
+        return cfg.ddpo.steps
+
     def __init__(self, cfg, world, reward):
-        if getattr(world, "transition", None) is None:
+        if not isinstance(getattr(world, "transition", None), DDIMTransition):
             raise UserError("ddpo needs a world with a DDIM transition (build it with method ddpo)")
         super().__init__(cfg, world, reward)
 
 
+@register_method("dpok")
 class Dpok(PolicyGradient):
     name = "dpok"
 

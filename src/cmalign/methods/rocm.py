@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..chain import ChainNoise, run_chain, step_divergences
-from ..errors import UserError
+from . import register_method
+from .base import Batch, Method
 
 
 def clamp_images(images: torch.Tensor, mode: str) -> torch.Tensor:
@@ -27,17 +28,13 @@ def clamp_images(images: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown clamp mode {mode!r}")
 
 
-class Rocm:
+@register_method("rocm")
+class Rocm(Method):
     name = "rocm"
     needs_differentiable_reward = True
 
     def __init__(self, cfg, world, reward):
-        if not reward.differentiable:
-            raise UserError(
-                f"ROCM back-propagates through the reward, but {reward.name} is not differentiable; "
-                "use a differentiable reward or a policy-gradient method (rlcm, ddpo)"
-            )
-        self.cfg, self.world, self.reward = cfg, world, reward
+        super().__init__(cfg, world, reward)
         self.timesteps = world.timesteps(cfg.num_steps)
         self.grad_checkpointing = (
             world.grad_checkpointing_default if cfg.grad_checkpointing is None else cfg.grad_checkpointing
@@ -49,11 +46,9 @@ class Rocm:
             return {}
         return {"estimator": cfg.js_estimator, "num_samples": cfg.js_samples, "generator": generator}
 
-    def step(self, prompts: list[str], generator: torch.Generator, optimizer_step):
+    def step(self, batch: Batch, optimizer_step):
         """One training step: a fresh fixed-noise rollout, the objective, one update."""
-        noise = ChainNoise.draw(len(prompts), self.world.latent_shape, self.cfg.num_steps, generator,
-                                self.world.device, self.world.dtype)
-        loss, metrics, images = self.loss(prompts, noise, generator)
+        loss, metrics, images = self.loss(batch.prompts, batch.noise(self.world, self.cfg.num_steps), batch.generator)
         metrics["grad_norm"] = optimizer_step(loss)
         return metrics, images
 

@@ -55,11 +55,11 @@ def training_prompts(cfg, world) -> tuple[list[str], list[str]]:
     """(train prompts, eval prompts): the world's default split unless the config names prompts."""
     if cfg.prompt_file or cfg.prompts:
         train = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else list(cfg.prompts)
-        world.encode_prompts(train if world.name == "digits" else train[:1])  # fail early on bad prompts
+        world.check_prompts(train)  # fail early on bad prompts
         evaluation = train
     else:
         train, evaluation = world.default_prompts()
     if cfg.eval_prompts:
         evaluation = list(cfg.eval_prompts)
-        world.encode_prompts(evaluation if world.name == "digits" else evaluation[:1])
+        world.check_prompts(evaluation)
     return train, evaluation

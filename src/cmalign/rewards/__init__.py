@@ -1,5 +1,10 @@
-"""Rewards: a registry of differentiable (and a few non-differentiable) scores of images."""
+"""Rewards: a registry of differentiable (and a few non-differentiable) scores of images, which users
+extend (register_reward, entry points `cmalign.rewards`, package.module:attribute)."""
 
-from .registry import REWARDS, Reward, RewardContext, WeightedReward, available, build_reward, build_weighted, register, reward_context
+from .registry import (REWARDS, CallableReward, Reward, RewardContext, RewardSpec, WeightedReward, as_training_reward,
+                       available, build_reward, build_weighted, check_reward_names, register, register_reward,
+                       reward_context, reward_options)
 
-__all__ = ["REWARDS", "Reward", "RewardContext", "WeightedReward", "available", "build_reward", "build_weighted", "register", "reward_context"]
+__all__ = ["REWARDS", "CallableReward", "Reward", "RewardContext", "RewardSpec", "WeightedReward", "as_training_reward",
+           "available", "build_reward", "build_weighted", "check_reward_names", "register", "register_reward",
+           "reward_context", "reward_options"]

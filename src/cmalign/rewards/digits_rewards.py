@@ -54,7 +54,7 @@ def proxy_reward(ctx: RewardContext) -> Reward:
             from ..worlds import build_world
 
             world = build_world(dataclasses.replace(cfg, method="rocm"), lora=False)
-        path = build_default_proxy(world, cfg.proxy_pairs if cfg else 2000, seed=0)
+        path = build_default_proxy(world, cfg.digits.proxy_pairs if cfg else 2000, seed=0)
     return ModuleReward("proxy", load_proxy(path), ctx.device)
 
 
@@ -63,7 +63,7 @@ def classifier_reward(ctx: RewardContext) -> Reward:
     return ModuleReward("classifier", ClassifierLogProb(load_classifier(ctx.world.resolution)), ctx.device)
 
 
-@register("gold", worlds=("digits",))
+@register("gold", worlds=("digits",), differentiable=False, eval_only=True)
 def gold_reward(ctx: RewardContext) -> Reward:
     return GoldReward()
 

@@ -58,13 +58,13 @@ def image_reward_(ctx: RewardContext) -> Reward:
     return _build("image_reward", image_reward.image_reward, ctx)
 
 
-@register("jpeg_compressibility", worlds=("lcm",))
+@register("jpeg_compressibility", worlds=("lcm",), differentiable=False)
 def jpeg_compressibility(ctx: RewardContext) -> Reward:
     """Minus the JPEG size in kB (not differentiable)."""
     return jpeg.JpegSize("jpeg_compressibility", -1.0)
 
 
-@register("jpeg_incompressibility", worlds=("lcm",))
+@register("jpeg_incompressibility", worlds=("lcm",), differentiable=False)
 def jpeg_incompressibility(ctx: RewardContext) -> Reward:
     """The JPEG size in kB (not differentiable)."""
     return jpeg.JpegSize("jpeg_incompressibility", 1.0)

@@ -1,21 +1,31 @@
-"""Reward registry (name -> factory) and weighted sums of rewards.
+"""Reward registry and weighted sums of rewards.
 
-A reward maps images (B, C, H, W), nominally in [0, 1], and their prompts to one score per image.
-`differentiable` says whether its gradient with respect to the images is meaningful (ROCM needs
-it); `eval_only` marks scores that must never become a training signal (the digits gold).
+A reward maps images (B, C, H, W), nominally in [0, 1], and their prompts to one float score per
+image. Any callable of that signature is a reward; its optional `differentiable` attribute (default
+True) says whether its gradient with respect to the images is meaningful (ROCM needs it) and
+`eval_only` marks scores that must never become a training signal (the digits gold).
+
+A name in `reward_weights` resolves to a registered reward (built-in or `register_reward`), an entry
+point of the group `cmalign.rewards`, or a `package.module:attribute` import path. What it names may
+be a reward callable (a plain function works), a Reward subclass (instantiated, with the
+RewardContext if its constructor takes one), or a factory registered with `factory=True`.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from ..errors import UserError
+from ..plugins import Registry
 
 
 class Reward:
+    """Base class of rewards (optional: any callable with this signature is a reward)."""
+
     name: str = "reward"
     differentiable: bool = True
     eval_only: bool = False
@@ -34,28 +44,44 @@ class RewardContext:
     device: torch.device = torch.device("cpu")
 
 
+def split_option_key(key: str) -> tuple[str, str]:
+    """"pickscore" -> (pickscore, path); "pickscore.tokenizer" -> (pickscore, tokenizer);
+    "mypkg.scores:sharp" -> (mypkg.scores:sharp, path); "mypkg.scores:sharp.model" -> (..., model)."""
+    head, sep, tail = key.rpartition(".")
+    if sep and head and tail and ":" not in tail:
+        return head, tail
+    return key, "path"
+
+
+def reward_options(reward_paths: dict[str, str]) -> dict[str, dict[str, str]]:
+    options: dict[str, dict[str, str]] = {}
+    for key, path in reward_paths.items():
+        name, component = split_option_key(key)
+        options.setdefault(name, {})[component] = path
+    return options
+
+
 def reward_context(world, cfg, device=None) -> RewardContext:
-    """Per-reward options from a TrainConfig: reward_paths (and proxy_path for the digits proxy)."""
-    options = {name: {"path": path} for name, path in cfg.reward_paths.items()}
-    if getattr(cfg, "proxy_path", None):
-        options.setdefault("proxy", {})["path"] = cfg.proxy_path
+    """Per-reward options from a TrainConfig: reward_paths (and digits.proxy_path for the digits proxy)."""
+    options = reward_options(cfg.reward_paths)
+    proxy_path = getattr(getattr(cfg, "digits", None), "proxy_path", None)
+    if proxy_path:
+        options.setdefault("proxy", {})["path"] = proxy_path
     return RewardContext(world, cfg, options, torch.device(device) if device else world.device)
 
 
-REWARDS: dict[str, tuple[Callable[[RewardContext], Reward], tuple[str, ...]]] = {}
+@dataclass
+class RewardSpec:
+    """A registry entry: factory(ctx) -> reward, the worlds it scores (None: any) and its flags, known
+    before anything heavy loads."""
+
+    factory: Callable[[RewardContext], Any]
+    worlds: tuple[str, ...] | None = None
+    differentiable: bool = True
+    eval_only: bool = False
 
 
-def register(name: str, worlds: tuple[str, ...]):
-    """Decorator: register a factory under `name` for the given worlds."""
-
-    def wrap(factory):
-        REWARDS[name] = (factory, worlds)
-        return factory
-
-    return wrap
-
-
-def _ensure_loaded() -> None:
+def _builtins() -> None:
     from . import digits_rewards  # noqa: F401  (registers the digits rewards)
 
     try:
@@ -64,26 +90,127 @@ def _ensure_loaded() -> None:
         pass
 
 
+REWARDS = Registry("reward", "cmalign.rewards", _builtins)
+
+
+def register(name: str, worlds: tuple[str, ...] | None = None, differentiable: bool = True, eval_only: bool = False):
+    """Decorator of the built-ins: register a factory(ctx) under `name` for the given worlds."""
+
+    def wrap(factory):
+        REWARDS.register(name, RewardSpec(factory, worlds, differentiable, eval_only), replace=True)
+        return factory
+
+    return wrap
+
+
+def register_reward(name: str, reward: Any = None, *, worlds: tuple[str, ...] | None = None,
+                    differentiable: bool | None = None, factory: bool = False, replace: bool = False):
+    """Register a reward under `name`: a callable (images, prompts) -> (B,) scores, a Reward subclass,
+    or with factory=True a function ctx -> reward. Usable as @register_reward("name")."""
+
+    def put(obj):
+        spec = as_spec(obj, name, factory=factory)
+        if worlds is not None:
+            spec.worlds = tuple(worlds)
+        if differentiable is not None:
+            spec.differentiable = bool(differentiable)
+        REWARDS.register(name, spec, replace=replace)
+        return obj
+
+    return put if reward is None else put(reward)
+
+
+def _takes_context(cls) -> bool:
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD)
+
+
+def as_spec(obj: Any, name: str, factory: bool = False) -> RewardSpec:
+    """A RewardSpec for whatever a reward name resolved to."""
+    if isinstance(obj, RewardSpec):
+        return obj
+    flags = dict(differentiable=bool(getattr(obj, "differentiable", True)), eval_only=bool(getattr(obj, "eval_only", False)))
+    if factory:
+        return RewardSpec(obj, None, **flags)
+    if isinstance(obj, type):
+        make = (lambda ctx: obj(ctx)) if _takes_context(obj) else (lambda ctx: obj())
+        return RewardSpec(make, getattr(obj, "worlds", None), **flags)
+    if callable(obj):
+        return RewardSpec(lambda ctx: obj, getattr(obj, "worlds", None), **flags)
+    raise UserError(f"reward {name!r} is {type(obj).__name__}, not a callable (images, prompts) -> scores")
+
+
+def reward_spec(name: str) -> RewardSpec:
+    return as_spec(REWARDS.get(name), name)
+
+
 def available(world: str | None = None) -> list[str]:
-    _ensure_loaded()
-    return sorted(n for n, (_, worlds) in REWARDS.items() if world is None or world in worlds)
+    out = []
+    for n in REWARDS.names():
+        try:
+            spec = reward_spec(n)
+        except UserError:
+            continue
+        if world is None or spec.worlds is None or world in spec.worlds:
+            out.append(n)
+    return out
+
+
+def check_reward_names(cfg, world_cls=None, method_cls=None) -> None:
+    """Every reward of cfg.reward_weights exists for the world, may train, suits the method (ROCM needs
+    gradients), and every reward_paths entry names one of them: all before any model loads."""
+    specs = {}
+    for name, weight in cfg.reward_weights.items():
+        spec = specs[name] = reward_spec(name)
+        if spec.worlds is not None and cfg.world not in spec.worlds:
+            raise UserError(f"unknown reward {name!r} for the {cfg.world} world; available: {', '.join(available(cfg.world))}")
+        if spec.eval_only:
+            raise UserError(f"{name} is an evaluation score (the stand-in for human raters) and never a training reward; "
+                            "train on proxy")
+    if method_cls is not None and getattr(method_cls, "needs_differentiable_reward", False):
+        nondiff = [n for n, s in specs.items() if not s.differentiable]
+        if nondiff:
+            raise UserError(f"{method_cls.name} back-propagates through the reward, but {', '.join(nondiff)} is not "
+                            "differentiable; use a differentiable reward or a policy-gradient method (rlcm, ddpo)")
+    stray = sorted({split_option_key(k)[0] for k in cfg.reward_paths} - set(cfg.reward_weights))
+    if stray:
+        raise UserError(f"reward_paths names {', '.join(stray)}, which reward_weights does not use "
+                        f"(in use: {', '.join(cfg.reward_weights)})")
+
+
+class CallableReward(Reward):
+    """A user's callable as a Reward: its name and flags, and a check of what it returns."""
+
+    def __init__(self, name: str, fn: Callable, differentiable: bool = True, eval_only: bool = False):
+        self.name, self.fn, self.differentiable, self.eval_only = name, fn, differentiable, eval_only
+
+    def __call__(self, images, prompts):
+        return self.fn(images, prompts)
 
 
 def build_reward(name: str, ctx: RewardContext) -> Reward:
-    _ensure_loaded()
+    spec = reward_spec(name)
     world = ctx.world.name
-    if name not in REWARDS or world not in REWARDS[name][1]:
+    if spec.worlds is not None and world not in spec.worlds:
         raise UserError(f"unknown reward {name!r} for the {world} world; available: {', '.join(available(world))}")
-    return REWARDS[name][0](ctx)
+    reward = spec.factory(ctx)
+    if not callable(reward):
+        raise UserError(f"reward {name!r}: its factory returned {type(reward).__name__}, not a callable")
+    if not isinstance(reward, Reward):
+        reward = CallableReward(name, reward, spec.differentiable, spec.eval_only)
+    return reward
 
 
 class WeightedReward(Reward):
     """sum_i w_i r_i(images, prompts); `last_components` keeps each term of the last call for logging."""
 
-    def __init__(self, rewards: dict[str, Reward], weights: dict[str, float]):
+    def __init__(self, rewards: dict[str, Any], weights: dict[str, float]):
         self.rewards, self.weights = rewards, weights
-        self.differentiable = all(r.differentiable for r in rewards.values())
-        self.eval_only = any(r.eval_only for r in rewards.values())
+        self.differentiable = all(getattr(r, "differentiable", True) for r in rewards.values())
+        self.eval_only = any(getattr(r, "eval_only", False) for r in rewards.values())
         self.name = "+".join(f"{w:g}*{n}" for n, w in weights.items())
         self.last_components: dict[str, torch.Tensor] = {}
 
@@ -92,11 +219,9 @@ class WeightedReward(Reward):
         self.last_components = {}
         for name, reward in self.rewards.items():
             value = reward(images, prompts)
-            if value.shape != (images.shape[0],) or not value.is_floating_point():
-                raise UserError(
-                    f"reward {name!r} returned shape {tuple(value.shape)} dtype {value.dtype}; "
-                    f"expected a float tensor of shape ({images.shape[0]},)"
-                )
+            if not isinstance(value, torch.Tensor) or value.shape != (images.shape[0],) or not value.is_floating_point():
+                what = f"shape {tuple(value.shape)} dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise UserError(f"reward {name!r} returned {what}; expected a float tensor of shape ({images.shape[0]},)")
             self.last_components[name] = value.detach()
             total = total + self.weights[name] * value
         return total
@@ -106,3 +231,18 @@ def build_weighted(weights: dict[str, float], ctx: RewardContext) -> WeightedRew
     if not weights:
         raise UserError("no reward named: give at least one, e.g. reward_weights {proxy: 1.0}")
     return WeightedReward({name: build_reward(name, ctx) for name in weights}, dict(weights))
+
+
+def as_training_reward(reward: Any, name: str | None = None) -> WeightedReward:
+    """A ready reward object (from the Python API) as the run's training reward."""
+    if isinstance(reward, WeightedReward):
+        return reward
+    if not callable(reward):
+        raise UserError(f"reward must be a callable (images, prompts) -> scores, got {type(reward).__name__}")
+    name = name or getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__
+    if not isinstance(reward, Reward):
+        reward = CallableReward(name, reward, bool(getattr(reward, "differentiable", True)),
+                                bool(getattr(reward, "eval_only", False)))
+    if reward.eval_only:
+        raise UserError(f"{name} is an evaluation-only score and never a training reward")
+    return WeightedReward({name: reward}, {name: 1.0})

@@ -11,6 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .. import schedule
+from ..errors import UserError
 
 
 @contextlib.contextmanager
@@ -30,7 +31,10 @@ class World(ABC):
     """A consistency model in the LCM parameterisation with a trainable adapter.
 
     Subclasses set `name`, `prediction_type`, `alphas_cumprod` (float64, the model's own schedule),
-    `latent_shape` (C, H, W), `device`, `dtype` and `network` (the module that carries the adapter).
+    `latent_shape` (C, H, W), `device`, `dtype` and `network` (the module that carries the adapter),
+    and implement `from_config`. Everything the trainer and the evaluation use is declared here, with
+    defaults: preparation before seeding, default prompts, prompt checks, per-step and evaluation
+    metrics (the digits world's gold), noise of the latent shape.
     """
 
     name: str
@@ -45,7 +49,32 @@ class World(ABC):
     timestep_scaling: float = 10.0  # LCM's boundary-condition scaling (c_skip, c_out)
     grad_checkpointing_default: bool = False  # memory-bound worlds switch it on
 
+    # --- building -------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg, device="cpu", lora: bool = True, transition=None) -> "World":
+        """The world of a TrainConfig with a fresh (zero-effect) adapter, or none if lora=False.
+        `transition` is the per-step update a method asks for (None: the consistency chain); a world
+        that cannot sample it refuses with a UserError."""
+        raise NotImplementedError(f"{cls.__name__} does not implement from_config")
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse (UserError) settings this world cannot run; never change cfg."""
+
+    @classmethod
+    def prepare(cls, cfg, progress: bool = True) -> None:
+        """Build what the world needs once (e.g. a base-model cache); called before the run is seeded,
+        so that whether a cache already existed never changes the run's random numbers."""
+
     # --- prompts and decoding -------------------------------------------------------------------
+    def default_prompts(self) -> tuple[list[str], list[str]]:
+        """(train, eval) prompts when the config names none."""
+        raise UserError(f"the {self.name} world has no default prompts: give prompts or prompt_file")
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Fail early (UserError) on prompts the world cannot condition on."""
+        self.encode_prompts(prompts[:1])
+
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Any:
         """Conditioning for a batch of prompts (class ids, text embeddings, ...)."""
@@ -60,6 +89,15 @@ class World(ABC):
         """The raw network prediction (epsilon, v or sample) with the adapter as currently enabled."""
 
     transition = None  # None: the consistency update; a chain.DDIMTransition makes this a DDIM sampler (ddpo)
+
+    # --- what the trainer logs beside the reward ------------------------------------------------------
+    def step_metrics(self, images01: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        """Cheap scores of a training batch logged every step (the digits world: gold)."""
+        return {}
+
+    def eval_metrics(self, images01: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Per-sample scores of the evaluation beyond the training reward (digits: gold terms, accuracy)."""
+        return {}
 
     def timesteps(self, num_steps: int) -> list[int]:
         if self.transition is not None:

@@ -35,6 +35,26 @@ class DigitsWorld(World):
             self.network.to(device)
 
     @classmethod
+    def from_config(cls, cfg, device="cpu", lora: bool = True, transition=None) -> "DigitsWorld":
+        """The distilled consistency model, or with a DDIM transition (ddpo) the DDPM teacher it came from."""
+        from ..chain import DDIMTransition
+        from . import digits_pretrain_config
+
+        if transition is not None and not isinstance(transition, DDIMTransition):
+            raise UserError(f"the digits world cannot sample a {type(transition).__name__} chain")
+        lora_args = dict(lora_rank=cfg.lora_rank if lora else None, lora_alpha=cfg.lora_alpha)
+        which = "teacher" if transition is not None else "consistency"
+        world = cls.from_pretrained(digits_pretrain_config(cfg), device, which=which, **lora_args)
+        world.transition = transition
+        return world
+
+    @classmethod
+    def prepare(cls, cfg, progress: bool = True) -> None:
+        from . import digits_pretrain_config
+
+        digits_base.locate(digits_pretrain_config(cfg), True, progress)
+
+    @classmethod
     def from_pretrained(cls, pretrain: PretrainConfig, device="cpu", which: str = "consistency", **lora) -> "DigitsWorld":
         network, folder, info = digits_base.load_base(pretrain, which)
         world = cls(network, pretrain.resolution, device, **lora)
@@ -46,6 +66,26 @@ class DigitsWorld(World):
         """(train, eval) prompts: all ten classes for both (the classes are the whole task)."""
         prompts = [class_prompt(c) for c in range(NUM_CLASSES)]
         return prompts, prompts
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        self.encode_prompts(prompts)  # every prompt must name a digit class
+
+    def step_metrics(self, images01, prompts):
+        from ..rewards.digits_gold import gold_score
+
+        return {"gold": gold_score(images01, prompts).mean().item()}
+
+    def eval_metrics(self, images01, prompts):
+        """The gold terms and class accuracy under the independent classifier."""
+        from ..rewards.digits_classifier import load_classifier
+        from ..rewards.digits_gold import gold_components
+
+        labels = self.encode_prompts(prompts).cpu()
+        out = gold_components(images01, labels)
+        classifier = load_classifier(self.resolution)
+        with torch.no_grad():
+            out["accuracy"] = (classifier(images01.float().cpu()).argmax(1) == labels).float()
+        return out
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         try:

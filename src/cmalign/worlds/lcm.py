@@ -131,17 +131,19 @@ class LCMWorld(World):
 
     # --- construction from a config -------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg, device="cpu", lora: bool = True) -> "LCMWorld":
-        """Load cfg.lcm_model (hub id or folder), apply cfg.lcm_lora if given, add our adapter."""
-        components = load_components(cfg.lcm_model)
+    def from_config(cls, cfg, device="cpu", lora: bool = True, transition=None) -> "LCMWorld":
+        """Load cfg.lcm.model (hub id or folder), apply cfg.lcm.lora if given, add our adapter."""
+        if transition is not None:
+            raise UserError(f"{cfg.method} needs a diffusion model's DDIM chain; the lcm world samples consistency chains only")
+        components = load_components(cfg.lcm.model)
         base_adapter = None
-        if cfg.lcm_lora:
-            base_adapter = apply_lcm_lora(components, cfg.lcm_lora, cfg.lcm_lora_mode)
+        if cfg.lcm.lora:
+            base_adapter = apply_lcm_lora(components, cfg.lcm.lora, cfg.lcm.lora_mode)
         return cls(
-            **components, device=device, resolution=cfg.resolution, guidance_scale=cfg.guidance_scale,
+            **components, device=device, resolution=cfg.lcm.resolution, guidance_scale=cfg.lcm.guidance_scale,
             mixed_precision=cfg.mixed_precision, lora_rank=cfg.lora_rank if lora else None,
-            lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets, base_adapter=base_adapter,
-            heldout_fraction=cfg.heldout_fraction,
+            lora_alpha=cfg.lora_alpha, lora_targets=cfg.lcm.lora_targets, base_adapter=base_adapter,
+            heldout_fraction=cfg.lcm.heldout_fraction,
         )
 
     def default_prompts(self) -> tuple[list[str], list[str]]:

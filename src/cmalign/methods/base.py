@@ -1,0 +1,84 @@
+"""What every alignment method offers the trainer, which names none of them.
+
+A method is built from (config, world, reward) and makes one training step from a `Batch`: it draws
+its own rollouts through chain.run_chain, calls `optimizer_step(loss)` (zero_grad, backward,
+cross-rank mean, clip, step; returns the gradient norm, NaN when the update was skipped) once per
+update, and returns (metrics, images in [0, 1]). Hooks with defaults: `check_config` (refuse
+settings this method cannot run), `transition` (the chain its world must sample: None for the
+consistency chain), `chain_length`, `batch_prompts` (pairwise methods widen the prompt batch),
+`state_dict` / `load_state_dict` (everything beyond the parameters that exact resume needs).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..chain import ChainNoise
+from ..distributed import SINGLE, Shard
+from ..errors import UserError
+
+OptimizerStep = Callable[[torch.Tensor], float]
+
+
+@dataclass
+class Batch:
+    """One step's input: this rank's prompts, the run's generator (seeded identically on every rank)
+    and the rank's shard of the global batch."""
+
+    prompts: list[str]
+    generator: torch.Generator
+    shard: Shard = SINGLE
+
+    def noise(self, world, num_steps: int, batch: int | None = None) -> ChainNoise:
+        """Fixed chain noise for this rank's chains, drawn as a slice of the global batch."""
+        n = len(self.prompts) if batch is None else batch
+        return ChainNoise.draw(n, world.latent_shape, num_steps, self.generator, world.device, world.dtype, shard=self.shard)
+
+
+class Method(ABC):
+    name: str = "method"
+    needs_differentiable_reward: bool = False  # True: refuse a reward without a gradient (ROCM)
+
+    def __init__(self, cfg, world, reward):
+        if self.needs_differentiable_reward and not getattr(reward, "differentiable", True):
+            raise UserError(
+                f"{self.name} back-propagates through the reward, but {getattr(reward, 'name', 'the reward')} is not "
+                "differentiable; use a differentiable reward or a policy-gradient method (rlcm, ddpo)")
+        self.cfg, self.world, self.reward = cfg, world, reward
+
+    # --- hooks read before the method exists ---------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse (UserError) settings this method cannot run; never change cfg."""
+
+    @classmethod
+    def transition(cls, cfg):
+        """The per-step update the world must use (None: the consistency chain)."""
+        return None
+
+    @classmethod
+    def chain_length(cls, cfg) -> int:
+        """K of the chain this method samples (and the evaluation scores)."""
+        return cfg.num_steps
+
+    # --- the step ----------------------------------------------------------------------------------
+    def batch_prompts(self, prompts: list[str]) -> list[str]:
+        """The prompts of one step from the trainer's draw (pairwise methods repeat them)."""
+        return prompts
+
+    @abstractmethod
+    def step(self, batch: Batch, optimizer_step: OptimizerStep) -> tuple[dict, torch.Tensor]:
+        """One training step: (metrics of floats, images in [0, 1] of this rank's chains)."""
+
+    # --- exact resume --------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able scalars) of the method's own state (reward buffers, ...)."""
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if tensors or meta:
+            raise UserError(f"the checkpoint holds method state that {self.name} does not use")
