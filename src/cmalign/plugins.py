@@ -42,7 +42,7 @@ class Registry:
     def _load(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
+        self._loaded = True  # first: built-in modules that register themselves re-enter register()
         self._builtins()
         for ep in metadata.entry_points(group=self.group):
             if ep.name in self._items:

@@ -9,7 +9,10 @@ from .base import Batch, Method
 
 
 def _builtins() -> None:
-    from . import d3po, draft, policy_gradient, rocm  # noqa: F401  (each registers its methods)
+    # imported on first use ("module:Class"), so that importing one method module never imports the others
+    for name, where in (("rocm", "rocm:Rocm"), ("draft", "draft:Draft"), ("rlcm", "policy_gradient:Rlcm"),
+                        ("ddpo", "policy_gradient:Ddpo"), ("dpok", "policy_gradient:Dpok"), ("d3po", "d3po:D3po")):
+        METHODS.register(name, f"cmalign.methods.{where}")
 
 
 METHODS = Registry("method", "cmalign.methods", _builtins)

@@ -21,12 +21,10 @@ import torch.nn.functional as F
 
 from ..chain import run_chain
 from ..errors import UserError
-from . import register_method
 from .base import Batch
 from .policy_gradient import PolicyGradient, gaussian_logprob, step_logprobs
 
 
-@register_method("d3po")
 class D3po(PolicyGradient):
     name = "d3po"
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import UserError
-from . import register_method
 from .rocm import Rocm
 
 
-@register_method("draft")
 class Draft(Rocm):
     name = "draft"
 

@@ -29,7 +29,6 @@ import torch
 
 from ..chain import DDIMTransition, run_chain, step_divergences
 from ..errors import UserError
-from . import register_method
 from .base import Batch, Method
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -183,12 +182,10 @@ def _index_cond(cond, idx: torch.Tensor):
     raise TypeError(f"cannot index conditioning of type {type(cond).__name__}")
 
 
-@register_method("rlcm")
 class Rlcm(PolicyGradient):
     name = "rlcm"
 
 
-@register_method("ddpo")
 class Ddpo(PolicyGradient):
     """PPO on a diffusion model's DDIM(eta) chain of ddpo.steps steps: the world samples its diffusion
     model (the digits world: the DDPM teacher) with a chain.DDIMTransition."""
@@ -209,7 +206,6 @@ class Ddpo(PolicyGradient):
         super().__init__(cfg, world, reward)
 
 
-@register_method("dpok")
 class Dpok(PolicyGradient):
     name = "dpok"
 

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from ..chain import ChainNoise, run_chain, step_divergences
-from . import register_method
 from .base import Batch, Method
 
 
@@ -28,7 +27,6 @@ def clamp_images(images: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown clamp mode {mode!r}")
 
 
-@register_method("rocm")
 class Rocm(Method):
     name = "rocm"
     needs_differentiable_reward = True

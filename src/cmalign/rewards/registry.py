@@ -82,7 +82,7 @@ class RewardSpec:
 
 
 def _builtins() -> None:
-    from . import digits_rewards  # noqa: F401  (registers the digits rewards)
+    from . import digits_rewards, http_reward  # noqa: F401  (register the digits rewards and the remote one)
 
     try:
         from . import lcm_rewards  # noqa: F401  (registers the text-to-image rewards)
