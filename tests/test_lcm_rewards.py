@@ -10,8 +10,9 @@ import torch
 from cmalign.errors import UserError
 from cmalign.rewards import RewardContext, available, build_reward
 from cmalign.rewards.clip_rewards import CLIPEmbedder
-from cmalign.rewards.common import model_pixels, resize_center_crop
+from cmalign.rewards.common import CLIP_MEAN, CLIP_STD, clip_processor, hps_processor
 from lcm_fixtures import linear_head_tensors, tiny_clip, write_image_reward, write_open_clip_checkpoint
+from reward_fixtures import unique_vocab
 
 LCM_WORLD = SimpleNamespace(name="lcm")
 PROMPTS = ["a red cat", "a blue dog on grass", "a red cat"]
@@ -27,6 +28,7 @@ def weights(tmp_path_factory):
     write_open_clip_checkpoint(clip_model, root / "HPS_v2.1_compressed.pt")
     torch.save(linear_head_tensors((16, 32, 8, 4, 2, 1)), root / "aesthetic-model.pth")
     image_reward_folder, vision, text = write_image_reward(root / "image_reward")
+    unique_vocab(image_reward_folder / "vocab.txt")  # its vocab.txt lists "a" twice: refused as it is
     hps = {"path": str(root), "architecture": str(clip_folder)}
     options = {
         "clip_score": {"path": str(clip_folder)},
@@ -71,8 +73,8 @@ def test_open_clip_checkpoint_maps_onto_the_same_clip_model(weights):
     original = weights.clip.state_dict()
     assert loaded.keys() == original.keys()
     assert all(torch.equal(loaded[k], original[k]) for k in original)
-    # HPS is the plain cosine of the HF model's own embeddings
-    reference = CLIPEmbedder(weights.clip, reward.embedder.tokenizer, "cpu", torch.float32)
+    # HPS is the plain cosine of the HF model's own embeddings, on HPSv2's padded images
+    reference = CLIPEmbedder(weights.clip, reward.embedder.tokenizer, "cpu", torch.float32, hps_processor(32))
     x = images().detach()
     assert torch.allclose(reward(x, PROMPTS), reference.cosine(x, PROMPTS), atol=1e-6)
 
@@ -96,11 +98,16 @@ def test_pickscore_scales_by_clip_logit_scale_and_aesthetic_ignores_prompts(weig
 
 
 def test_preprocessing_is_tensor_side_and_exact_at_model_size():
-    x = torch.rand(2, 3, 32, 32)
-    assert torch.equal(resize_center_crop(x, 32), x)
-    wide = torch.rand(1, 3, 32, 48)
-    assert torch.equal(resize_center_crop(wide, 32), wide[..., 8:40])
-    pixels = model_pixels(torch.rand(2, 3, 64, 80, requires_grad=True), 32, torch.float32)
+    x = (torch.rand(2, 3, 32, 32) * 255).round() / 255  # on the 8-bit grid, at the model's size: untouched
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    assert torch.allclose(clip_processor(32)(x) * std + mean, x, atol=1e-6)
+    wide = (torch.rand(1, 3, 32, 48) * 255).round() / 255
+    assert torch.allclose(clip_processor(32)(wide) * std + mean, wide[..., 8:40], atol=1e-6)
+    tall = (torch.rand(1, 3, 32, 20) * 255).round() / 255
+    padded = hps_processor(32)(tall) * std + mean  # longer side already 32: not resized, padded with black
+    assert torch.allclose(padded[..., 6:26], tall, atol=1e-6)
+    assert padded[..., :6].abs().max() < 1e-6 and padded[..., 26:].abs().max() < 1e-6
+    pixels = clip_processor(32)(torch.rand(2, 3, 64, 80, requires_grad=True), torch.float32)
     assert pixels.shape == (2, 3, 32, 32) and pixels.requires_grad
 
 

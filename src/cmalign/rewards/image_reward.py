@@ -4,7 +4,10 @@ The published checkpoint (THUDM/ImageReward: ImageReward.pt + med_config.json) h
 image encoder (timm naming), BLIP's BERT text encoder with cross-attention to the image (the "MED"
 encoder, BERT naming) and a linear score head. The ViT maps onto BlipVisionModel and the BERT onto
 BlipTextModel by renaming keys; the score is the head on the [CLS] state of the text encoder run over
-the prompt while attending to the image, standardised by the published mean and std.
+the prompt while attending to the image, standardised by the published mean and std. Images are
+preprocessed as ImageReward.score does (torchvision Resize(224, BICUBIC) + CenterCrop on a PIL image),
+prompts tokenised by BLIP's BERT tokenizer (bert-base-uncased plus [DEC] and [ENC]), checked against the
+checkpoint's word embeddings.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
 from ..errors import UserError
-from ..hub import hub_errors, offline, resolve_file
-from .common import LinearHead, freeze, load_tensors, model_pixels
+from ..hub import hub_errors, offline, require_local, resolve_file
+from .common import LinearHead, check_tokenizer, freeze, load_tensors, tokenizer_source, torchvision_pil
 from .registry import Reward
 
 IMAGE_REWARD_REPO = "THUDM/ImageReward"
 CHECKPOINT_FILE, MED_CONFIG_FILE = "ImageReward.pt", "med_config.json"
 BERT_TOKENIZER = "google-bert/bert-base-uncased"
+BLIP_TOKENS = {"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]}  # BLIP's init_tokenizer adds these
 SCORE_MEAN, SCORE_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's standardisation
 MAX_PROMPT_TOKENS = 35  # as ImageReward tokenises
 BLIP_HEAD_WIDTH = 64  # BLIP's ViTs (base 768/12, large 1024/16) use 64-wide attention heads
@@ -99,6 +103,7 @@ class ImageReward(Reward):
         self.head = freeze(head, device, torch.float32)
         self.tokenizer, self.device, self.dtype = tokenizer, torch.device(device), dtype
         self.image_size = vision.config.image_size
+        self.preprocess = torchvision_pil(self.image_size)
         self._tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +116,7 @@ class ImageReward(Reward):
         return torch.stack(ids).to(self.device), torch.stack(mask).to(self.device)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = model_pixels(images.to(self.device), self.image_size, self.dtype)
+        pixels = self.preprocess(images.to(self.device), self.dtype)
         image_states = self.vision(pixel_values=pixels).last_hidden_state
         input_ids, attention_mask = self._tokenize(prompts)
         image_mask = torch.ones(image_states.shape[:2], dtype=torch.long, device=self.device)
@@ -120,33 +125,77 @@ class ImageReward(Reward):
         return (self.head(states[:, 0].float()) - SCORE_MEAN) / SCORE_STD
 
 
-def image_reward(device, dtype, path: str = IMAGE_REWARD_REPO, tokenizer: str | None = None) -> Reward:
-    """`path`: a hub repo or folder with ImageReward.pt and med_config.json (or the .pt file, with
-    med_config.json beside it). The BERT tokenizer comes from `tokenizer`, a vocab.txt in that folder,
-    or google-bert/bert-base-uncased."""
-    checkpoint = resolve_file(path, CHECKPOINT_FILE, "ImageReward checkpoint")
-    med_path = checkpoint.parent / MED_CONFIG_FILE if Path(path).is_file() else resolve_file(path, MED_CONFIG_FILE, "ImageReward config")
-    if not med_path.is_file():
-        raise UserError(f"ImageReward: no {MED_CONFIG_FILE} beside {checkpoint}")
+def _flag(component: str = "path") -> str:
+    return "--reward-paths image_reward=PATH" if component == "path" else f"--reward-paths image_reward.{component}=PATH"
+
+
+def _has_bert_tokenizer(folder: Path) -> bool:
+    return (folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file()
+
+
+def load_bert_tokenizer(ref: str, rows: int, pad_token_id: int):
+    """BLIP's tokenizer: bert-base-uncased (a folder with vocab.txt or tokenizer.json, a vocab.txt, or a
+    hub id) plus [DEC] and [ENC], refused unless it fills the checkpoint's word embeddings exactly."""
+    fix = (f"give bert-base-uncased's tokenizer files ({BERT_TOKENIZER}: vocab.txt, or tokenizer.json) with "
+           f"{_flag('tokenizer')}")
+    require_local(ref, "image_reward tokenizer", _flag("tokenizer"))
+    path = Path(ref).expanduser()
+    if path.is_dir() and not _has_bert_tokenizer(path):
+        raise UserError(f"image_reward: {path} has no tokenizer files (vocab.txt, or tokenizer.json); {fix}")
+    with hub_errors(ref, "image_reward BERT tokenizer", _flag("tokenizer")):
+        if path.is_file():  # a vocab.txt, one token a line (BertTokenizer(vocab_file=) is ignored by transformers 5)
+            lines = path.read_text(encoding="utf-8").splitlines()
+            tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(lines)})
+        else:
+            tokenizer = BertTokenizer.from_pretrained(str(path) if path.is_dir() else ref, local_files_only=offline())
+    tokenizer.add_special_tokens(BLIP_TOKENS)
+    check_tokenizer(tokenizer, rows, reward="image_reward", source=tokenizer_source(ref), fix=fix,
+                    special={"pad": pad_token_id, "cls": None, "sep": None})
+    return tokenizer
+
+
+def image_reward(device, dtype, path: str = IMAGE_REWARD_REPO, config: str | None = None,
+                 tokenizer: str | None = None) -> Reward:
+    """path: THUDM/ImageReward's ImageReward.pt (the file, a folder holding it, or the hub repo); config:
+    its med_config.json (default: beside the checkpoint, or in the same repo); tokenizer: bert-base-uncased
+    (default: tokenizer files beside the checkpoint, or google-bert/bert-base-uncased)."""
+    checkpoint = resolve_file(path, CHECKPOINT_FILE, "image_reward checkpoint", _flag())
+    if config is not None:
+        med_path = resolve_file(config, MED_CONFIG_FILE, "image_reward config", _flag("config"))
+    elif Path(path).expanduser().exists():
+        med_path = checkpoint.parent / MED_CONFIG_FILE
+        if not med_path.is_file():
+            raise UserError(f"image_reward: no {MED_CONFIG_FILE} beside {checkpoint}; put THUDM/ImageReward's "
+                            f"{MED_CONFIG_FILE} there or give it with {_flag('config')}")
+    else:
+        med_path = resolve_file(path, MED_CONFIG_FILE, "image_reward config", _flag("config"))
+    try:
+        med = json.loads(med_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"image_reward config {med_path} is not readable JSON ({exc})") from None
     tensors = load_tensors(checkpoint)
     vit, bert = _sub(tensors, "blip.visual_encoder."), _sub(tensors, "blip.text_encoder.")
     if not vit or not bert:
         raise UserError(f"{checkpoint} is not an ImageReward checkpoint (no blip.visual_encoder / blip.text_encoder)")
     with torch.device(device):  # random initialisation of a ViT-L is much faster on a GPU
         vision = BlipVisionModel(vision_config(vit))
-        text = BlipTextModel(text_config(json.loads(med_path.read_text(encoding="utf-8")), bert), add_pooling_layer=False)
+        text = BlipTextModel(text_config(med, bert), add_pooling_layer=False)
     _load_exact(vision, blip_vit_to_transformers(vit), checkpoint)
     # BERT naming matches BlipTextModel; position_ids is a buffer that BLIP saved and transformers rebuilds
     _load_exact(text, {k: v for k, v in bert.items() if k != "embeddings.position_ids"}, checkpoint)
     if tokenizer is None:
-        tokenizer = str(checkpoint.parent) if (checkpoint.parent / "vocab.txt").is_file() else BERT_TOKENIZER
-    with hub_errors(tokenizer, "BERT tokenizer"):
-        bert_tokenizer = BertTokenizer.from_pretrained(tokenizer, local_files_only=offline())
+        local = Path(path).expanduser()
+        folder = local if local.is_dir() else checkpoint.parent
+        tokenizer = str(folder) if local.exists() and _has_bert_tokenizer(folder) else BERT_TOKENIZER
+    rows = bert["embeddings.word_embeddings.weight"].shape[0]
+    bert_tokenizer = load_bert_tokenizer(tokenizer, rows, med.get("pad_token_id", 0))
     return ImageReward(vision, text, LinearHead(_sub(tensors, "mlp.")), bert_tokenizer, device, dtype)
 
 
 def _load_exact(module: torch.nn.Module, tensors: dict[str, torch.Tensor], checkpoint: Path) -> None:
-    result = module.load_state_dict(tensors, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"{checkpoint} does not fit ImageReward's architecture: missing {result.missing_keys[:3]}, "
-                        f"unexpected {result.unexpected_keys[:3]}")
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    wrong = [k for k, v in tensors.items() if k in shapes and tuple(v.shape) != shapes[k]]
+    result = module.load_state_dict({k: v for k, v in tensors.items() if k not in wrong}, strict=False)
+    if result.missing_keys or result.unexpected_keys or wrong:
+        raise UserError(f"{checkpoint} does not fit ImageReward's architecture (med_config.json): missing "
+                        f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}, other shapes {wrong[:3]}")
