@@ -19,7 +19,6 @@ from typing import Iterator
 import torch
 from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
@@ -231,17 +230,29 @@ class LCMWorld(World):
 
     def save_adapter(self, directory: Path) -> None:
         """pytorch_lora_weights.safetensors for stock pipelines (load_lora_weights), plus the peft adapter
-        (adapter_model.safetensors + adapter_config.json) for resuming."""
+        (adapter_model.safetensors + adapter_config.json) for resuming.
+
+        The diffusers file holds peft's own key format (lora_A / lora_B) for every target: stock loaders
+        choose one key format from the FIRST key, and convert_state_dict_to_diffusers renames only the
+        attention projections, so a mixed file (conv1, ff.net.2 beside to_q) lost every attention tensor.
+        The file is then loaded back through the stock loader into a weightless copy of the UNet and
+        refused (UserError, file removed) unless every tensor lands with our shape and scale."""
         if not self.has_adapter:
             raise UserError("this lcm world has no adapter to save")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().float().contiguous() for k, v in self.adapter_state_dict().items()}
         config = self.adapter_config().to_dict()
-        LatentConsistencyModelPipeline.save_lora_weights(
-            directory, unet_lora_layers=convert_state_dict_to_diffusers(weights), weight_name=DIFFUSERS_LORA_FILE,
+        pipeline_class = type(self.pipeline)
+        pipeline_class.save_lora_weights(
+            directory, unet_lora_layers=weights, weight_name=DIFFUSERS_LORA_FILE,
             unet_lora_adapter_metadata=config,  # carries lora_alpha: stock loaders would assume alpha = r
         )
+        try:
+            check_lora_loads_completely(pipeline_class, self.network, OUR_ADAPTER, directory / DIFFUSERS_LORA_FILE)
+        except UserError:
+            (directory / DIFFUSERS_LORA_FILE).unlink(missing_ok=True)
+            raise
         save_file(weights, directory / PEFT_ADAPTER_FILE)
         self.adapter_config().save_pretrained(directory)  # adapter_config.json
 
@@ -286,6 +297,46 @@ def _only_adapter_active(network: torch.nn.Module, name: str) -> Iterator[None]:
             layer.set_adapter(active)
             for param, flag in flags.items():
                 param.requires_grad_(flag)
+
+
+def lora_layout(network: torch.nn.Module, adapter: str) -> dict[str, tuple]:
+    """{LoRA parameter name without the adapter name: (shape, scaling)} of one adapter on a network."""
+    layout = {}
+    for module_name, module in network.named_modules():
+        if not isinstance(module, BaseTunerLayer) or adapter not in module.scaling:
+            continue
+        for name, param in module.named_parameters(recurse=True):
+            if f".{adapter}." in f".{name}." and ("lora_A" in name or "lora_B" in name):
+                key = f"{module_name}.{name}".replace(f".{adapter}.", ".")
+                layout[key] = (tuple(param.shape), float(module.scaling[adapter]))
+    return layout
+
+
+def check_lora_loads_completely(pipeline_class, network: torch.nn.Module, adapter: str, path: Path) -> None:
+    """Load a diffusers LoRA file with the stock loader of `pipeline_class` into a weightless (meta-device)
+    UNet of `network`'s config and refuse it (one-line UserError) unless exactly the tensors of `adapter`
+    land there, with the same shapes and scales. Stock loaders only warn about keys they cannot place."""
+    path = Path(path)
+    state_dict, alphas, metadata = pipeline_class.lora_state_dict(
+        path.parent, weight_name=path.name, return_lora_metadata=True)
+    with torch.device("meta"):
+        shadow = type(network).from_config(network.config)
+    try:
+        pipeline_class.load_lora_into_unet(state_dict, alphas, shadow, adapter_name="check", metadata=metadata,
+                                           low_cpu_mem_usage=True)
+    except Exception as exc:  # noqa: BLE001 -- any loader failure means a stock pipeline cannot use the file
+        raise UserError(f"the exported LoRA {path} does not load into a stock {pipeline_class.__name__} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    ours, landed = lora_layout(network, adapter), lora_layout(shadow, "check")
+    missing = sorted(set(ours) - set(landed))
+    wrong = sorted(k for k in set(ours) & set(landed) if ours[k] != landed[k])
+    if missing or wrong or len(landed) != len(ours):
+        example = (missing or wrong or sorted(set(landed) - set(ours)))[0]
+        raise UserError(
+            f"the exported LoRA {path} would load incompletely into a stock {pipeline_class.__name__}: "
+            f"{len(set(ours) & set(landed)) - len(wrong)} of {len(ours)} tensors land as trained "
+            f"({len(missing)} missing, {len(wrong)} with another shape or scale, e.g. {example}); not exported"
+        )
 
 
 # --- loading ------------------------------------------------------------------------------------------
