@@ -77,8 +77,9 @@ class Registry:
             obj = self._items[name]
             if isinstance(obj, _EntryPoint):
                 obj = self._items[name] = obj.load(self.kind)
-            elif isinstance(obj, str):  # a lazily imported built-in ("package.module:attribute")
-                obj = self._items[name] = import_object(obj, self.kind)
+            elif isinstance(obj, str):  # a lazily imported built-in: failing to import it is a bug, not bad input
+                module_name, _, attr = obj.partition(":")
+                obj = self._items[name] = getattr(importlib.import_module(module_name), attr)
             return obj
         if ":" in name:
             return import_object(name, self.kind)
