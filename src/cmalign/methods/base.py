@@ -41,13 +41,16 @@ class Batch:
 
 class Method(ABC):
     name: str = "method"
-    needs_differentiable_reward: bool = False  # True: refuse a reward without a gradient (ROCM)
+    needs_differentiable_reward: bool = False  # True: refuse a reward without a gradient (draft)
+    # True: non-differentiable reward terms are estimated through the chain's step log-probabilities
+    # (rocm's hybrid estimator), which needs at least one stochastic step (K >= 2)
+    score_function_rewards: bool = False
 
     def __init__(self, cfg, world, reward):
         if self.needs_differentiable_reward and not getattr(reward, "differentiable", True):
             raise UserError(
                 f"{self.name} back-propagates through the reward, but {getattr(reward, 'name', 'the reward')} is not "
-                "differentiable; use a differentiable reward or a policy-gradient method (rlcm, ddpo)")
+                "differentiable; use rocm (its score-function estimator) or a policy-gradient method (rlcm, ddpo)")
         self.cfg, self.world, self.reward = cfg, world, reward
 
     # --- hooks read before the method exists ---------------------------------------------------------

@@ -13,6 +13,8 @@ from .rocm import Rocm
 
 class Draft(Rocm):
     name = "draft"
+    needs_differentiable_reward = True  # DRaFT is the pathwise gradient only (no score-function term)
+    score_function_rewards = False
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -89,7 +89,8 @@ def leave_one_out_baseline(rewards: torch.Tensor, prompts: list[str]) -> torch.T
 
 def chain_logprob(world, cond, traj, timesteps: list[int], grad_checkpointing: bool = False) -> torch.Tensor:
     """(B,) sum over the stochastic steps k < K of log N(sg x_{k+1}; mu_theta(sg x_k), s_k^2 I), summed over
-    dimensions, with gradient through mu_theta only (the policy re-evaluated on the detached states)."""
+    dimensions, up to a constant, with gradient through mu_theta only (the policy re-evaluated on the
+    detached states)."""
     num = traj.num_steps
     if num < 2:
         raise ValueError("the chain has no stochastic step (K = 1)")
@@ -117,7 +118,8 @@ class HybridObjective:
         self.differentiable, self.nondifferentiable = split_reward(reward)
 
     def __call__(self, world, traj, cond, images: torch.Tensor, prompts: list[str]):
-        """(total reward (B,) without gradient, the surrogate whose gradient estimates grad E[r], metrics).
+        """(total reward (B,) without gradient, a surrogate whose value is mean r and whose gradient estimates
+        grad E[r] as above, metrics).
         images: the decoded, clamped chain output (with gradient, for the differentiable terms)."""
         parts, components = [], {}
         surrogate = images.new_zeros(())
@@ -133,7 +135,8 @@ class HybridObjective:
         b = leave_one_out_baseline(r_n, prompts) if self.baseline == "loo" else torch.zeros_like(r_n)
         adv = r_n - b
         logp = chain_logprob(world, cond, traj, self.timesteps, self.grad_checkpointing)
-        surrogate = surrogate + (adv * logp).mean()
+        # value: the reward itself (so the logged loss is the objective); gradient: the score-function term
+        surrogate = surrogate + r_n.mean() + (adv * (logp - logp.detach())).mean()
         if hasattr(self.reward, "last_components"):
             self.reward.last_components = components  # per-component logging, as a plain call would leave it
         metrics = {"reward_nondiff": r_n.mean().item(), "score_adv_std": adv.std().item() if len(adv) > 1 else 0.0}

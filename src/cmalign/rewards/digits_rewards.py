@@ -40,22 +40,32 @@ class GoldReward(Reward):
         return gold_score(images, prompts).to(images.device)
 
 
-@register("proxy", worlds=("digits",))
-def proxy_reward(ctx: RewardContext) -> Reward:
-    """Bradley–Terry proxy: a user's folder (options proxy.path) or the cached default one."""
+def consistency_world(ctx: RewardContext):
+    """The consistency model whose samples the digits rewards are fitted on: ddpo trains the DDPM teacher,
+    but its proxy (and rating) are those of the consistency model's samples, shared by all methods."""
+    world, cfg = ctx.world, ctx.config
+    if getattr(world, "transition", None) is not None and cfg is not None:
+        import dataclasses
+
+        from ..worlds import build_world
+
+        world = build_world(dataclasses.replace(cfg, method="rocm"), lora=False)
+    return world
+
+
+def proxy_folder(ctx: RewardContext):
+    """A user's folder (options proxy.path) or the cached default proxy's."""
     path = ctx.options.get("proxy", {}).get("path")
     if path is None:
         cfg = ctx.config
-        world = ctx.world
-        if getattr(world, "transition", None) is not None and cfg is not None:
-            # ddpo trains the DDPM teacher; the proxy is the one of the consistency model's samples, shared by all methods
-            import dataclasses
+        path = build_default_proxy(consistency_world(ctx), cfg.digits.proxy_pairs if cfg else 2000, seed=0)
+    return path
 
-            from ..worlds import build_world
 
-            world = build_world(dataclasses.replace(cfg, method="rocm"), lora=False)
-        path = build_default_proxy(world, cfg.digits.proxy_pairs if cfg else 2000, seed=0)
-    return ModuleReward("proxy", load_proxy(path), ctx.device)
+@register("proxy", worlds=("digits",))
+def proxy_reward(ctx: RewardContext) -> Reward:
+    """Bradley–Terry proxy: a user's folder (options proxy.path) or the cached default one."""
+    return ModuleReward("proxy", load_proxy(proxy_folder(ctx)), ctx.device)
 
 
 @register("classifier", worlds=("digits",))
@@ -67,3 +77,5 @@ def classifier_reward(ctx: RewardContext) -> Reward:
 def gold_reward(ctx: RewardContext) -> Reward:
     return GoldReward()
 
+
+from . import digits_rating  # noqa: E402,F401  (registers `rating`, which builds on the proxy above)

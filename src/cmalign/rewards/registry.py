@@ -160,8 +160,8 @@ def available(world: str | None = None) -> list[str]:
 
 
 def check_reward_names(cfg, world_cls=None, method_cls=None) -> None:
-    """Every reward of cfg.reward_weights exists for the world, may train, suits the method (ROCM needs
-    gradients), and every reward_paths entry names one of them: all before any model loads."""
+    """Every reward of cfg.reward_weights exists for the world, may train, suits the method (draft needs
+    gradients; rocm's score-function estimate of a non-differentiable one needs K >= 2), and every reward_paths entry names one of them: all before any model loads."""
     specs = {}
     for name, weight in cfg.reward_weights.items():
         spec = specs[name] = reward_spec(name)
@@ -170,11 +170,14 @@ def check_reward_names(cfg, world_cls=None, method_cls=None) -> None:
         if spec.eval_only:
             raise UserError(f"{name} is an evaluation score (the stand-in for human raters) and never a training reward; "
                             "train on proxy")
-    if method_cls is not None and getattr(method_cls, "needs_differentiable_reward", False):
-        nondiff = [n for n, s in specs.items() if not s.differentiable]
-        if nondiff:
-            raise UserError(f"{method_cls.name} back-propagates through the reward, but {', '.join(nondiff)} is not "
-                            "differentiable; use a differentiable reward or a policy-gradient method (rlcm, ddpo)")
+    nondiff = [n for n, s in specs.items() if not s.differentiable]
+    if method_cls is not None and nondiff and getattr(method_cls, "needs_differentiable_reward", False):
+        raise UserError(f"{method_cls.name} back-propagates through the reward, but {', '.join(nondiff)} is not "
+                        "differentiable; use rocm (its score-function estimator) or a policy-gradient method (rlcm, ddpo)")
+    if method_cls is not None and nondiff and getattr(method_cls, "score_function_rewards", False) \
+            and method_cls.chain_length(cfg) < 2:
+        raise UserError(f"{method_cls.name} estimates the gradient of {', '.join(nondiff)} (not differentiable) through "
+                        "the chain's stochastic steps, and K = 1 has none; use num_steps >= 2 or a differentiable reward")
     stray = sorted({split_option_key(k)[0] for k in cfg.reward_paths} - set(cfg.reward_weights))
     if stray:
         raise UserError(f"reward_paths names {', '.join(stray)}, which reward_weights does not use "
