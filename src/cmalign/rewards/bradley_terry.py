@@ -58,8 +58,10 @@ class PreferencePairs:
             raise UserError(f"{path}: images_a/images_b must be (N, C, H, W) of one shape with N prompts and N labels")
         if len(prompts) < 10:
             raise UserError(f"{path}: at least 10 pairs are needed, found {len(prompts)}")
-        if pref.min() < 0 or pref.max() > 1:
-            raise UserError(f"{path}: prefer_a must lie in [0, 1]")
+        if not bool(torch.isfinite(pref).all()) or pref.min() < 0 or pref.max() > 1:
+            raise UserError(f"{path}: prefer_a must be finite and lie in [0, 1] ({int((~torch.isfinite(pref)).sum())} non-finite)")
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise UserError(f"{path}: images_a/images_b hold non-finite values")
         return PreferencePairs(a, b, prompts, pref)
 
 
