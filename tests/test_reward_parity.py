@@ -230,3 +230,33 @@ def test_missing_local_paths_and_offline_hub_ids_say_which_flag(zoo, monkeypatch
         message = str(info.value)
         assert what in message and hint in message and "\n" not in message, message
         assert "from the Hugging Face hub" not in message or "HF_HUB_OFFLINE is set" in message
+
+
+def test_built_in_architecture_is_open_clip_vit_h14():
+    """The default HPSv2 architecture has exactly the tensors of open_clip's ViT-H-14 (shapes written out
+    here from open_clip's VisionTransformer / TextTransformer), and its head counts (1280 / 80, 16)."""
+    from cmalign.rewards.clip_rewards import OPEN_CLIP_VIT_H14, open_clip_config, open_clip_to_transformers
+
+    shapes = {"logit_scale": (), "token_embedding.weight": (49408, 1024), "positional_embedding": (77, 1024),
+              "ln_final.weight": (1024,), "ln_final.bias": (1024,), "text_projection": (1024, 1024),
+              "visual.class_embedding": (1280,), "visual.positional_embedding": (257, 1280),
+              "visual.conv1.weight": (1280, 3, 14, 14), "visual.proj": (1280, 1024)}
+    for name in ("visual.ln_pre", "visual.ln_post"):
+        shapes.update({f"{name}.weight": (1280,), f"{name}.bias": (1280,)})
+    for tower, width, layers in (("", 1024, 24), ("visual.", 1280, 32)):
+        for i in range(layers):
+            p = f"{tower}transformer.resblocks.{i}."
+            shapes.update({f"{p}attn.in_proj_weight": (3 * width, width), f"{p}attn.in_proj_bias": (3 * width,),
+                           f"{p}attn.out_proj.weight": (width, width), f"{p}attn.out_proj.bias": (width,),
+                           f"{p}mlp.c_fc.weight": (4 * width, width), f"{p}mlp.c_fc.bias": (4 * width,),
+                           f"{p}mlp.c_proj.weight": (width, 4 * width), f"{p}mlp.c_proj.bias": (width,)})
+            for ln in ("ln_1", "ln_2"):
+                shapes.update({f"{p}{ln}.weight": (width,), f"{p}{ln}.bias": (width,)})
+    mapped = open_clip_to_transformers({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    config = open_clip_config(OPEN_CLIP_VIT_H14)
+    with torch.device("meta"):
+        model = CLIPModel(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
+    assert config.vision_config.num_attention_heads == 16 and config.text_config.num_attention_heads == 16
+    assert config.vision_config.hidden_act == config.text_config.hidden_act == "gelu"  # ViT-H-14: not quick_gelu

@@ -1,6 +1,8 @@
 """Rewards of the lcm world, registered by name. Each factory reads its options from
-ctx.options[name] (the trainer fills "path" from cfg.reward_paths; "tokenizer" and the like may be
-given too) and loads real weights from the hub or a local path."""
+ctx.options[name]: `--reward-paths NAME=PATH NAME.COMPONENT=PATH` gives {"path": ..., COMPONENT: ...},
+and each option is a keyword argument of the loader, so the loaders' keyword parameters are the
+components (pickscore: path, tokenizer; hpsv2/hpsv2_1: path, architecture, tokenizer; aesthetic: path,
+clip; image_reward: path, config, tokenizer; clip_score: path, tokenizer). See docs/rewards.md."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ def _build(name: str, loader: Callable[..., Reward], ctx: RewardContext, **fixed
     allowed = set(inspect.signature(loader).parameters) - {"device", "dtype"} - set(fixed)
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise UserError(f"reward {name}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        raise UserError(f"reward {name}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))} "
+                        f"(--reward-paths {name}.COMPONENT=PATH)")
     return loader(device=ctx.device, dtype=reward_dtype(ctx.config), **fixed, **options)
 
 
