@@ -15,6 +15,7 @@ the same loop a DDIM(eta) sampler of a diffusion model (DDPO's MDP), for worlds 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +98,8 @@ class Trajectory:
     states: list[torch.Tensor]  # x_1..x_K, the input of each network call
     means: list[torch.Tensor]  # mu_1..mu_K of the policy (mu_K = m_K)
     sigmas: list[float]  # s_1..s_K (s_K the floor of the final step)
-    ref_means: list[torch.Tensor] | None = None
+    ref_means: list[torch.Tensor | None] | None = None  # None at a step without reference call
+    ref_rows: list[torch.Tensor | None] | None = None  # the chains of each ref_means entry (None: all)
     x0: torch.Tensor | None = None  # m_K: the chain's output in latent space
     grad_steps: list[bool] = field(default_factory=list)  # which steps carry gradient
 
@@ -117,6 +119,7 @@ def run_chain(
     backprop_steps: int | None = None,
     grad_checkpointing: bool = False,
     states: list[torch.Tensor] | None = None,
+    reference_rows: list[torch.Tensor | None] | None = None,
 ) -> Trajectory:
     """Roll the chain out with the noise held fixed, so the output is a differentiable function of theta.
 
@@ -124,7 +127,10 @@ def run_chain(
     with_reference also evaluates f_ref on each state (on the live state for divergence_grad="full",
     on a detached one under no_grad for "stopgrad_ref"). `states` (x_1..x_n, n <= K, e.g. a stored rollout)
     re-evaluates the policy on those states instead of sampling (noise may then be None); the
-    trajectory then holds n steps (x0 only when n = K).
+    trajectory then holds n steps (x0 only when n = K). `reference_rows` (with_reference; one entry per step:
+    None = every chain, a LongTensor = those chains, empty = no call) restricts the reference calls to the
+    steps and chains a subsampled regulariser draws (divergences.ReferencePlan); ref_means[k] then holds
+    only those rows (None where nothing was called).
     """
     if divergence_grad not in DIVERGENCE_GRADS:
         raise ValueError(f"unknown divergence_grad {divergence_grad!r}; expected one of {DIVERGENCE_GRADS}")
@@ -136,13 +142,14 @@ def run_chain(
     grad_on = torch.is_grad_enabled()
     transition = getattr(world, "transition", None) or CONSISTENCY
 
-    def call(x, t, reference):
+    def call(x, t, reference, c=cond):
         if grad_checkpointing and grad_on and torch.is_grad_enabled():
-            return checkpoint(transition.denoise, world, x, t, cond, reference, use_reentrant=False)
-        return transition.denoise(world, x, t, cond, reference)
+            return checkpoint(transition.denoise, world, x, t, c, reference, use_reentrant=False)
+        return transition.denoise(world, x, t, c, reference)
 
     x = noise.initial if states is None else states[0]
-    traj = Trajectory(timesteps=list(timesteps), states=[], means=[], sigmas=[], ref_means=[] if with_reference else None)
+    traj = Trajectory(timesteps=list(timesteps), states=[], means=[], sigmas=[], ref_means=[] if with_reference else None,
+                      ref_rows=[] if with_reference else None)
     for k, t in enumerate(timesteps):
         if states is not None:
             if k >= len(states):
@@ -155,17 +162,23 @@ def run_chain(
         traj.grad_steps.append(live)
         with torch.set_grad_enabled(live):
             m = call(x, t, reference=False)
-        if with_reference:
+        rows = reference_rows[k] if (with_reference and reference_rows is not None) else None
+        m_ref = x_ref = None
+        if with_reference and (rows is None or rows.numel() > 0):
+            # only the drawn chains pay for a reference call (all of them when rows is None)
+            x_ref, c_ref = (x, cond) if rows is None else (x[rows.to(x.device)], index_cond(cond, rows.to(x.device)))
             if live and divergence_grad == "full":
-                m_ref = call(x, t, reference=True)
+                m_ref = call(x_ref, t, True, c_ref)
             else:
                 with torch.no_grad():
-                    m_ref = call(x.detach(), t, reference=True)
+                    m_ref = call(x_ref.detach(), t, True, c_ref)
+        if with_reference:
+            traj.ref_rows.append(rows)
         if k < num_steps - 1:
             mean, sigma = transition.step(x, m, t, timesteps[k + 1], abar)
             traj.means.append(mean)
             if with_reference:
-                traj.ref_means.append(transition.step(x, m_ref, t, timesteps[k + 1], abar)[0])
+                traj.ref_means.append(None if m_ref is None else transition.step(x_ref, m_ref, t, timesteps[k + 1], abar)[0])
             if states is None:
                 x = mean + sigma * noise.steps[k]
         else:
@@ -178,6 +191,18 @@ def run_chain(
     return traj
 
 
+def index_cond(cond, idx: torch.Tensor):
+    """The conditioning of the chains idx (a tensor, or a dataclass of tensors such as the lcm world's)."""
+    if isinstance(cond, torch.Tensor):
+        return cond[idx]
+    if hasattr(cond, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.replace(cond, **{f: index_cond(getattr(cond, f), idx)
+                                            for f in cond.__dataclass_fields__ if isinstance(getattr(cond, f), torch.Tensor)})
+    raise TypeError(f"cannot index conditioning of type {type(cond).__name__}")
+
+
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Divergences in float32 for half-precision chains, float64 kept for float64 ones."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -188,21 +213,47 @@ def step_divergences(
     name: str = "kl",
     reduction: str = "per_dim",
     final_step: str = "floor",
+    plan: D.ReferencePlan | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """Per-step divergences D_k of policy to reference, shape (B, K) (K - 1 columns under `skip`)."""
+    """Per-step divergences D_k of policy to reference, shape (B, K) (K - 1 columns under `skip`).
+
+    With a subsampling `plan` (the one the trajectory was rolled out with) entry (b, k) is plan.weight * D_bk
+    for the drawn steps and chains and 0 elsewhere, so that .sum(1).mean() is the unbiased estimator of the
+    full regulariser (divergences.ReferencePlan)."""
     if traj.ref_means is None:
         raise ValueError("the trajectory was rolled out without the reference branch")
     if final_step not in FINAL_STEP_MODES:
         raise ValueError(f"unknown final_step {final_step!r}; expected one of {FINAL_STEP_MODES}")
     n = traj.num_steps if final_step == "floor" else traj.num_steps - 1
-    cols = [
-        D.divergence(name, _at_least_fp32(traj.means[k]), _at_least_fp32(traj.ref_means[k]), traj.sigmas[k], reduction, **kwargs)
-        for k in range(n)
-    ]
+    batch, device = traj.states[0].shape[0], traj.states[0].device
+    if plan is not None and plan.num_terms != n:
+        raise ValueError(f"the plan covers {plan.num_terms} terms, the trajectory has {n} under final_step {final_step!r}")
+    cols = []
+    for k in range(n):
+        if plan is not None and k not in plan.steps:
+            cols.append(torch.zeros(batch, device=device))
+            continue
+        rolled = traj.ref_rows[k] if traj.ref_rows else None
+        ref = traj.ref_means[k]
+        if ref is None:
+            raise ValueError(f"step {k + 1} was rolled out without a reference call")
+        rows = plan.rows if plan is not None else rolled
+        if rows is not None and rolled is None:
+            ref = ref[rows.to(device)]  # a full rollout scored with a chain-subsampling plan
+        elif rows is not None and not torch.equal(rows.cpu(), rolled.cpu()):
+            raise ValueError("the plan's chains are not the ones the trajectory called the reference on")
+        mean = traj.means[k] if rows is None else traj.means[k][rows.to(device)]
+        col = D.divergence(name, _at_least_fp32(mean), _at_least_fp32(traj.ref_means[k]), traj.sigmas[k], reduction, **kwargs)
+        if plan is not None:
+            col = col * plan.weight
+        if rows is not None:  # scatter the drawn chains' terms into the batch (differentiable)
+            col = torch.zeros(batch, device=device, dtype=col.dtype).index_copy(0, rows.to(device), col)
+        cols.append(col)
     if not cols:
-        return torch.zeros(traj.states[0].shape[0], 0, device=traj.states[0].device)
-    return torch.stack(cols, dim=1)
+        return torch.zeros(batch, 0, device=device)
+    dtype = functools.reduce(torch.promote_types, [c.dtype for c in cols])
+    return torch.stack([c.to(dtype) for c in cols], dim=1)
 
 
 @torch.no_grad()

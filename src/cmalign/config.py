@@ -164,6 +164,10 @@ class TrainConfig:
     """Monte Carlo draws per evaluation when js_estimator is mc."""
     divergence_grad: Literal["full", "stopgrad_ref"] = "full"
     """full: exact gradient (reference on live states); stopgrad_ref: cheaper, biased."""
+    divergence_steps: Literal["all"] | int = "all"
+    """Reference steps per batch: all, or N of the K regularised steps drawn per update, weighted K/N (unbiased, N reference calls)."""
+    divergence_fraction: float = 1.0
+    """Share of the chains whose divergence is evaluated per update, drawn at random and weighted by its inverse (unbiased)."""
     reward_weights: Annotated[dict[str, float], _name_value_pairs(float)] = field(default_factory=lambda: {"proxy": 1.0})
     """Training reward as a weighted sum of rewards: registered names or package.module:attribute, e.g. proxy=1.0 mypkg.scores:sharpness=0.5."""
     reward_scale: float = 1.0
@@ -527,6 +531,18 @@ def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards
         need(1 <= cfg.backprop_steps <= cfg.num_steps, f"backprop_steps must be in [1, K={cfg.num_steps}], got {cfg.backprop_steps}")
     need(cfg.reward_scale > 0, f"reward_scale must be > 0, got {cfg.reward_scale}")
     need(cfg.js_samples >= 1, f"js_samples must be >= 1, got {cfg.js_samples}")
+    if cfg.divergence_steps != "all" or cfg.divergence_fraction != 1.0:
+        terms = method_cls.chain_length(cfg) - (cfg.final_step == "skip")
+        need(cfg.divergence_steps == "all" or 1 <= cfg.divergence_steps <= terms,
+             f"divergence_steps must be all or in [1, {terms}] (the regularised steps of K={method_cls.chain_length(cfg)}, "
+             f"final_step {cfg.final_step}), got {cfg.divergence_steps}")
+        need(0 < cfg.divergence_fraction <= 1, f"divergence_fraction must be in (0, 1], got {cfg.divergence_fraction}")
+        need(cfg.beta > 0, "divergence_steps / divergence_fraction subsample the divergence term, which beta = 0 switches off")
+        from .methods.policy_gradient import Dpok
+        from .methods.rocm import Rocm
+
+        need(issubclass(method_cls, (Rocm, Dpok)),
+             f"divergence_steps / divergence_fraction subsample a per-step divergence term, which {cfg.method} does not have (rocm, dpok)")
     need(1 <= cfg.batch_size <= MAX_BATCH, f"batch_size must be >= 1 (and at most {MAX_BATCH}), got {cfg.batch_size}")
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")

@@ -132,3 +132,82 @@ def divergence(name: str, mu_p, mu_q, sigma, reduction: str = "per_dim", **kwarg
         raise ValueError(f"unknown divergence {name!r}; expected one of {sorted(DIVERGENCES)}")
     fn = DIVERGENCES[name]
     return fn(mu_p, mu_q, sigma, reduction, **kwargs) if name == "js" else fn(mu_p, mu_q, sigma, reduction)
+
+
+# ------------------------------------------------------------------------------------------------
+# The subsampled regulariser (DESIGN §2, "Subsampled regulariser")
+# ------------------------------------------------------------------------------------------------
+class ReferencePlan:
+    """Which per-step divergence terms of a batch are evaluated, and the weight that keeps them unbiased.
+
+    The regulariser of one batch is  R = (1/B) sum_b sum_{k<K'} D_bk  (K' = K under final_step floor,
+    K - 1 under skip). A plan draws, independently of theta and from the run's generator,
+
+      S: n of the K' steps uniformly without replacement (one set for the whole batch, so that the
+         reference costs n batched calls), and
+      M: m of the B_global chains of the global batch uniformly without replacement (m = round(f B_global)),
+
+    and estimates R by  R_hat = (1/B) sum_{b in M} sum_{k in S} w D_bk,  w = (K'/n) (B_global/m).
+    Unbiased value: P(k in S) = n/K' and P(b in M) = m/B_global, and S, M are independent, so
+    E[1{k in S} 1{b in M}] w = 1 for every (b, k) and E[R_hat] = R by linearity. Unbiased gradient: S and M
+    do not depend on theta, so grad E_{S,M}[R_hat] = E_{S,M}[grad R_hat] (a finite average over the
+    possible draws) and the expectation of grad R_hat is grad R. Under divergence_grad "full" the gradient
+    of a drawn D_bk still flows through the live x_k into the earlier steps; under "stopgrad_ref" it is the
+    same (biased) surrogate as with every term, and its expectation is that surrogate's gradient.
+    With several ranks M is drawn on the global batch (the generator is identical on every rank) and each
+    rank keeps its rows; the mean over ranks of the local (1/B) sums is then the single-process estimator.
+    Why the chain weight is B_global/m and not 1/f: m is rounded, and only the realised inclusion
+    probability m/B_global makes the batch mean exactly unbiased.
+    """
+
+    def __init__(self, num_terms: int, batch: int, steps: tuple[int, ...], rows: torch.Tensor | None, weight: float):
+        self.num_terms, self.batch, self.steps, self.rows, self.weight = num_terms, batch, tuple(steps), rows, float(weight)
+
+    @property
+    def step_weight(self) -> float:
+        """K'/n: the weight of a drawn step (the per-chain factor is weight / step_weight)."""
+        return self.num_terms / len(self.steps) if self.steps else 0.0
+
+    def reference_rows(self, num_steps: int) -> list[torch.Tensor | None]:
+        """For chain.run_chain: per chain step, the rows that need a reference call (None: all, empty: none)."""
+        none = torch.zeros(0, dtype=torch.long)
+        return [(self.rows if self.rows is not None else None) if k in self.steps else none for k in range(num_steps)]
+
+    @property
+    def full(self) -> bool:
+        return len(self.steps) == self.num_terms and self.rows is None
+
+
+def draw_reference_plan(num_terms: int, batch: int, steps="all", fraction: float = 1.0,
+                        generator: torch.Generator | None = None, shard=None) -> ReferencePlan:
+    """A ReferencePlan for `batch` local chains (of batch * shard.count global ones) and K' = num_terms terms.
+    steps: "all" / None or n in [1, K'];  fraction in (0, 1]. The full plan ("all", 1.0) draws no random numbers,
+    so runs without subsampling keep their random stream."""
+    count, index = (shard.count, shard.index) if shard is not None else (1, 0)
+    if steps in ("all", None) or num_terms == 0:
+        n = num_terms
+    else:
+        n = int(steps)
+        if not 1 <= n <= num_terms:
+            raise ValueError(f"divergence_steps must be in [1, {num_terms}] (the regularised steps), got {n}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"divergence_fraction must be in (0, 1], got {fraction}")
+    chosen = tuple(range(num_terms)) if n == num_terms else \
+        tuple(sorted(torch.randperm(num_terms, generator=generator)[:n].tolist()))
+    rows, chain_weight = None, 1.0
+    if fraction < 1:
+        total = batch * count
+        m = min(total, max(1, round(fraction * total)))
+        picked = torch.randperm(total, generator=generator)[:m]
+        local = picked[(picked >= index * batch) & (picked < (index + 1) * batch)] - index * batch
+        rows, chain_weight = local.sort().values, total / m
+    return ReferencePlan(num_terms, batch, chosen, rows, (num_terms / n if n else 0.0) * chain_weight)
+
+
+def plan_from_config(cfg, num_steps: int, batch: int, generator: torch.Generator | None = None, shard=None) -> ReferencePlan:
+    """The plan of a TrainConfig (divergence_steps, divergence_fraction, final_step) for a K = num_steps chain."""
+    terms = num_steps if cfg.final_step == "floor" else num_steps - 1
+    subsampled = cfg.divergence_steps != "all" or cfg.divergence_fraction < 1
+    if subsampled and generator is None:
+        raise ValueError("a subsampled divergence needs the run's generator (Batch.generator)")
+    return draw_reference_plan(terms, batch, cfg.divergence_steps, cfg.divergence_fraction, generator, shard)

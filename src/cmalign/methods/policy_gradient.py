@@ -28,6 +28,7 @@ from collections import defaultdict, deque
 import torch
 
 from ..chain import DDIMTransition, run_chain, step_divergences
+from ..divergences import plan_from_config
 from ..errors import UserError
 from .base import Batch, Method
 
@@ -122,19 +123,22 @@ class PolicyGradient(Method):
         old = step_logprobs(traj, traj.states[1:])
         return cond, traj.states, old, rewards, images
 
-    def evaluate_policy(self, cond, states: list[torch.Tensor], idx: torch.Tensor):
-        """Re-run the policy (with gradient) on stored states of the samples idx: (log-probs (b, K-1), divergence (b,) or None)."""
+    def evaluate_policy(self, cond, states: list[torch.Tensor], idx: torch.Tensor, generator: torch.Generator | None = None):
+        """Re-run the policy (with gradient) on stored states of the samples idx: (log-probs (b, K-1), divergence (b,) or None).
+        The divergence is subsampled as configured (divergence_steps / _fraction, over these b chains, from generator)."""
         sub = [s[idx] for s in states]
         c = _index_cond(cond, idx)
         with_ref = self.kl_weight > 0
         n = len(sub) if (with_ref and self.cfg.final_step == "floor") else len(sub) - 1
+        plan = plan_from_config(self.cfg, len(sub), len(idx), generator) if with_ref else None
         traj = run_chain(self.world, c, None, self.timesteps, states=sub[:n], with_reference=with_ref,
-                         divergence_grad=self.cfg.divergence_grad)
+                         divergence_grad=self.cfg.divergence_grad,
+                         reference_rows=plan.reference_rows(n) if plan is not None else None)
         logp = step_logprobs(traj, sub[1:])
         div = None
         if with_ref:
             final = "floor" if n == len(sub) else "skip"  # skip: the K-1 stochastic steps are all there is
-            div = step_divergences(traj, self.cfg.divergence, self.cfg.divergence_reduction, final).sum(1)
+            div = step_divergences(traj, self.cfg.divergence, self.cfg.divergence_reduction, final, plan=plan).sum(1)
         return logp, div
 
     def step(self, batch: Batch, optimizer_step):
@@ -148,7 +152,7 @@ class PolicyGradient(Method):
             perm = torch.randperm(b, generator=batch.generator)
             for idx in torch.tensor_split(perm, ppo.minibatches):
                 idx = idx.to(old_logp.device)
-                new_logp, div = self.evaluate_policy(cond, states, idx)
+                new_logp, div = self.evaluate_policy(cond, states, idx, batch.generator)
                 loss, ratio, clipfrac = ppo_loss(new_logp, old_logp[idx], adv[idx], ppo.clip)
                 if div is not None:
                     loss = loss + self.kl_weight * div.mean()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..chain import ChainNoise, run_chain, step_divergences
+from ..divergences import plan_from_config
 from .base import Batch, Method
 
 
@@ -46,18 +47,22 @@ class Rocm(Method):
 
     def step(self, batch: Batch, optimizer_step):
         """One training step: a fresh fixed-noise rollout, the objective, one update."""
-        loss, metrics, images = self.loss(batch.prompts, batch.noise(self.world, self.cfg.num_steps), batch.generator)
+        loss, metrics, images = self.loss(batch.prompts, batch.noise(self.world, self.cfg.num_steps), batch.generator,
+                                          shard=batch.shard)
         metrics["grad_norm"] = optimizer_step(loss)
         return metrics, images
 
-    def loss(self, prompts: list[str], noise: ChainNoise, generator: torch.Generator | None = None):
+    def loss(self, prompts: list[str], noise: ChainNoise, generator: torch.Generator | None = None, shard=None):
         """One objective evaluation: (loss, metrics dict of floats, decoded images in [0, 1])."""
         cfg = self.cfg
         with_ref = cfg.beta > 0
+        # the steps/chains that pay for a reference call (divergence_steps / _fraction; all by default)
+        plan = plan_from_config(cfg, len(self.timesteps), len(prompts), generator, shard) if with_ref else None
         traj = run_chain(
             self.world, self.world.encode_prompts(prompts), noise, self.timesteps,
             with_reference=with_ref, divergence_grad=cfg.divergence_grad,
             backprop_steps=cfg.backprop_steps, grad_checkpointing=self.grad_checkpointing,
+            reference_rows=plan.reference_rows(len(self.timesteps)) if plan is not None else None,
         )
         images = self.world.decode(traj.x0)
         reward = self.reward(clamp_images(images.to(torch.promote_types(images.dtype, torch.float32)), cfg.clamp), prompts)
@@ -65,12 +70,14 @@ class Rocm(Method):
         metrics = {"reward": reward.mean().item()}
         if with_ref:
             per_step = step_divergences(
-                traj, cfg.divergence, cfg.divergence_reduction, cfg.final_step, **self.divergence_kwargs(generator)
+                traj, cfg.divergence, cfg.divergence_reduction, cfg.final_step, plan=plan, **self.divergence_kwargs(generator)
             )
-            total = per_step.sum(1).mean()
+            total = per_step.sum(1).mean()  # unbiased for the full sum under a subsampling plan
             loss = loss + cfg.beta * total
             metrics["divergence"] = total.item()
-            metrics.update({f"div_{k + 1}": v.item() for k, v in enumerate(per_step.mean(0))})
+            # per step: the (unbiased) batch mean of D_k where step k was drawn, None where it was not
+            metrics.update({f"div_{k + 1}": (v.item() / plan.step_weight if k in plan.steps else None)
+                            for k, v in enumerate(per_step.mean(0))})
         else:
             metrics["divergence"] = None  # no reference pass at beta = 0; see eval_divergence
         for name, value in getattr(self.reward, "last_components", {}).items():

@@ -1,0 +1,201 @@
+"""The subsampled regulariser (DESIGN §2, "Subsampled regulariser"; divergences.ReferencePlan).
+
+Averaged over EVERY possible draw (enumerated exactly, not sampled) the estimator equals the full per-step
+sum, for the value and for the gradient, in float64 on a tiny digits world with a non-zero LoRA; a single
+draw calls the reference network on exactly N steps of each chain (counted rows), in ROCM and in dpok.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from cmalign import divergences as D
+from cmalign.chain import ChainNoise, run_chain, step_divergences
+from cmalign.config import TrainConfig, validate
+from cmalign.distributed import Shard
+from cmalign.errors import UserError
+from cmalign.methods.base import Batch
+from cmalign.methods.policy_gradient import Dpok
+from cmalign.methods.rocm import Rocm
+from cmalign.worlds.digits import DigitsWorld
+from cmalign.worlds.digits_data import class_prompt
+from cmalign.worlds.digits_models import build_unet
+
+F64 = torch.float64
+K = 3
+B = 3
+COND = torch.tensor([3, 7, 1])
+PROMPTS = [class_prompt(int(c)) for c in COND]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.manual_seed(0)
+    w = DigitsWorld(build_unet("tiny"), resolution=8, device="cpu", lora_rank=4, lora_init=True)
+    w.network.double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a non-zero adapter: the policy differs from the reference
+        for n, p in w.network.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=F64))
+    return w
+
+
+def _params(world):
+    return [p for n, p in world.network.named_parameters() if "lora_" in n]
+
+
+def _regulariser(world, noise, plan, name, reduction, final_step, divergence_grad, backprop_steps):
+    """(value, gradient) of mean_b sum_k of the (weighted, drawn) per-step terms; plan None: the full sum."""
+    params = _params(world)
+    for p in params:
+        p.grad = None
+    kw = {"estimator": "gauss_hermite"} if name == "js" else {}
+    traj = run_chain(world, COND, noise, world.timesteps(K), with_reference=True, divergence_grad=divergence_grad,
+                     backprop_steps=backprop_steps, reference_rows=plan.reference_rows(K) if plan else None)
+    value = step_divergences(traj, name, reduction, final_step, plan=plan, **kw).sum(1).mean()
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return value.detach(), torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+CASES = [  # name, reduction, final_step, divergence_grad, backprop_steps, n steps, m chains
+    ("kl", "per_dim", "floor", "full", None, 1, B),
+    ("js", "joint", "skip", "stopgrad_ref", None, 1, 2),
+    ("hellinger", "per_dim", "floor", "full", 2, 2, 2),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[2]}-{c[3]}-n{c[5]}-m{c[6]}" for c in CASES])
+def test_average_over_all_draws_equals_the_full_sum_value_and_gradient(world, case):
+    name, reduction, final_step, grad_mode, backprop, n, m = case
+    noise = ChainNoise.draw(B, world.latent_shape, K, torch.Generator().manual_seed(2), dtype=F64)
+    terms = K if final_step == "floor" else K - 1
+    full_value, full_grad = _regulariser(world, noise, None, name, reduction, final_step, grad_mode, backprop)
+    assert full_value.item() > 1e-4 and full_grad.abs().max().item() > 0
+    values, grads = [], []
+    for steps in itertools.combinations(range(terms), n):
+        for rows in itertools.combinations(range(B), m):
+            # the plan draw_reference_plan would give for this draw (its weight is the one under test)
+            weight = draw_reference_plan_weight(terms, n, B, m)
+            plan = D.ReferencePlan(terms, B, steps, None if m == B else torch.tensor(rows), weight)
+            v, g = _regulariser(world, noise, plan, name, reduction, final_step, grad_mode, backprop)
+            values.append(v)
+            grads.append(g)
+    assert len({tuple(g.tolist()) for g in grads}) > 1  # the single draws really differ
+    torch.testing.assert_close(torch.stack(values).mean(), full_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.stack(grads).mean(0), full_grad, rtol=1e-8, atol=1e-12)
+
+
+def draw_reference_plan_weight(terms, n, batch, m):
+    """The weight draw_reference_plan assigns to an (n steps, m chains) draw."""
+    plan = D.draw_reference_plan(terms, batch, n, m / batch if m < batch else 1.0, torch.Generator().manual_seed(0))
+    assert len(plan.steps) == n and (plan.rows is None if m == batch else len(plan.rows) == m)
+    return plan.weight
+
+
+def _counting(world, monkeypatch):
+    """Rows of every network call, split into policy and reference calls."""
+    calls = {"policy": [], "reference": []}
+    original = DigitsWorld.consistency
+
+    def consistency(self, x, t, cond, reference=False):
+        calls["reference" if reference else "policy"].append(x.shape[0])
+        return original(self, x, t, cond, reference)
+
+    monkeypatch.setattr(DigitsWorld, "consistency", consistency)
+    return calls
+
+
+class Quadratic:
+    name, differentiable = "quadratic", True
+
+    def __call__(self, images, prompts):
+        return -(images - 0.5).square().flatten(1).mean(1)
+
+
+@pytest.mark.parametrize("n,fraction", [(1, 1.0), (2, 1.0), (1, 0.5)])
+def test_one_rocm_step_calls_the_reference_on_n_steps_of_each_drawn_chain(world, monkeypatch, n, fraction):
+    cfg = TrainConfig(num_steps=4, beta=1.0, divergence_steps=n, divergence_fraction=fraction, batch_size=4)
+    batch = 4
+    rocm = Rocm(cfg, world, Quadratic())
+    calls = _counting(world, monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    noise = ChainNoise.draw(batch, world.latent_shape, 4, gen, dtype=F64)
+    loss, metrics, _ = rocm.loss([class_prompt(i) for i in range(batch)], noise, gen)
+    loss.backward()
+    m = batch if fraction == 1 else round(fraction * batch)
+    assert calls["policy"] == [batch] * 4
+    assert len(calls["reference"]) == n and sum(calls["reference"]) == n * m  # n calls, each on the m drawn chains
+    drawn = [k for k in range(4) if metrics[f"div_{k + 1}"] is not None]
+    assert len(drawn) == n and metrics["divergence"] > 0
+
+
+def test_the_default_calls_every_step_and_skip_spares_the_final_reference(world, monkeypatch):
+    calls = _counting(world, monkeypatch)
+    for final, expected in (("floor", 4), ("skip", 3)):
+        calls["reference"].clear()
+        rocm = Rocm(TrainConfig(num_steps=4, beta=1.0, final_step=final), world, Quadratic())
+        gen, alone = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        rocm.loss(PROMPTS, ChainNoise.draw(B, world.latent_shape, 4, gen, dtype=F64), gen)
+        assert calls["reference"] == [B] * expected
+        # the full plan draws no random numbers: runs without subsampling keep their random stream
+        ChainNoise.draw(B, world.latent_shape, 4, alone, dtype=F64)
+        assert torch.equal(gen.get_state(), alone.get_state())
+
+
+def test_dpok_divergence_is_subsampled_the_same_way(world, monkeypatch):
+    cfg = TrainConfig(method="dpok", num_steps=3, beta=0.5, divergence_steps=1, batch_size=B)
+    dpok = Dpok(cfg, world, Quadratic())
+    traj = run_chain(world, COND, ChainNoise.draw(B, world.latent_shape, 3, torch.Generator().manual_seed(3), dtype=F64),
+                     world.timesteps(3))
+    calls = _counting(world, monkeypatch)
+    logp, div = dpok.evaluate_policy(COND, traj.states, torch.arange(B), torch.Generator().manual_seed(4))
+    assert len(calls["reference"]) == 1 and sum(calls["reference"]) == B
+    assert logp.shape == (B, 2) and div.shape == (B,) and div.sum().item() > 0
+    with pytest.raises(ValueError, match="generator"):
+        dpok.evaluate_policy(COND, traj.states, torch.arange(B))
+
+
+def test_chains_are_drawn_on_the_global_batch_and_every_rank_keeps_its_own():
+    """Two ranks of 3 chains with one seeded generator each select exactly the chains one process of 6 would."""
+    single = D.draw_reference_plan(4, 6, 2, 0.5, torch.Generator().manual_seed(9))
+    ranks = [D.draw_reference_plan(4, 3, 2, 0.5, torch.Generator().manual_seed(9), Shard(i, 2)) for i in range(2)]
+    assert all(r.steps == single.steps and r.weight == single.weight for r in ranks)
+    assert sorted(ranks[0].rows.tolist() + [i + 3 for i in ranks[1].rows.tolist()]) == single.rows.tolist()
+    assert single.weight == pytest.approx(4 / 2 * 6 / 3)
+    again = D.draw_reference_plan(4, 6, 2, 0.5, torch.Generator().manual_seed(9))
+    assert again.steps == single.steps and torch.equal(again.rows, single.rows)  # the run's generator decides
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(divergence_steps=5), r"divergence_steps must be all or in \[1, 4\]"),
+    (dict(divergence_steps=4, final_step="skip"), r"in \[1, 3\]"),
+    (dict(divergence_steps=0), "divergence_steps"),
+    (dict(divergence_fraction=0.0), "divergence_fraction must be in"),
+    (dict(divergence_steps=1, beta=0.0), "beta = 0"),
+    (dict(divergence_steps=1, method="rlcm"), "rlcm does not have"),
+])
+def test_bad_subsampling_settings_are_one_line_errors(changes, message):
+    with pytest.raises(UserError, match=message):
+        validate(TrainConfig(**changes), check_rewards=False)
+
+
+def test_divergence_steps_from_the_command_line_and_yaml():
+    from cmalign.config import from_mapping
+
+    assert from_mapping({"divergence_steps": 2}).divergence_steps == 2
+    assert from_mapping({"divergence_steps": "all"}).divergence_steps == "all"
+    with pytest.raises(UserError, match="divergence_steps"):
+        from_mapping({"divergence_steps": "some"})
+    validate(TrainConfig(divergence_steps=2, divergence_fraction=0.5), check_rewards=False)
