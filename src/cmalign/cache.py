@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -61,3 +63,16 @@ def staging_dir(final: Path) -> Path:
 
     os.chmod(tmp, 0o777 & ~umask())
     return tmp
+
+
+@contextlib.contextmanager
+def build_lock(final: Path):
+    """One process builds a cache entry at a time: the others (parallel experiment workers, test
+    workers) wait here and then find the entry built instead of building it again."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

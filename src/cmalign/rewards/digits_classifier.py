@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..cache import cache_root, manifest, publish_dir, staging_dir
+from ..cache import build_lock, cache_root, manifest, publish_dir, staging_dir
 from ..worlds.digits_data import NUM_CLASSES, data_hash, digits_dataset
 
 HELD_OUT = 297
@@ -72,10 +72,13 @@ def load_classifier(resolution: int = 8) -> DigitCNN:
     folder = cache_root() / "digits" / f"classifier-v2-r{resolution}-{data_hash()}"
     model = DigitCNN()
     if not folder.exists():
-        trained, accuracy = train_classifier(resolution)
-        tmp = staging_dir(folder)
-        save_file(trained.state_dict(), str(tmp / "classifier.safetensors"))
-        (tmp / "manifest.json").write_text(json.dumps(manifest(kind="digits-classifier", held_out_accuracy=accuracy, held_out=HELD_OUT)))
-        publish_dir(tmp, folder)
+        with build_lock(folder):
+            if not folder.exists():
+                trained, accuracy = train_classifier(resolution)
+                tmp = staging_dir(folder)
+                save_file(trained.state_dict(), str(tmp / "classifier.safetensors"))
+                (tmp / "manifest.json").write_text(json.dumps(manifest(kind="digits-classifier", held_out_accuracy=accuracy,
+                                                                       held_out=HELD_OUT)))
+                publish_dir(tmp, folder)
     model.load_state_dict(load_file(str(folder / "classifier.safetensors")))
     return model.eval().requires_grad_(False)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ..cache import cache_root, manifest, publish_dir, staging_dir
+from ..cache import build_lock, cache_root, manifest, publish_dir, staging_dir
 from ..chain import generate
 from ..errors import UserError
 from ..worlds.digits_data import NUM_CLASSES, class_prompt, parse_prompt
@@ -90,6 +90,13 @@ def build_default_proxy(world, num_pairs: int, seed: int = 0, num_steps: int = 4
     folder = cache_root() / "digits" / f"proxy-{key}-n{num_pairs}-k{num_steps}-s{seed}"
     if folder.exists():
         return folder
+    with build_lock(folder):  # parallel workers: one trains it, the others wait and reuse it
+        if not folder.exists():
+            _build_proxy(world, folder, key, num_pairs, seed, num_steps, progress)
+    return folder
+
+
+def _build_proxy(world, folder: Path, key: str, num_pairs: int, seed: int, num_steps: int, progress: bool) -> None:
     if progress:
         print(f"cmalign: training the digits proxy reward on {num_pairs} gold-labelled pairs -> {folder}", flush=True)
     start = time.time()
@@ -105,4 +112,3 @@ def build_default_proxy(world, num_pairs: int, seed: int = 0, num_steps: int = 4
     tmp = staging_dir(folder)
     save_proxy(model, tmp, {"base": key, "num_pairs": num_pairs, "seed": seed, "num_steps": num_steps, "stats": stats})
     publish_dir(tmp, folder)
-    return folder

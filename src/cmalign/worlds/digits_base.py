@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import cache_root, config_hash, manifest, publish_dir, staging_dir
+from ..cache import build_lock, cache_root, config_hash, manifest, publish_dir, staging_dir
 from ..errors import UserError
 from .digits_data import data_hash
 from .digits_models import build_unet, load_weights, save_weights
@@ -66,16 +66,17 @@ def write_base(folder: Path, cfg: PretrainConfig, teacher, consistency, stats: d
 def build_and_cache(cfg: PretrainConfig, progress: bool = True, force: bool = False) -> Path:
     """Run pretraining and publish the result into the cache atomically."""
     final = cached_dir(cfg)
-    if final.exists() and not force:
-        return final
-    start = time.time()
-    teacher, consistency, stats = pretrain(cfg, progress=progress)
-    stats["wall_seconds"] = round(time.time() - start, 1)
-    tmp = staging_dir(final)
-    write_base(tmp, cfg, teacher, consistency, stats)
-    if force and final.exists():
-        shutil.rmtree(final)
-    publish_dir(tmp, final)
+    with build_lock(final):
+        if final.exists() and not force:
+            return final
+        start = time.time()
+        teacher, consistency, stats = pretrain(cfg, progress=progress)
+        stats["wall_seconds"] = round(time.time() - start, 1)
+        tmp = staging_dir(final)
+        write_base(tmp, cfg, teacher, consistency, stats)
+        if force and final.exists():
+            shutil.rmtree(final)
+        publish_dir(tmp, final)
     return final
 
 
