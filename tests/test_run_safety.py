@@ -41,6 +41,14 @@ def test_second_writer_is_refused_in_one_line_and_the_lock_is_released(tmp_path)
         pass
 
 
+def test_a_failed_set_up_removes_the_run_folder_it_created_only(tmp_path):
+    new, old = tmp_path / "new", tmp_path / "old"
+    old.mkdir()
+    for run in (new, old):
+        rs.RunLock(run).acquire().release(discard=True)
+    assert not new.exists() and old.is_dir(), "a folder that existed before stays (with its lock file)"
+
+
 def _hold_lock_then_wait(run, ready):
     lock = rs.RunLock(run).acquire()  # noqa: F841  (held while the object lives)
     ready.set()

@@ -18,6 +18,7 @@ from typing import Literal
 import tyro
 
 from .errors import UserError
+from .run_safety import Preempted, ensure_writable_dir, ensure_writable_file, writing
 
 COMMANDS = {
     "train": "fine-tune a consistency model (default: ROCM, KL, digits world)",
@@ -177,15 +178,15 @@ def cmd_sample(args: list[str]) -> int:
     from .evaluation import image_grid
 
     a = parse(SampleArgs, args, "cmalign sample")
+    out = ensure_writable_dir(a.out, "--out folder")  # before any expensive work
     cfg, world, k = _world_for(a)
     prompts = _prompts_for(a, world)
     images = generate(world, prompts, k, torch.Generator().manual_seed(a.seed)).cpu()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        image_grid(img[None], 1).save(out / f"{i:05d}.png")
-    image_grid(images, nrow=a.num_per_prompt if a.num_per_prompt <= 16 else 16).save(out / "grid.png")
-    np.savez(out / "samples.npz", images=images.numpy().astype(np.float32), prompts=np.array(prompts))
+    with writing("samples into", out):
+        for i, img in enumerate(images):
+            image_grid(img[None], 1).save(out / f"{i:05d}.png")
+        image_grid(images, nrow=a.num_per_prompt if a.num_per_prompt <= 16 else 16).save(out / "grid.png")
+        np.savez(out / "samples.npz", images=images.numpy().astype(np.float32), prompts=np.array(prompts))
     print(f"cmalign: wrote {len(images)} samples to {out}/ (PNGs, grid.png, samples.npz)")
     return 0
 
@@ -198,6 +199,8 @@ def cmd_eval(args: list[str]) -> int:
     from .rewards import build_weighted, reward_context
 
     a = parse(EvalArgs, args, "cmalign eval")
+    if a.out:
+        ensure_writable_file(a.out, "--out file")  # before any expensive work
     cfg, world, k = _world_for(a)
     prompts = _prompts_for(a, world)
     reward = build_weighted(cfg.reward_weights, reward_context(world, cfg))
@@ -212,7 +215,8 @@ def cmd_eval(args: list[str]) -> int:
         else:
             print(f"{key:<14}{s:>10.4f}")
     if a.out:
-        Path(a.out).write_text(json.dumps({"source": a.run or f"base {a.world}", "num_steps": k, "seed": a.seed, "metrics": result}, indent=2))
+        with writing("the metrics", a.out):
+            Path(a.out).write_text(json.dumps({"source": a.run or f"base {a.world}", "num_steps": k, "seed": a.seed, "metrics": result}, indent=2))
         print(f"cmalign: wrote {a.out}")
     return 0
 
@@ -274,6 +278,7 @@ def cmd_reward_model(args: list[str]) -> int:
     out = Path(a.out)
     if (out / "proxy.safetensors").exists():
         raise UserError(f"{out} already holds a reward model; choose another --out")
+    ensure_writable_dir(out, "--out folder")  # before the pairs are generated and the model fitted
     if a.pairs:
         pairs = PreferencePairs.load(a.pairs)
         source = str(a.pairs)
@@ -286,8 +291,8 @@ def cmd_reward_model(args: list[str]) -> int:
     if pairs.images_a.shape[1:] != (1, a.resolution, a.resolution):
         raise UserError(f"pairs hold images of shape {tuple(pairs.images_a.shape[1:])}; expected (1, {a.resolution}, {a.resolution})")
     model, stats = fit_proxy(pairs, a.resolution, a.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    save_proxy(model, out, {"source": source, "num_pairs": len(pairs), "seed": a.seed, "stats": stats})
+    with writing("the reward model into", out):
+        save_proxy(model, out, {"source": source, "num_pairs": len(pairs), "seed": a.seed, "stats": stats})
     print(f"cmalign: reward model in {out} (held-out pair accuracy {stats['val_accuracy']:.3f}); "
           f"use it with `cmalign train --proxy-path {out}`")
     return 0
@@ -350,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"cmalign: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:  # SIGTERM/SIGINT: the current step is checkpointed
+        print(exc.cli_message(argv), file=sys.stderr, flush=True)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("cmalign: interrupted", file=sys.stderr)
         return 130

@@ -173,10 +173,12 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.fd: int | None = None
+        self.created = False  # the run directory did not exist before acquire()
 
     def acquire(self) -> "RunLock":
         if self.fd is not None or fcntl is None:
             return self
+        existed = self.run_dir.exists()
         ensure_writable_dir(self.run_dir, "run directory")
         with writing("the run lock", self.path):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -186,7 +188,7 @@ class RunLock:
             holder = ""
             with contextlib.suppress(OSError, UnicodeDecodeError):
                 holder = os.pread(fd, 200, 0).decode().strip()
-            os.close(fd)
+            os.close(fd)  # the folder is the other writer's: nothing of it is touched
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise UserError(f"cannot lock the run directory {self.run_dir}: {_cause(exc)}") from None
             who = f" ({holder})" if holder else ""
@@ -195,15 +197,27 @@ class RunLock:
         with contextlib.suppress(OSError):  # informative only: a full disk must not stop the run here
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self.fd = fd
+        self.fd, self.created = fd, not existed
         return self
 
-    def release(self) -> None:
+    def release(self, discard: bool = False) -> None:
+        """Give the lock back. discard=True (a run whose set-up failed) also removes the lock file and
+        the run directory if this lock created it and nothing else was written there, so that a refused
+        command leaves no empty run behind."""
         if self.fd is not None:
             fd, self.fd = self.fd, None
+            if discard and self.created:
+                with contextlib.suppress(OSError):
+                    self._remove_empty_dir()
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def _remove_empty_dir(self) -> None:
+        if {p.name for p in self.run_dir.iterdir()} <= {LOCK_NAME}:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.run_dir.rmdir()
 
     @property
     def held(self) -> bool:

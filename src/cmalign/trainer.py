@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import report, tracking
+from .run_safety import Preempted, RunLock, StopSignals, atomic_dir, clear_run_artefacts, writing
 from .chain import ChainNoise
-from .config import TrainConfig, config_diff, to_yaml, validate, with_changes
+from .config import TrainConfig, config_diff, to_dict, to_yaml, validate, with_changes
 from .distributed import Shard
 from .errors import UserError
 from .evaluation import diversity, evaluate, save_grid, summarize
@@ -91,10 +92,18 @@ def resolve_run_dir(cfg: TrainConfig, overwrite: bool = False, resume: str | Non
         raise UserError(f"output_dir {run_dir} exists and is not a directory")
     if (run_dir / "config.yaml").exists() and not overwrite:
         diff = config_diff(cfg, (run_dir / "config.yaml").read_text(errors="replace"), ignore=("output_dir",))
+        if not diff and not started(run_dir):
+            return run_dir  # killed before its first checkpoint: the same command starts it again
         what = f" with a different config ({', '.join(diff[:6])})" if diff else ""
         raise UserError(f"{run_dir} already holds a run{what}; choose another output_dir, pass --resume latest "
                         "to continue it, or --overwrite to replace it")
     return run_dir
+
+
+def started(run_dir: Path) -> bool:
+    """A run that holds a checkpoint or its final adapter has something to keep; one killed before
+    both (config.yaml and the first steps' metrics only) is started again from step 0."""
+    return bool(ckpt.list_checkpoints(run_dir / "checkpoints")) or (run_dir / "adapter").exists()
 
 
 def eval_prompt_set(prompts: list[str], size: int) -> list[str]:
@@ -112,8 +121,17 @@ def device_of(cfg: TrainConfig) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, world: World | None = None, reward=None, method=None,
-                 overwrite: bool = False, progress: bool = True, resume: str | None = None):
+    def __init__(self, cfg: TrainConfig, **kwargs):
+        self.lock = None
+        try:
+            self._init(cfg, **kwargs)
+        except BaseException:  # a failed set-up gives the run directory back at once
+            if self.lock is not None:
+                self.lock.release(discard=True)  # a run dir this attempt created goes with it
+            raise
+
+    def _init(self, cfg: TrainConfig, *, world: World | None = None, reward=None, method=None,
+              overwrite: bool = False, progress: bool = True, resume: str | None = None):
         world_cls = type(world) if world is not None else world_class(cfg.world)
         method_cls = _method_class_of(method) if method is not None else method_class(cfg.method)
         validate(cfg, world_cls=world_cls, method_cls=method_cls, check_rewards=reward is None)
@@ -127,8 +145,22 @@ class Trainer:
                                        project_config=ProjectConfiguration(str(run_dir), str(run_dir / "tensorboard")))
         self.main = self.accelerator.is_main_process
         self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
+        # One writer per run directory: the lock (which also proves the folder writable) comes after the
+        # read-only checks above, so a refused command creates nothing, and before any expensive work;
+        # the checks are repeated under it, as another writer may have changed the folder meanwhile.
+        self.lock = RunLock(run_dir)
+        if self.main:
+            self.lock.acquire()
+            resolve_run_dir(cfg, overwrite, resume)
+        # --resume latest of a run killed before its first checkpoint starts it again, as its hint says
+        self.restarted = (resume in (None, "latest") and not overwrite and (run_dir / "config.yaml").is_file()
+                          and not started(run_dir))
+        if self.restarted:
+            resume = self.resume = None
         self.resume_from = ckpt.find_checkpoint(resume, run_dir) if resume is not None else None
         self.resume_state = ckpt.read_checkpoint(self.resume_from) if self.resume_from is not None else None
+        if self.resume_state is not None:  # a checkpoint belongs to its run, and to no later step than asked for
+            ckpt.check_belongs(self.resume_from, self.resume_state[1], to_dict(cfg), RESUMABLE_CHANGES, steps=cfg.steps)
         if cfg.prompt_file:
             read_prompt_file(cfg.prompt_file)  # fail on a bad file before any expensive set-up
         if world is None:
@@ -178,13 +210,14 @@ class Trainer:
         per = math.ceil(len(self.eval_set[0]) / len(self.eval_prompts))
         ncol = min(per, 8)
         rows = [images[i * per : i * per + ncol] for i in range(min(len(self.eval_prompts), 10))]
-        save_grid(torch.cat(rows), self.run_dir / "grids" / name, nrow=ncol)
+        with writing("the sample grid", self.run_dir / "grids" / name):
+            save_grid(torch.cat(rows), self.run_dir / "grids" / name, nrow=ncol)
 
     def log(self, row: dict) -> None:
         if not self.main:
             return
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with writing("metrics", self.run_dir / "metrics.jsonl"), open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         tracking.log_row(self.accelerator, row, row["step"])
 
@@ -220,27 +253,32 @@ class Trainer:
         # One generator seeded identically on every rank: each step draws the GLOBAL batch of prompts
         # and chain noise, and every rank keeps its own slice (self.shard).
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000)
-        start_step = self._restore(gen)
-        self._open_run(start_step)
-        bar = tqdm(range(start_step + 1, self.cfg.steps + 1), desc=f"{self.cfg.method} {self.cfg.world}",
-                   disable=not (self.progress and self.main))
-        for step in bar:
-            row = self._train_step(step, self._draw_batch(gen))
-            last = step == self.cfg.steps or self._time_up()
-            self._check_bad_steps(row, bar)
-            self._log_and_evaluate(row, last, bar)
-            self._checkpoint(gen, last)
-            if last:
-                self._announce_stop()
-                break
-        return self._close()
+        try:
+            with StopSignals() as self.stop:  # SIGTERM/SIGINT: finish the step, checkpoint, stop (Preempted)
+                start_step = self._restore(gen)
+                self._open_run(start_step)
+                bar = tqdm(range(start_step + 1, self.cfg.steps + 1), desc=f"{self.cfg.method} {self.cfg.world}",
+                           disable=not (self.progress and self.main))
+                for step in bar:
+                    row = self._train_step(step, self._draw_batch(gen))
+                    last = step == self.cfg.steps or self._time_up()
+                    self._check_bad_steps(row, bar)
+                    self._log_and_evaluate(row, last, bar)
+                    self._checkpoint(gen, last)
+                    self._check_preempted(gen, bar)
+                    if last:
+                        self._announce_stop()
+                        break
+                return self._close()
+        finally:
+            self.lock.release()
 
     def _restore(self, gen: torch.Generator) -> int:
         """Parameters, optimiser, EMA, generator, counters and method state of the checkpoint resumed from."""
         if self.resume_state is None:
             return 0
         tensors, meta = self.resume_state
-        ckpt.restore(tensors, meta, self.params, self.optimizer, self.ema, gen)
+        ckpt.restore(tensors, meta, self.params, self.optimizer, self.ema, gen, method=self.method)
         self.step = int(meta["step"])
         self.train_seconds = float(meta["train_seconds"])
         self.bad_steps = int(meta.get("bad_steps", 0))
@@ -254,10 +292,20 @@ class Trainer:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if start_step == 0 and self.resume_from is None:
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                # --overwrite, or a restart: nothing of the old run may be resumed or pruned against later;
+                # deleted only now that the new run's config is validated and everything is built
+                clear_run_artefacts(self.run_dir)
+                if self.restarted:
+                    print(f"cmalign: {self.run_dir} holds this run, stopped before its first checkpoint: starting it again",
+                          flush=True)
             else:
-                ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+                # checkpoints beyond the one resumed from belong to an abandoned continuation
+                ckpt.remove_newer(self.run_dir / "checkpoints", start_step)
+                ckpt.remove_temporaries(self.run_dir / "checkpoints")
+                with writing("metrics", self.run_dir / "metrics.jsonl"):
+                    ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
+            with writing("the config", self.run_dir / "config.yaml"):
+                (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             # the whole configuration on screen for an interactive run; experiments' runs (progress off) name the file
             print(f"cmalign: resolved config -> {self.run_dir / 'config.yaml'}" + (f"\n{to_yaml(cfg)}" if self.progress else ""), flush=True)
             print(f"cmalign: {nproc} process(es) x batch {cfg.batch_size} per process = global batch "
@@ -328,6 +376,20 @@ class Trainer:
         if step % every == 0 or (last and step < self.cfg.steps):
             self.save_checkpoint(gen)
 
+    def _check_preempted(self, gen: torch.Generator, bar) -> None:
+        """After a SIGTERM/SIGINT (on any rank): a checkpoint of this step, then Preempted (the CLI prints
+        the resume command and exits 128 + signal)."""
+        signum = int(dist.all_reduce_max(float(self.stop.signum or 0), self.shard.count, self.accelerator.device))
+        if not signum:
+            return
+        bar.close()
+        path = None
+        if self.main:
+            found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+            done = found and found[-1].name == f"step_{self.step:06d}"  # written by _checkpoint just now
+            path = found[-1] if done else self.save_checkpoint(gen)  # also at a skipped step: its state is exact
+        raise Preempted(signum, self.step, path, self.run_dir)
+
     def _announce_stop(self) -> None:
         if self.step < self.cfg.steps and self.main:
             print(f"cmalign: stopping at step {self.step}: {self.train_seconds:.1f} train seconds reached "
@@ -362,16 +424,17 @@ class Trainer:
         scalars = {"train_seconds": self.train_seconds, "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row,
                    "data_position": {"generator": "rng.generator", "step": self.step}}
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.world, self.params, self.optimizer,
-                                    self.ema, gen, scalars, self.cfg.keep_checkpoints)
+                                    self.ema, gen, scalars, self.cfg.keep_checkpoints,
+                                    config=to_dict(self.cfg), resumable=RESUMABLE_CHANGES, method=self.method)
 
     def finish(self) -> dict:
         """The final adapter (the EMA's when one is kept), base vs tuned on fresh held-out noise, report."""
         cfg = self.cfg
-        adapter_dir = self.run_dir / "adapter"
-        adapter_dir.mkdir(exist_ok=True)
         final: dict = {}
         with self._ema_applied():
-            self.world.save_adapter(adapter_dir)
+            # written whole or not at all: a present adapter/ marks a finished run
+            with atomic_dir(self.run_dir / "adapter", "the adapter") as tmp:
+                self.world.save_adapter(tmp)
             if cfg.final_eval_size > 0:
                 final = self._final_evaluation()
         report.plot_curves(self.run_dir)
@@ -389,7 +452,8 @@ class Trainer:
             scores, images[label] = evaluate(self.world, self.reward, prompts, noise, self.num_steps, use_adapter=use_adapter)
             final[label] = {k: summarize(v) for k, v in scores.items()}
             final[label]["diversity"] = diversity(images[label], prompts)
-        (self.run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+        with writing("the final evaluation", self.run_dir / "final_eval.json"):
+            (self.run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
         self._before_after(images["base"], images["tuned"], prompts)
         return final
 
@@ -402,7 +466,8 @@ class Trainer:
             idx = [i for i, q in enumerate(prompts) if q == p][:ncol]
             rows += [base[idx], tuned[idx]]
         if rows:
-            save_grid(torch.cat(rows), self.run_dir / "before_after.png", nrow=ncol)
+            with writing("the before/after grid", self.run_dir / "before_after.png"):
+                save_grid(torch.cat(rows), self.run_dir / "before_after.png", nrow=ncol)
 
 
 class _nothing:
