@@ -99,7 +99,8 @@ def chain_logprob(world, cond, traj, timesteps: list[int], grad_checkpointing: b
     total = 0.0
     for k in range(num - 1):
         sigma = policy.sigmas[k]
-        z = (states[k + 1].float() - policy.means[k].float()) / sigma
+        dtype = torch.promote_types(policy.means[k].dtype, torch.float32)  # float32 at least (half-precision chains)
+        z = (states[k + 1].to(dtype) - policy.means[k].to(dtype)) / sigma
         total = total + (-0.5 * z**2).flatten(1).sum(1)  # the constant -log(sigma sqrt(2 pi)) has no gradient
     return total
 
@@ -128,18 +129,20 @@ class HybridObjective:
             surrogate = surrogate + r_d.mean()
             parts.append(r_d.detach())
             components.update(getattr(self.differentiable, "last_components", {}))
-        with torch.no_grad():
-            r_n = self.nondifferentiable(images.detach(), prompts).detach().float()
-        components.update(getattr(self.nondifferentiable, "last_components", {}))
-        parts.append(r_n.to(images.dtype))
-        b = leave_one_out_baseline(r_n, prompts) if self.baseline == "loo" else torch.zeros_like(r_n)
-        adv = r_n - b
-        logp = chain_logprob(world, cond, traj, self.timesteps, self.grad_checkpointing)
-        # value: the reward itself (so the logged loss is the objective); gradient: the score-function term
-        surrogate = surrogate + r_n.mean() + (adv * (logp - logp.detach())).mean()
+        metrics = {}
+        if self.nondifferentiable is not None:
+            with torch.no_grad():
+                r_n = self.nondifferentiable(images.detach(), prompts).detach().float()
+            components.update(getattr(self.nondifferentiable, "last_components", {}))
+            parts.append(r_n.to(images.dtype))
+            b = leave_one_out_baseline(r_n, prompts) if self.baseline == "loo" else torch.zeros_like(r_n)
+            adv = r_n - b
+            logp = chain_logprob(world, cond, traj, self.timesteps, self.grad_checkpointing)
+            # value: the reward itself (so the logged loss is the objective); gradient: the score-function term
+            surrogate = surrogate + r_n.mean() + (adv * (logp - logp.detach())).mean()
+            metrics = {"reward_nondiff": r_n.mean().item(), "score_adv_std": adv.std().item() if len(adv) > 1 else 0.0}
         if hasattr(self.reward, "last_components"):
             self.reward.last_components = components  # per-component logging, as a plain call would leave it
-        metrics = {"reward_nondiff": r_n.mean().item(), "score_adv_std": adv.std().item() if len(adv) > 1 else 0.0}
         return sum(parts), surrogate, metrics
 
 
