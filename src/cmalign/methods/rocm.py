@@ -2,6 +2,9 @@
 f-divergence to the reference (the same network with its adapter disabled):
 
     L = - reward_scale * mean_b r(x0_b, c_b) + beta * mean_b sum_k D_k
+
+Reward components that are not differentiable enter through the score-function estimator of
+methods/hybrid.py (hybrid ROCM); the differentiable ones and the divergence stay reparameterised.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 from ..chain import ChainNoise, run_chain, step_divergences
 from ..divergences import plan_from_config
 from .base import Batch, Method
+from .hybrid import hybrid_objective
 
 
 def clamp_images(images: torch.Tensor, mode: str) -> torch.Tensor:
@@ -30,7 +34,8 @@ def clamp_images(images: torch.Tensor, mode: str) -> torch.Tensor:
 
 class Rocm(Method):
     name = "rocm"
-    needs_differentiable_reward = True
+    needs_differentiable_reward = False  # non-differentiable terms: the hybrid estimator (methods/hybrid.py)
+    score_function_rewards = True
 
     def __init__(self, cfg, world, reward):
         super().__init__(cfg, world, reward)
@@ -38,6 +43,7 @@ class Rocm(Method):
         self.grad_checkpointing = (
             world.grad_checkpointing_default if cfg.grad_checkpointing is None else cfg.grad_checkpointing
         )
+        self.hybrid = hybrid_objective(cfg, reward, self.timesteps, self.grad_checkpointing)  # None: all differentiable
 
     def divergence_kwargs(self, generator: torch.Generator | None = None) -> dict:
         cfg = self.cfg
@@ -58,16 +64,22 @@ class Rocm(Method):
         with_ref = cfg.beta > 0
         # the steps/chains that pay for a reference call (divergence_steps / _fraction; all by default)
         plan = plan_from_config(cfg, len(self.timesteps), len(prompts), generator, shard) if with_ref else None
+        cond = self.world.encode_prompts(prompts)
         traj = run_chain(
-            self.world, self.world.encode_prompts(prompts), noise, self.timesteps,
+            self.world, cond, noise, self.timesteps,
             with_reference=with_ref, divergence_grad=cfg.divergence_grad,
             backprop_steps=cfg.backprop_steps, grad_checkpointing=self.grad_checkpointing,
             reference_rows=plan.reference_rows(len(self.timesteps)) if plan is not None else None,
         )
         images = self.world.decode(traj.x0)
-        reward = self.reward(clamp_images(images.to(torch.promote_types(images.dtype, torch.float32)), cfg.clamp), prompts)
-        loss = -cfg.reward_scale * reward.mean()
-        metrics = {"reward": reward.mean().item()}
+        clamped = clamp_images(images.to(torch.promote_types(images.dtype, torch.float32)), cfg.clamp)
+        if self.hybrid is None:
+            reward = self.reward(clamped, prompts)
+            objective, metrics = reward.mean(), {}
+        else:
+            reward, objective, metrics = self.hybrid(self.world, traj, cond, clamped, prompts)
+        loss = -cfg.reward_scale * objective
+        metrics = {"reward": reward.mean().item(), **metrics}
         if with_ref:
             per_step = step_divergences(
                 traj, cfg.divergence, cfg.divergence_reduction, cfg.final_step, plan=plan, **self.divergence_kwargs(generator)
