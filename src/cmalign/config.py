@@ -189,6 +189,8 @@ class TrainConfig:
     """AdamW weight decay (0 keeps the objective exactly the one above)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
+    score_baseline: Literal["loo", "none"] = "loo"
+    """rocm with non-differentiable reward terms (score-function estimator): loo subtracts the other same-prompt chains' mean reward (unbiased, lower variance); none: no baseline."""
     lora_rank: int = 8
     """LoRA rank."""
     lora_alpha: float = 8.0
