@@ -119,7 +119,9 @@ def test_tokenizers_that_do_not_fit_are_refused(zoo, tmp_path):
         build("image_reward", {"image_reward": {"path": str(zoo.image_reward), "tokenizer": str(specials)}})
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(UserError, match=r"has no tokenizer files \(vocab\.txt, or tokenizer\.json\)"):
+    with pytest.raises(UserError, match=r"has no tokenizer files; give bert-base-uncased's tokenizer files \(google-bert"
+                                        r"/bert-base-uncased: vocab\.txt, or tokenizer\.json\) with --reward-paths "
+                                        r"image_reward\.tokenizer=PATH"):
         build("image_reward", {"image_reward": {"path": str(zoo.image_reward), "tokenizer": str(empty)}})
 
 

@@ -127,7 +127,7 @@ def load_clip_tokenizer(ref: str, reward: str, text_config, publisher: str) -> o
     fix = (f"give the tokenizer files of {publisher} ({CLIP_TOKENIZER_FILES}) with {flag(reward, 'tokenizer')}")
     require_local(ref, f"{reward} tokenizer", flag(reward, "tokenizer"))
     if source.is_dir() and not _has_clip_tokenizer(source):
-        raise UserError(f"{reward}: {source} has no tokenizer files ({CLIP_TOKENIZER_FILES}); {fix}")
+        raise UserError(f"{reward}: {source} has no tokenizer files; {fix}")
     with hub_errors(ref, f"{reward} tokenizer", flag(reward, "tokenizer")):
         # CLIPTokenizer, not AutoTokenizer: vocab.json + merges.txt without a tokenizer_config.json is enough
         tokenizer = CLIPTokenizer.from_pretrained(str(source) if source.is_dir() else ref, local_files_only=offline())

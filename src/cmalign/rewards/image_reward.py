@@ -141,7 +141,7 @@ def load_bert_tokenizer(ref: str, rows: int, pad_token_id: int):
     require_local(ref, "image_reward tokenizer", _flag("tokenizer"))
     path = Path(ref).expanduser()
     if path.is_dir() and not _has_bert_tokenizer(path):
-        raise UserError(f"image_reward: {path} has no tokenizer files (vocab.txt, or tokenizer.json); {fix}")
+        raise UserError(f"image_reward: {path} has no tokenizer files; {fix}")
     with hub_errors(ref, "image_reward BERT tokenizer", _flag("tokenizer")):
         if path.is_file():  # a vocab.txt, one token a line (BertTokenizer(vocab_file=) is ignored by transformers 5)
             lines = path.read_text(encoding="utf-8").splitlines()
