@@ -262,3 +262,9 @@ def test_built_in_architecture_is_open_clip_vit_h14():
     assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
     assert config.vision_config.num_attention_heads == 16 and config.text_config.num_attention_heads == 16
     assert config.vision_config.hidden_act == config.text_config.hidden_act == "gelu"  # ViT-H-14: not quick_gelu
+
+
+def test_clip_score_and_aesthetic_share_one_clip_model(zoo):
+    clip = build("clip_score", {"clip_score": {"path": str(zoo.l14)}})
+    aesthetic = build("aesthetic", {"aesthetic": {"path": str(zoo.aesthetic), "clip": str(zoo.l14)}})
+    assert clip.embedder.model is aesthetic.embedder.model and aesthetic.embedder.tokenizer is None

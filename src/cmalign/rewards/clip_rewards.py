@@ -149,12 +149,17 @@ def _check_text_rows(model: CLIPModel) -> None:
 def load_clip(path: str, tokenizer: str | None, device, dtype: torch.dtype, *, reward: str, publisher: str,
               component: str = "path", text: bool = True) -> CLIPEmbedder:
     """A transformers-format CLIPModel (hub id or folder: config.json + model.safetensors or
-    pytorch_model.bin); with `text`, its tokenizer from `tokenizer` or the same place."""
+    pytorch_model.bin); with `text`, its tokenizer from `tokenizer` or the same place. The weights are
+    loaded once per (path, device, dtype): clip_score and aesthetic share one ViT-L/14."""
     key = ("hf", str(path), str(tokenizer) if text else None, str(device), dtype)
     if key not in _EMBEDDERS:
-        with hub_errors(path, f"{reward} CLIP model", flag(reward, component)):
-            model = CLIPModel.from_pretrained(path, local_files_only=offline())
-        _check_text_rows(model)
+        shared = next((e for k, e in _EMBEDDERS.items() if k[:2] == key[:2] and k[3:] == key[3:]), None)
+        if shared is not None:
+            model = shared.model
+        else:
+            with hub_errors(path, f"{reward} CLIP model", flag(reward, component)):
+                model = CLIPModel.from_pretrained(path, local_files_only=offline())
+            _check_text_rows(model)
         tok = load_clip_tokenizer(tokenizer or path, reward, model.config.text_config, publisher) if text else None
         _EMBEDDERS[key] = CLIPEmbedder(model, tok, device, dtype, clip_processor(model.config.vision_config.image_size))
     return _EMBEDDERS[key]
