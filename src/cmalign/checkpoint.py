@@ -1,4 +1,4 @@
-"""Exact-resume checkpoints, EMA of the adapter, and the multi-process helpers of the trainer.
+"""Exact-resume checkpoints and the EMA of the trainable parameters (cross-rank helpers: distributed.py).
 
 A checkpoint is a directory `checkpoints/step_XXXXXX/` holding
   adapter file(s)        the world's own adapter format (safetensors), usable like a run's adapter/
@@ -35,57 +35,6 @@ STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 FORMAT = 2  # 2: state.json carries the run's config and its fingerprint, and the method's state
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
-
-
-# --- distributed helpers ------------------------------------------------------------------------
-def dist_on(num_processes: int) -> bool:
-    return num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def all_reduce_mean_(flat: torch.Tensor, num_processes: int) -> torch.Tensor:
-    """In-place mean over ranks of a flat tensor (every rank must call this)."""
-    if dist_on(num_processes):
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat /= num_processes
-    return flat
-
-
-def gather_metrics(metrics: dict, num_processes: int, device) -> dict:
-    """Mean over ranks of every numeric metric (None stays None). Every rank must call this with
-    the same keys, which holds because every rank runs the same code path."""
-    if not dist_on(num_processes):
-        return metrics
-    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-    if not keys:
-        return metrics
-    vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
-    all_reduce_mean_(vec, num_processes)
-    return {**metrics, **{k: v for k, v in zip(keys, vec.tolist())}}
-
-
-@contextlib.contextmanager
-def sharded_noise(process_index: int, num_processes: int):
-    """Make every ChainNoise.draw(n) inside the block draw the global batch of n * num_processes
-    chains and return this rank's slice. With one generator seeded identically on all ranks, N
-    processes of batch b then train on exactly the chains one process of batch N*b would."""
-    if num_processes == 1:
-        yield
-        return
-    from .chain import ChainNoise
-
-    original = ChainNoise.__dict__["draw"]
-    draw = original.__func__
-
-    def sharded(batch, latent_shape, num_steps, generator, device="cpu", dtype=torch.float32):
-        full = draw(batch * num_processes, latent_shape, num_steps, generator, "cpu", dtype)
-        sl = slice(process_index * batch, (process_index + 1) * batch)
-        return ChainNoise(full.initial[sl].to(device), [s[sl].to(device) for s in full.steps])
-
-    ChainNoise.draw = staticmethod(sharded)
-    try:
-        yield
-    finally:
-        ChainNoise.draw = original
 
 
 # --- EMA -----------------------------------------------------------------------------------------
