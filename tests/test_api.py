@@ -244,3 +244,39 @@ def test_http_reward_scores_remotely_and_failures_skip_the_step(scorer, tmp_path
     assert "reward http" in err and "HTTPError" in err
     with pytest.raises(UserError, match="http:// or https://"):
         HttpReward("ftp://x")
+
+
+def _documented_train_commands():
+    """Every `cmalign train ...` line of a fenced code block in README.md and docs/*.md (continuations joined)."""
+    out = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        blocks, current = [], None
+        for line in path.read_text().splitlines():
+            if line.startswith("```"):
+                if current is None:
+                    current = [] if line[3:].strip() in ("", "bash", "sh", "console") else False
+                else:
+                    if current is not False:
+                        blocks.append("\n".join(current))
+                    current = None
+            elif isinstance(current, list):
+                current.append(line)
+        for block in blocks:
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("#")[0].strip()
+                if "cmalign train" not in line or "..." in line or "[" in line:
+                    continue
+                out.append((path.name, line[line.index("cmalign train") + len("cmalign train"):].split()))
+    return out
+
+
+def test_every_documented_train_command_still_parses():
+    from cmalign.cli import train_arguments
+
+    commands = _documented_train_commands()
+    assert len(commands) >= 3
+    for where, args in commands:
+        cfg, _, _ = train_arguments(args)  # raises UserError on a flag that no longer exists
+        assert isinstance(cfg, TrainConfig), (where, args)
+    cfg, _, _ = train_arguments(["--lcm-model", "/m", "--guidance-scale", "3", "--ppo-epochs", "1", "--digits-resolution", "16"])
+    assert (cfg.lcm.model, cfg.lcm.guidance_scale, cfg.ppo.epochs, cfg.digits.resolution) == ("/m", 3.0, 1, 16)

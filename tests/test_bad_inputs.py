@@ -65,6 +65,7 @@ FLAG_CASES = [
     (["--reward-weights", "pickscore=1"], "unknown reward 'pickscore' for the digits world"),
     (["--reward-paths", "pickscore=/x"], "reward_paths names pickscore"),
     (["--report-to", "nosuch"], "unknown tracker"),
+    (["--reward-paths", "proxy=/no/such/folder"], "no such file or folder: /no/such/folder (given with --reward-paths proxy=PATH)"),
     (["--method", "draft", "--beta", "2"], "no divergence term"),
     (["--method", "d3po", "--batch-size", "3"], "batch_size must be even"),
     (["--method", "d3po", "--beta", "0"], "d3po needs beta > 0"),

@@ -68,9 +68,9 @@ def parse(cls, args: list[str], prog: str, default=None):
 
 
 # --- train -----------------------------------------------------------------------------------------
-def cmd_train(args: list[str]) -> int:
+def train_arguments(args: list[str]):
+    """(config, overwrite, resume) of a `cmalign train` command line, parsed but not run."""
     from .config import TrainConfig, cli_aliases, load_preset
-    from .trainer import train
 
     preset, config_file, overwrite, resume, rest = None, None, False, None, []
     it = iter(args)
@@ -98,6 +98,13 @@ def cmd_train(args: list[str]) -> int:
         base = load_preset(config_file, base)
     cfg = parse(TrainConfig, cli_aliases(rest), "cmalign train [--preset NAME] [--config FILE] [--overwrite] [--resume latest|PATH]",
                 default=base)
+    return cfg, overwrite, resume
+
+
+def cmd_train(args: list[str]) -> int:
+    from .trainer import train
+
+    cfg, overwrite, resume = train_arguments(args)
     run_dir = train(cfg, overwrite=overwrite, resume=resume).run_dir
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun: the main process only
         print(f"cmalign: done. Results in {run_dir}/ (report.md, metrics.jsonl, grids/, adapter/, tensorboard/)")

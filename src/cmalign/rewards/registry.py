@@ -14,6 +14,7 @@ RewardContext if its constructor takes one), or a factory registered with `facto
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -182,6 +183,10 @@ def check_reward_names(cfg, world_cls=None, method_cls=None) -> None:
     if stray:
         raise UserError(f"reward_paths names {', '.join(stray)}, which reward_weights does not use "
                         f"(in use: {', '.join(cfg.reward_weights)})")
+    for key, value in cfg.reward_paths.items():
+        # an explicit local path (not a hub id or URL) that does not exist: say so before any model loads
+        if value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().exists():
+            raise UserError(f"no such file or folder: {value} (given with --reward-paths {key}=PATH)")
 
 
 class CallableReward(Reward):
