@@ -7,6 +7,7 @@ draw calls the reference network on exactly N steps of each chain (counted rows)
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -199,3 +200,44 @@ def test_divergence_steps_from_the_command_line_and_yaml():
     with pytest.raises(UserError, match="divergence_steps"):
         from_mapping({"divergence_steps": "some"})
     validate(TrainConfig(divergence_steps=2, divergence_fraction=0.5), check_rewards=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation's method-independent distances to the base model and the held-out judge (frontier)
+# ----------------------------------------------------------------------------------------------
+def test_evaluation_scores_kl_and_distance_to_base_and_the_heldout_proxy():
+    from helpers import tiny_config
+
+    from cmalign.evaluation import evaluate
+    from cmalign.rewards import build_weighted, reward_context
+    from cmalign.worlds import build_world, digits_base, digits_pretrain_config
+
+    cfg = tiny_config(divergence="hellinger", divergence_reduction="joint", final_step="skip")
+    digits_base.locate(digits_pretrain_config(cfg), True, False)
+    world = build_world(cfg)
+    reward = build_weighted({"proxy": 1.0}, reward_context(world, cfg))
+    prompts = [class_prompt(c) for c in (0, 3, 5, 7)]
+    noise = ChainNoise.draw(4, world.latent_shape, cfg.num_steps, torch.Generator().manual_seed(0))
+    base, _ = evaluate(world, reward, prompts, noise, cfg.num_steps, cfg)
+    assert base["kl_to_base"].abs().max() == 0 and base["distance_to_base"].abs().max() == 0  # zero-effect adapter
+    with torch.no_grad():
+        for n, p in world.network.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    scores, images = evaluate(world, reward, prompts, noise, cfg.num_steps, cfg)
+    traj = run_chain(world, world.encode_prompts(prompts), noise, world.timesteps(cfg.num_steps), with_reference=True)
+    # KL / per_dim / floor whatever the run's divergence (here Hellinger, joint, skip)
+    torch.testing.assert_close(scores["kl_to_base"], step_divergences(traj, "kl", "per_dim", "floor").sum(1))
+    assert not torch.allclose(scores["kl_to_base"], scores["divergence"])
+    base_images, _ = evaluate(world, reward, prompts, noise, cfg.num_steps, use_adapter=False)
+    assert (scores["distance_to_base"] > 0).all()
+    # the held-out judge: another proxy (other pairs, other seed), scored beside the training proxy
+    assert scores["heldout_proxy"].shape == (4,) and not torch.allclose(scores["heldout_proxy"], scores["reward"])
+    assert "kl_to_base" not in base_images and "heldout_proxy" in base_images
+    # ddpo's world samples the DDPM teacher: no consistency-chain KL, but the sample distance and the same judge
+    ddpo_cfg = dataclasses.replace(cfg, method="ddpo")
+    teacher = build_world(ddpo_cfg)
+    t_scores, _ = evaluate(teacher, reward, prompts, ChainNoise.draw(4, teacher.latent_shape, 3, torch.Generator().manual_seed(0)),
+                           3, ddpo_cfg)
+    assert "kl_to_base" not in t_scores and "distance_to_base" in t_scores
+    torch.testing.assert_close(teacher.heldout_proxy().net[0].weight, world.heldout_proxy().net[0].weight)

@@ -55,9 +55,17 @@ def summarize(values: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(world, reward, prompts: list[str], noise: ChainNoise, num_steps: int, cfg=None,
-             use_adapter: bool = True, batch_size: int = 250) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+             use_adapter: bool = True, batch_size: int = 250, against_base: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-sample scores of the chain's samples for fixed prompts and noise: every reward
-    component, world metrics and (when cfg is given) the summed divergence to the reference."""
+    component, world metrics and (when cfg is given) the summed divergence to the reference.
+
+    With the adapter on and against_base, two measures of the distance to the base model that are the
+    same for every method whatever its own divergence (the gold-vs-divergence plane of the frontier):
+    `kl_to_base`, the per-step KL (per_dim, final-step floor) summed over the chain between the tuned and
+    the base consistency model on these chains (only for the consistency chain: a DDIM chain (ddpo) is a
+    different process, its KL would not be comparable), and `distance_to_base`, the L2 distance in
+    [-1, 1] pixel space between the tuned sample and the base model's sample from the same noise.
+    """
     timesteps = world.timesteps(num_steps)
     scores: dict[str, list[torch.Tensor]] = {}
     images_out = []
@@ -66,8 +74,10 @@ def evaluate(world, reward, prompts: list[str], noise: ChainNoise, num_steps: in
         chunk = prompts[sl]
         part = ChainNoise(noise.initial[sl], [s[sl] for s in noise.steps])
         cond = world.encode_prompts(chunk)
+        consistency_chain = getattr(world, "transition", None) is None
+        kl_to_base = use_adapter and against_base and consistency_chain
         if use_adapter:
-            traj = run_chain(world, cond, part, timesteps, with_reference=cfg is not None)
+            traj = run_chain(world, cond, part, timesteps, with_reference=cfg is not None or kl_to_base)
         else:
             with world.reference_policy():
                 traj = run_chain(world, cond, part, timesteps)
@@ -78,6 +88,12 @@ def evaluate(world, reward, prompts: list[str], noise: ChainNoise, num_steps: in
         batch_scores.update(world.eval_metrics(images, chunk))
         if use_adapter and cfg is not None:
             batch_scores["divergence"] = step_divergences(traj, cfg.divergence, cfg.divergence_reduction, cfg.final_step).sum(1)
+        if kl_to_base:
+            batch_scores["kl_to_base"] = step_divergences(traj, "kl", "per_dim", "floor").sum(1)
+        if use_adapter and against_base:
+            with world.reference_policy():
+                base = world.decode(run_chain(world, cond, part, timesteps).x0).float().clamp(0, 1)
+            batch_scores["distance_to_base"] = ((images - base) * 2).flatten(1).norm(dim=1)
         for k, v in batch_scores.items():
             scores.setdefault(k, []).append(v.detach().float().cpu())
         images_out.append(images.cpu())

@@ -8,6 +8,7 @@ from ..worlds.digits_data import parse_prompt
 from .digits_classifier import load_classifier
 from .digits_gold import gold_score
 from .digits_proxy import build_default_proxy, load_proxy
+from ..errors import UserError
 from .registry import Reward, RewardContext, register
 
 
@@ -76,6 +77,31 @@ def classifier_reward(ctx: RewardContext) -> Reward:
 @register("gold", worlds=("digits",), differentiable=False, eval_only=True)
 def gold_reward(ctx: RewardContext) -> Reward:
     return GoldReward()
+
+
+HELDOUT_PROXY_SEED = 1  # the held-out judge: another seed, hence another pair set and initialisation
+
+
+def heldout_proxy_model(pretrain, num_pairs: int, device="cpu") -> torch.nn.Module:
+    """The held-out proxy of a base model: the same Bradley–Terry CNN on as many gold-labelled pairs, drawn
+    with another seed (another pair set), from the CONSISTENCY model's samples whichever chain a method trains
+    (ddpo's teacher included), cached. Scored beside gold and the training proxy in every digits evaluation:
+    hacking shows as the training proxy rising while the held-out proxy and gold fall."""
+    from ..worlds.digits import DigitsWorld
+
+    world = DigitsWorld.from_pretrained(pretrain, "cpu", which="consistency", lora_rank=None)
+    return load_proxy(build_default_proxy(world, num_pairs, seed=HELDOUT_PROXY_SEED)).to(device)
+
+
+@register("heldout_proxy", worlds=("digits",), eval_only=True)
+def heldout_proxy_reward(ctx: RewardContext) -> Reward:
+    """The held-out judge as a named reward (evaluation only: training on it would defeat its purpose)."""
+    from ..worlds import digits_pretrain_config
+
+    cfg = ctx.config
+    if cfg is None:
+        raise UserError("heldout_proxy needs the run's config (its base model and digits.proxy_pairs)")
+    return ModuleReward("heldout_proxy", heldout_proxy_model(digits_pretrain_config(cfg), cfg.digits.proxy_pairs), ctx.device)
 
 
 from . import digits_rating  # noqa: E402,F401  (registers `rating`, which builds on the proxy above)

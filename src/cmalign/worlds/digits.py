@@ -46,6 +46,7 @@ class DigitsWorld(World):
         which = "teacher" if transition is not None else "consistency"
         world = cls.from_pretrained(digits_pretrain_config(cfg), device, which=which, **lora_args)
         world.transition = transition
+        world.proxy_pairs = cfg.digits.proxy_pairs  # the held-out judge is trained on as many pairs
         return world
 
     @classmethod
@@ -58,7 +59,7 @@ class DigitsWorld(World):
     def from_pretrained(cls, pretrain: PretrainConfig, device="cpu", which: str = "consistency", **lora) -> "DigitsWorld":
         network, folder, info = digits_base.load_base(pretrain, which)
         world = cls(network, pretrain.resolution, device, **lora)
-        world.base_folder, world.base_manifest = folder, info
+        world.base_folder, world.base_manifest, world.pretrain = folder, info, pretrain
         return world
 
     @staticmethod
@@ -75,8 +76,12 @@ class DigitsWorld(World):
 
         return {"gold": gold_score(images01, prompts).mean().item()}
 
+    pretrain = None  # the base model's PretrainConfig (set by from_pretrained)
+    proxy_pairs = 2000
+
     def eval_metrics(self, images01, prompts):
-        """The gold terms and class accuracy under the independent classifier."""
+        """The gold terms, class accuracy under the independent classifier and, for a world built from a
+        pretrained base model, the held-out proxy (`heldout_proxy`: another pair set and seed)."""
         from ..rewards.digits_classifier import load_classifier
         from ..rewards.digits_gold import gold_components
 
@@ -85,7 +90,21 @@ class DigitsWorld(World):
         classifier = load_classifier(self.resolution)
         with torch.no_grad():
             out["accuracy"] = (classifier(images01.float().cpu()).argmax(1) == labels).float()
+            judge = self.heldout_proxy()
+            if judge is not None:
+                out["heldout_proxy"] = judge(images01.float().cpu(), prompts)
         return out
+
+    def heldout_proxy(self):
+        """The held-out judge of this base model (built once and cached), or None for a network that does not
+        come from a pretrained base (nothing to key a cache on)."""
+        if self.pretrain is None:
+            return None
+        if getattr(self, "_heldout_proxy", None) is None:
+            from ..rewards.digits_rewards import heldout_proxy_model
+
+            self._heldout_proxy = heldout_proxy_model(self.pretrain, self.proxy_pairs)
+        return self._heldout_proxy
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         try:

@@ -1,0 +1,93 @@
+"""Seconds per ROCM step on the digits world: the subsampled regulariser (divergence_steps N) against the full
+one (all) and against the bare reward back-propagation (beta = 0, no reference calls), at K = 2, 4, 8.
+
+Every variant runs in the same process on the same world, interleaved: each round times `--steps` updates of
+every (K, variant) in a rotated order, so that drift of a shared machine hits all variants alike. The ratio
+to bare is taken round by round (paired) and its median is reported beside the median seconds per step.
+
+    .venv/bin/python benchmarks/digits_divergence_steps.py [--rounds 5] [--steps 3] [--batch-size 32] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from cmalign.config import TrainConfig, with_changes
+from cmalign.methods.base import Batch
+from cmalign.methods.rocm import Rocm
+from cmalign.rewards import build_weighted, reward_context
+from cmalign.worlds import build_world
+
+
+def variants(k: int) -> dict[str, dict]:
+    out = {"bare (beta=0)": dict(beta=0.0), "all": dict(beta=6.0), "N=1": dict(beta=6.0, divergence_steps=1)}
+    if k > 2:
+        out["N=2"] = dict(beta=6.0, divergence_steps=2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="timed updates per variant and round")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--divergence-grad", default="full", choices=["full", "stopgrad_ref"])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    base = TrainConfig(batch_size=args.batch_size, threads=args.threads, divergence_grad=args.divergence_grad)
+    world = build_world(base, "cpu")
+    reward = build_weighted(base.reward_weights, reward_context(world, base, "cpu"))
+    params = world.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    initial = [p.detach().clone() for p in params]
+
+    def optimizer_step(loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return 0.0
+
+    methods = {(k, name): Rocm(with_changes(base, num_steps=k, **v), world, reward) for k in args.ks for name, v in variants(k).items()}
+    gen = torch.Generator().manual_seed(0)
+    prompts = [f"a handwritten {w}" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
+    prompts = [prompts[i % 10] for i in range(args.batch_size)]
+    times: dict = {key: [] for key in methods}
+    keys = list(methods)
+    for key in keys:  # warm-up: one untimed step each
+        methods[key].step(Batch(prompts, gen), optimizer_step)
+    for r in range(args.rounds):
+        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        for key in order:
+            with torch.no_grad():  # every variant starts from the same adapter (the step's cost does not depend on it much)
+                for p, p0 in zip(params, initial):
+                    p.copy_(p0)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                methods[key].step(Batch(prompts, gen), optimizer_step)
+            times[key].append((time.perf_counter() - start) / args.steps)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} {platform.processor() or ''}, "
+          f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch_size}, divergence_grad {args.divergence_grad}, "
+          f"{args.rounds} rounds x {args.steps} steps\n")
+    print("| K | variant | s/step (median) | ratio to bare (median of paired rounds) | ratio to all |")
+    print("| --- | --- | --- | --- | --- |")
+    for k in args.ks:
+        bare, full = times[(k, "bare (beta=0)")], times[(k, "all")]
+        for name in variants(k):
+            t = times[(k, name)]
+            to_bare = statistics.median(a / b for a, b in zip(t, bare))
+            to_all = statistics.median(a / b for a, b in zip(t, full))
+            print(f"| {k} | {name} | {statistics.median(t):.3f} | {to_bare:.3f} | {to_all:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
