@@ -145,6 +145,23 @@ class Trainer:
                                        project_config=ProjectConfiguration(str(run_dir), str(run_dir / "tensorboard")))
         self.main = self.accelerator.is_main_process
         self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
+        self._claim_run_dir(overwrite, resume)
+        if cfg.prompt_file:
+            read_prompt_file(cfg.prompt_file)  # fail on a bad file before any expensive set-up
+        if world is None:
+            # a missing cache is built (which draws random numbers) BEFORE seeding, so that the
+            # adapter's initialisation does not depend on whether the cache already existed
+            world_cls.prepare(cfg, progress)
+        torch.manual_seed(cfg.seed)
+        self._build(world_cls, method_cls, world, reward, method)
+        self.step, self.train_seconds = 0, 0.0
+        self.bad_steps = self.bad_in_a_row = 0  # updates skipped for non-finite values: in all, in a row
+        self._step_bad = False
+        self.base_eval_images = self.last_eval_images = None
+
+    def _claim_run_dir(self, overwrite: bool, resume: str | None) -> None:
+        """The run directory's lock, and the checkpoint to resume from (refused if it is another run's)."""
+        cfg, run_dir = self.cfg, self.run_dir
         # One writer per run directory: the lock (which also proves the folder writable) comes after the
         # read-only checks above, so a refused command creates nothing, and before any expensive work;
         # the checks are repeated under it, as another writer may have changed the folder meanwhile.
@@ -161,14 +178,10 @@ class Trainer:
         self.resume_state = ckpt.read_checkpoint(self.resume_from) if self.resume_from is not None else None
         if self.resume_state is not None:  # a checkpoint belongs to its run, and to no later step than asked for
             ckpt.check_belongs(self.resume_from, self.resume_state[1], to_dict(cfg), RESUMABLE_CHANGES, steps=cfg.steps)
-        if cfg.prompt_file:
-            read_prompt_file(cfg.prompt_file)  # fail on a bad file before any expensive set-up
-        if world is None:
-            # a missing cache is built (which draws random numbers) BEFORE seeding, so that the
-            # adapter's initialisation does not depend on whether the cache already existed
-            world_cls.prepare(cfg, progress)
-        torch.manual_seed(cfg.seed)
-        device = self.accelerator.device
+
+    def _build(self, world_cls, method_cls, world, reward, method) -> None:
+        """World, reward, method, prompts, optimiser and EMA (ready objects from the caller are used as they are)."""
+        cfg, device = self.cfg, self.accelerator.device
         self.world = world if world is not None else world_cls.from_config(cfg, device, transition=method_cls.transition(cfg))
         self.reward = (as_training_reward(reward) if reward is not None
                        else build_weighted(cfg.reward_weights, reward_context(self.world, cfg, device)))
@@ -182,10 +195,6 @@ class Trainer:
         # reference, adapters toggled). Gradients are averaged over ranks in optimizer_step instead.
         self.optimizer = self.accelerator.prepare(torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay))
         self.ema = ckpt.EMA(self.params, cfg.ema_decay) if cfg.ema_decay is not None else None
-        self.step, self.train_seconds = 0, 0.0
-        self.bad_steps = self.bad_in_a_row = 0  # updates skipped for non-finite values: in all, in a row
-        self._step_bad = False
-        self.base_eval_images = self.last_eval_images = None
 
     # --- evaluation pieces -----------------------------------------------------------------------
     def _noise(self, n: int, generator: torch.Generator) -> ChainNoise:
