@@ -181,6 +181,8 @@ def run_chain(
                 traj.ref_means.append(None if m_ref is None else transition.step(x_ref, m_ref, t, timesteps[k + 1], abar)[0])
             if states is None:
                 x = mean + sigma * noise.steps[k]
+            if sigma == 0 and hasattr(transition, "sigma_floor"):  # a deterministic step (TCD, gamma 0):
+                sigma = transition.sigma_floor(t, timesteps[k + 1], abar)  # regularised like the final step
         else:
             sigma = float((1 - abar[t]).sqrt())  # the final-step floor
             traj.means.append(m)

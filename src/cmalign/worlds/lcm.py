@@ -1,11 +1,17 @@
 """The lcm world: real latent consistency models through diffusers (DESIGN §1, §2).
 
-A diffusers LCM (e.g. SimianLuo/LCM_Dreamshaper_v7), or an SD-1.5 base with an LCM-LoRA, carrying our
-peft LoRA adapter on its UNet. The chain (chain.run_chain) reproduces LCMScheduler +
-LatentConsistencyModelPipeline exactly for the same noise; everything the pipeline computes once per
-call (text embeddings, the guidance embedding of w - 1) is computed here once per prompt.
+Two UNet families, picked by the pipeline folder's own model_index.json (`_class_name`):
+- sd: SD-1.5-class (LatentConsistencyModelPipeline, e.g. SimianLuo/LCM_Dreamshaper_v7, or a
+  StableDiffusionPipeline base with an LCM-LoRA);
+- sdxl: SDXL-class (StableDiffusionXLPipeline: two text encoders, pooled text embeddings and
+  add_time_ids; LCM-SDXL and LCM-SSD-1B UNets, SDXL/SSD-1B bases with an LCM-LoRA or TCD-LoRA).
+Two chain families: lcm (LCMScheduler; chain.ConsistencyTransition) and tcd (TCDScheduler; tcd.TCDTransition).
 
-Stacked LCM-LoRA (lcm_lora_mode "stack"): the LCM-LoRA stays a separate, frozen peft adapter under
+The chain (chain.run_chain) reproduces the stock pipeline driven by that scheduler exactly for the same
+noise; everything the pipeline computes once per call (text embeddings, pooled embeddings and time ids,
+the guidance embedding of w - 1) is computed here once per prompt, by the pipeline's own methods.
+
+Stacked LCM-LoRA (lcm.lora_mode "stack"): the LCM-LoRA stays a separate, frozen peft adapter under
 ours; the reference policy switches only OUR adapter off (see `reference_policy`).
 """
 
@@ -17,19 +23,23 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+from diffusers import (
+    DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionXLPipeline, TCDScheduler,
+    UNet2DConditionModel,
+)
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..hub import hub_errors, offline
+from ..hub import hub_errors, is_local, offline
 from ..precision import WEIGHT_DTYPES
 from ..prompts import bundled_prompts, read_prompt_file, split_prompts
 from .base import World, adapters_disabled
+from .tcd import TCDTransition
 
-__all__ = ["LCMWorld", "PromptConditioning", "read_prompt_file", "load_components"]
+__all__ = ["LCMWorld", "PromptConditioning", "read_prompt_file", "load_components", "model_family"]
 
 OUR_ADAPTER = "rocm"  # our trainable LoRA
 LCM_ADAPTER = "lcm"  # a stacked LCM-LoRA: frozen, part of both the policy and the reference
@@ -37,6 +47,13 @@ DEFAULT_PROMPTS = "simple_animals"
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # what a stock pipeline's load_lora_weights reads
 PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"  # for resuming
+
+# model_index.json _class_name -> UNet family
+FAMILIES = {"StableDiffusionPipeline": "sd", "LatentConsistencyModelPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+PIPELINES = {"sd": LatentConsistencyModelPipeline, "sdxl": StableDiffusionXLPipeline}
+SCHEDULERS = {"lcm": LCMScheduler, "tcd": TCDScheduler}
+# methods that need the chain's step log-probabilities, which a deterministic chain (TCD gamma = 0) lacks
+LOG_PROB_METHODS = ("rlcm", "ddpo", "dpok", "d3po")
 
 
 @dataclass
@@ -46,6 +63,9 @@ class PromptConditioning:
     text: torch.Tensor  # (B, 77, D) text-encoder hidden states
     guidance: torch.Tensor | None  # (B, time_cond_proj_dim) embedding of w - 1 (LCMs distilled with guidance)
     uncond: torch.Tensor | None = None  # (B, 77, D) empty-prompt states when classifier-free guidance runs
+    pooled: torch.Tensor | None = None  # sdxl: (B, P) pooled text embedding of the second encoder
+    time_ids: torch.Tensor | None = None  # sdxl: (B, 6) original size, crop corner, target size
+    uncond_pooled: torch.Tensor | None = None  # sdxl with classifier-free guidance
 
 
 class LCMWorld(World):
@@ -60,6 +80,8 @@ class LCMWorld(World):
         tokenizer,
         scheduler,
         *,
+        text_encoder_2=None,
+        tokenizer_2=None,
         device: str | torch.device = "cpu",
         resolution: int | None = None,
         guidance_scale: float = 8.0,
@@ -70,37 +92,62 @@ class LCMWorld(World):
         lora_init: bool | str = True,
         base_adapter: str | None = None,
         heldout_fraction: float = 0.2,
+        chain_scheduler: str = "lcm",
+        tcd_gamma: float = 0.3,
+        vae_checkpointing: bool = False,
+        force_zeros_for_empty_prompt: bool = True,
     ):
-        """Wrap already-built components. `base_adapter` names a peft adapter already on the UNet that
-        belongs to the base model (a stacked LCM-LoRA); `lora_rank=None` adds no adapter of ours."""
+        """Wrap already-built components (two text encoders and tokenizers: the sdxl family). `base_adapter`
+        names a peft adapter already on the UNet that belongs to the base model (a stacked LCM-LoRA);
+        `lora_rank=None` adds no adapter of ours. chain_scheduler: lcm | tcd (with tcd_gamma)."""
         if mixed_precision not in WEIGHT_DTYPES:
             raise UserError(f"mixed_precision must be one of {', '.join(WEIGHT_DTYPES)}, got {mixed_precision!r}")
+        if chain_scheduler not in SCHEDULERS:
+            raise UserError(f"lcm.scheduler must be one of {', '.join(SCHEDULERS)}, got {chain_scheduler!r}")
+        self.family = "sdxl" if text_encoder_2 is not None else "sd"
+        _check_unet_family(unet.config, self.family, "the UNet")
         self.device = torch.device(device)
         self.weight_dtype = WEIGHT_DTYPES[mixed_precision]
         self.autocast_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
         self.dtype = torch.float32  # the chain's latents and noise; networks run under autocast
-        for module in (unet, vae, text_encoder):
+        # the SDXL VAE overflows in float16 (force_upcast): it stays in float32, as the stock pipeline upcasts it
+        self.vae_upcast = self.weight_dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+        for module in (unet, vae, text_encoder, text_encoder_2):
+            if module is None:
+                continue
             module.requires_grad_(False).eval().to(self.device)
-            if module.dtype != self.weight_dtype:  # (diffusers warns on every dtype cast, even a no-op one)
-                module.to(dtype=self.weight_dtype)
+            dtype = torch.float32 if (module is vae and self.vae_upcast) else self.weight_dtype
+            if module.dtype != dtype:  # (diffusers warns on every dtype cast, even a no-op one)
+                module.to(dtype=dtype)
+        if vae_checkpointing:
+            vae.enable_gradient_checkpointing()  # diffusers' own: the decoder's mid and up blocks recompute
 
-        if not isinstance(scheduler, LCMScheduler):
-            scheduler = LCMScheduler.from_config(scheduler.config)
-        if scheduler.config.thresholding or scheduler.config.clip_sample:
-            raise UserError("the LCM scheduler clips or thresholds x0, which the differentiable chain does not do; "
-                            "set clip_sample and thresholding to false in its scheduler config")
-        self.scheduler = scheduler
-        self.pipeline = LatentConsistencyModelPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        scheduler_cls = SCHEDULERS[chain_scheduler]
+        if not isinstance(scheduler, scheduler_cls):
+            scheduler = scheduler_cls.from_config(scheduler.config)
+        if getattr(scheduler.config, "thresholding", False) or getattr(scheduler.config, "clip_sample", False):
+            raise UserError(f"the {chain_scheduler} scheduler clips or thresholds x0, which the differentiable chain "
+                            "does not do; set clip_sample and thresholding to false in its scheduler config")
+        self.scheduler, self.chain_scheduler = scheduler, chain_scheduler
+        self.transition = TCDTransition(tcd_gamma) if chain_scheduler == "tcd" else None
+        if self.family == "sdxl":
+            self.pipeline = StableDiffusionXLPipeline(
+                vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False,
+            )
+        else:
+            self.pipeline = LatentConsistencyModelPipeline(
+                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
         self.pipeline.set_progress_bar_config(disable=True)
         self.network, self.vae = unet, vae
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64).to(self.device)
         self.prediction_type = scheduler.config.prediction_type
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.original_inference_steps = scheduler.config.original_inference_steps
-        self.timestep_scaling = float(scheduler.config.timestep_scaling)
+        self.timestep_scaling = float(getattr(scheduler.config, "timestep_scaling", 10.0))
 
         scale = self.pipeline.vae_scale_factor
         self.resolution = resolution or unet.config.sample_size * scale
@@ -115,10 +162,16 @@ class LCMWorld(World):
         if guidance_dim is not None:  # LCM distilled with guidance: w enters as an embedding, as in the pipeline
             w = torch.tensor([guidance_scale - 1.0])
             self._guidance = self.pipeline.get_guidance_scale_embedding(w, embedding_dim=guidance_dim).to(self.device)
-        # A UNet without that input (SD-1.5 + LCM-LoRA) gets real CFG, as StableDiffusionPipeline does
+        # A UNet without that input (SD-1.5 / SDXL + LCM-LoRA) gets real CFG, as the stock pipelines do
         self.classifier_free = guidance_dim is None and guidance_scale > 1
+        self._time_ids = None
+        if self.family == "sdxl":  # SDXL's micro-conditioning: (original size, crop top-left, target size)
+            size = (self.resolution, self.resolution)
+            self._time_ids = self.pipeline._get_add_time_ids(
+                size, (0, 0), size, dtype=torch.float32,
+                text_encoder_projection_dim=int(text_encoder_2.config.projection_dim)).to(self.device)
         self.heldout_fraction = heldout_fraction
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._timesteps: dict[int, list[int]] = {}
 
         self.base_adapter = base_adapter
@@ -130,19 +183,33 @@ class LCMWorld(World):
 
     # --- construction from a config -------------------------------------------------------------------
     @classmethod
+    def check_config(cls, cfg) -> None:
+        lcm = cfg.lcm
+        if not 0.0 <= lcm.tcd_gamma <= 1.0:
+            raise UserError(f"lcm.tcd_gamma must be in [0, 1], got {lcm.tcd_gamma}")
+        if lcm.scheduler == "tcd" and lcm.tcd_gamma == 0 and cfg.method in LOG_PROB_METHODS:
+            raise UserError(f"{cfg.method} needs the chain's step log-probabilities, but TCD with tcd_gamma 0 is "
+                            "deterministic; use tcd_gamma > 0 or rocm/draft")
+
+    @classmethod
     def from_config(cls, cfg, device="cpu", lora: bool = True, transition=None) -> "LCMWorld":
-        """Load cfg.lcm.model (hub id or folder), apply cfg.lcm.lora if given, add our adapter."""
+        """Load cfg.lcm.model (hub id or folder; its family from its model_index.json), swap in cfg.lcm.unet,
+        apply cfg.lcm.lora if given, add our adapter."""
         if transition is not None:
-            raise UserError(f"{cfg.method} needs a diffusion model's DDIM chain; the lcm world samples consistency chains only")
-        components = load_components(cfg.lcm.model)
+            raise UserError(f"{cfg.method} needs a diffusion model's DDIM chain; the lcm world samples consistency "
+                            "(lcm, tcd) chains only")
+        cls.check_config(cfg)
+        lcm = cfg.lcm
+        components = load_components(lcm.model, unet=lcm.unet)
         base_adapter = None
-        if cfg.lcm.lora:
-            base_adapter = apply_lcm_lora(components, cfg.lcm.lora, cfg.lcm.lora_mode)
+        if lcm.lora:
+            base_adapter = apply_lcm_lora(components, lcm.lora, lcm.lora_mode, weight_name=lcm.lora_weight_name)
         return cls(
-            **components, device=device, resolution=cfg.lcm.resolution, guidance_scale=cfg.lcm.guidance_scale,
+            **components, device=device, resolution=lcm.resolution, guidance_scale=lcm.guidance_scale,
             mixed_precision=cfg.mixed_precision, lora_rank=cfg.lora_rank if lora else None,
-            lora_alpha=cfg.lora_alpha, lora_targets=cfg.lcm.lora_targets, base_adapter=base_adapter,
-            heldout_fraction=cfg.lcm.heldout_fraction,
+            lora_alpha=cfg.lora_alpha, lora_targets=lcm.lora_targets, base_adapter=base_adapter,
+            heldout_fraction=lcm.heldout_fraction, chain_scheduler=lcm.scheduler, tcd_gamma=lcm.tcd_gamma,
+            vae_checkpointing=lcm.vae_checkpointing,
         )
 
     def default_prompts(self) -> tuple[list[str], list[str]]:
@@ -154,41 +221,71 @@ class LCMWorld(World):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     @torch.no_grad()
-    def _text_states(self, prompts: list[str]) -> torch.Tensor:
+    def _text_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, pooled or None) per prompt, by the pipeline's own encode_prompt."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
         if missing:
             with self._autocast():
-                states, _ = self.pipeline.encode_prompt(missing, self.device, 1, False)
-            self._text_cache.update(zip(missing, states))
-        return torch.stack([self._text_cache[p] for p in prompts])
+                out = self.pipeline.encode_prompt(prompt=missing, device=self.device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+            states, pooled = out[0], (out[2] if self.family == "sdxl" else None)
+            for i, p in enumerate(missing):
+                self._text_cache[p] = (states[i], None if pooled is None else pooled[i])
+        states = torch.stack([self._text_cache[p][0] for p in prompts])
+        pooled = None if self.family == "sd" else torch.stack([self._text_cache[p][1] for p in prompts])
+        return states, pooled
 
     def encode_prompts(self, prompts: list[str]) -> PromptConditioning:
         n = len(prompts)
         guidance = None if self._guidance is None else self._guidance.expand(n, -1)
-        uncond = self._text_states([""] * n) if self.classifier_free else None
-        return PromptConditioning(self._text_states(prompts), guidance, uncond)
+        text, pooled = self._text_states(prompts)
+        uncond = uncond_pooled = None
+        if self.classifier_free:
+            if self.family == "sdxl" and self.pipeline.config.force_zeros_for_empty_prompt:
+                uncond, uncond_pooled = torch.zeros_like(text), torch.zeros_like(pooled)  # as the stock SDXL pipeline
+            else:
+                uncond, uncond_pooled = self._text_states([""] * n)
+        time_ids = None if self._time_ids is None else self._time_ids.expand(n, -1)
+        return PromptConditioning(text, guidance, uncond, pooled, time_ids, uncond_pooled)
 
     def model_output(self, x: torch.Tensor, timestep: int, cond: PromptConditioning) -> torch.Tensor:
-        text = cond.text
+        text, pooled, time_ids = cond.text, cond.pooled, cond.time_ids
         if cond.uncond is not None:
             x, text = torch.cat([x, x]), torch.cat([cond.uncond, cond.text])
+            if pooled is not None:
+                pooled, time_ids = torch.cat([cond.uncond_pooled, pooled]), torch.cat([time_ids, time_ids])
+        added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
         with self._autocast():
-            out = self.network(x, timestep, encoder_hidden_states=text, timestep_cond=cond.guidance).sample
+            out = self.network(x, timestep, encoder_hidden_states=text, timestep_cond=cond.guidance,
+                               added_cond_kwargs=added).sample
         if cond.uncond is not None:
             out_uncond, out_text = out.chunk(2)
             out = out_uncond + self.guidance_scale * (out_text - out_uncond)
         return out
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """VAE decode with gradient, mapped from [-1, 1] to [0, 1] and left unclamped."""
-        with self._autocast():
-            image = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+        """VAE decode with gradient, mapped from [-1, 1] to [0, 1] and left unclamped (the stock pipelines'
+        latent un-scaling, including a VAE's latents_mean / latents_std)."""
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            mean = torch.tensor(mean, device=x0.device, dtype=x0.dtype).view(shape)
+            std = torch.tensor(std, device=x0.device, dtype=x0.dtype).view(shape)
+            latents = x0 * std / config.scaling_factor + mean
+        else:
+            latents = x0 / config.scaling_factor
+        if self.vae_upcast:  # a float32 VAE, outside the float16 autocast
+            image = self.vae.decode(latents.float()).sample
+        else:
+            with self._autocast():
+                image = self.vae.decode(latents).sample
         return (image.float() + 1) / 2
 
     def timesteps(self, num_steps: int) -> list[int]:
         """The pipeline scheduler's own grid (its config decides spacing and original steps)."""
         if num_steps not in self._timesteps:
-            scheduler = LCMScheduler.from_config(self.scheduler.config)
+            scheduler = type(self.scheduler).from_config(self.scheduler.config)
             try:
                 scheduler.set_timesteps(num_steps)
             except ValueError as exc:
@@ -340,35 +437,80 @@ def check_lora_loads_completely(pipeline_class, network: torch.nn.Module, adapte
 
 
 # --- loading ------------------------------------------------------------------------------------------
-def load_components(model: str) -> dict:
-    """unet, vae, text_encoder, tokenizer and an LCMScheduler from a diffusers folder or hub id (float32;
-    the world casts them). An SD-1.5 base gets an LCMScheduler built from its own scheduler config."""
+def _check_unet_family(unet_config, family: str, what: str) -> None:
+    sdxl_unet = unet_config.get("addition_embed_type") == "text_time"
+    if sdxl_unet != (family == "sdxl"):
+        kind = "an SDXL-class UNet (addition_embed_type text_time)" if sdxl_unet else "an SD-1.5-class UNet"
+        raise UserError(f"{what} is {kind}, but the pipeline is of the {family} family "
+                        f"({'two text encoders' if family == 'sdxl' else 'one text encoder'})")
+
+
+def _read_config(cls, ref: str, what: str, **kwargs) -> dict:
+    with hub_errors(ref, what):
+        return dict(cls.load_config(ref, local_files_only=offline(), **kwargs))
+
+
+def model_family(model: str, unet: str | None = None) -> str:
+    """sd | sdxl from the pipeline's own model_index.json (and the UNet's config.json), read before any
+    weights load; an unsupported pipeline or a UNet-only repository is refused in one line."""
+    folder = Path(model).expanduser()
+    if is_local(model) and not (folder / "model_index.json").is_file():
+        hint = ("; a UNet alone is given with --lcm.unet beside its base pipeline (--lcm.model)"
+                if (folder / "config.json").is_file() else "")
+        raise UserError(f"{model} is not a diffusers pipeline folder (no model_index.json){hint}")
+    index = _read_config(DiffusionPipeline, model, "diffusion model")
+    name = index.get("_class_name")
+    family = FAMILIES.get(name)
+    if family is None:
+        raise UserError(f"{model} is a {name} pipeline; the lcm world runs {', '.join(sorted(FAMILIES))} "
+                        "(SD-1.5- and SDXL-class UNets)")
+    unet_config = (_read_config(UNet2DConditionModel, unet, "UNet") if unet
+                   else _read_config(UNet2DConditionModel, model, "diffusion model", subfolder="unet"))
+    _check_unet_family(unet_config, family, f"the UNet of {unet or model}")
+    return family
+
+
+def load_components(model: str, unet: str | None = None) -> dict:
+    """unet, vae, text encoder(s), tokenizer(s) and the scheduler from a diffusers folder or hub id
+    (float32; the world casts them and builds its chain's scheduler from this one's config). `unet`
+    replaces the pipeline's UNet (e.g. latent-consistency/lcm-sdxl on SDXL base)."""
+    family = model_family(model, unet)  # before any weights load
+    extra = {}
+    if unet:
+        with hub_errors(unet, "UNet"):
+            extra["unet"] = UNet2DConditionModel.from_pretrained(unet, local_files_only=offline())
+    if family == "sd":
+        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     with hub_errors(model, "diffusion model"):
-        pipe = DiffusionPipeline.from_pretrained(
-            model, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            local_files_only=offline(),
-        )
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise UserError(f"{model} has two text encoders (SDXL); the lcm world supports SD-1.5-style models for now")
-    missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, n, None) is None]
+        pipe = DiffusionPipeline.from_pretrained(model, local_files_only=offline(), **extra)
+    names = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (("text_encoder_2", "tokenizer_2")
+                                                                          if family == "sdxl" else ())
+    missing = [n for n in names if getattr(pipe, n, None) is None]
     if missing:
         raise UserError(f"{model} is not a text-to-image latent diffusion pipeline (no {', '.join(missing)})")
-    scheduler = pipe.scheduler
-    if not isinstance(scheduler, LCMScheduler):
-        scheduler = LCMScheduler.from_config(scheduler.config)
-    return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                scheduler=scheduler)
+    components = {n: getattr(pipe, n) for n in names}
+    if family == "sdxl":
+        components["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+    return components
 
 
-def apply_lcm_lora(components: dict, lora: str, mode: str = "fuse") -> str | None:
-    """Put an LCM-LoRA on the UNet: fused into its weights (returns None) or kept as a separate frozen
-    adapter for our LoRA to stack on (returns its adapter name)."""
+def _pipeline_of(components: dict):
+    modules = {k: v for k, v in components.items() if k != "force_zeros_for_empty_prompt"}
+    if "text_encoder_2" in modules:
+        return StableDiffusionXLPipeline(**modules, add_watermarker=False)
+    return LatentConsistencyModelPipeline(**modules, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+
+
+def apply_lcm_lora(components: dict, lora: str, mode: str = "fuse", weight_name: str | None = None) -> str | None:
+    """Put an LCM-LoRA (or TCD-, Hyper-SD-LoRA) on the UNet: fused into its weights (returns None) or kept
+    as a separate frozen adapter for our LoRA to stack on (returns its adapter name)."""
     if mode not in ("fuse", "stack"):
         raise UserError(f"lcm_lora_mode must be fuse or stack, got {mode!r}")
-    pipe = LatentConsistencyModelPipeline(**components, safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False)
+    pipe = _pipeline_of(components)
+    kwargs = {} if weight_name is None else {"weight_name": weight_name}
     with hub_errors(lora, "LCM-LoRA"):
-        pipe.load_lora_weights(lora, adapter_name=LCM_ADAPTER, local_files_only=offline())
+        pipe.load_lora_weights(lora, adapter_name=LCM_ADAPTER, local_files_only=offline(), **kwargs)
     if mode == "stack":
         return LCM_ADAPTER
     pipe.fuse_lora()  # in float32, before any cast to bf16/fp16

@@ -1,0 +1,214 @@
+"""The lcm world's model and chain families (issue 12) on tiny random pipelines saved with
+save_pretrained: SDXL-class (LCM-SDXL's guidance embedding; SDXL base + LCM-LoRA with CFG), TCD on
+SD-1.5 and SDXL, each equal to its stock diffusers pipeline; family detection before weights load;
+adapter export into the stock SDXL pipeline; VAE-decoder checkpointing; the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, TCDScheduler
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from cmalign.chain import step_divergences
+from cmalign.cli import main
+from cmalign.config import TrainConfig
+from cmalign.errors import UserError
+from cmalign.worlds.lcm import DIFFUSERS_LORA_FILE, OUR_ADAPTER, LCMWorld, model_family
+from cmalign.worlds.lcm_components import TINY_VAE, random_components
+from lcm_fixtures import RESOLUTION, perturb_lora_b, stock_pipeline, tiny_clip
+from test_lcm_export import lora_param_count
+from test_lcm_world import PROMPTS, rollout
+
+NO_W = {"time_cond_proj_dim": None}  # a base UNet (SDXL base + LCM-LoRA): classifier-free guidance
+
+
+def sdxl_components(folder, **unet_overrides):
+    return random_components(folder, "tiny-sdxl", **unet_overrides)
+
+
+def sdxl_stock(components, scheduler: str = "lcm"):
+    if scheduler == "tcd":
+        components = dict(components, scheduler=TCDScheduler.from_config(components["scheduler"].config))
+    pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_sdxl_pipeline(folder, **unet_overrides):
+    sdxl_stock(sdxl_components(folder / "build", **unet_overrides)).save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def cfg_for(model, **lcm) -> TrainConfig:
+    return TrainConfig(world="lcm", lora_rank=4, lora_alpha=4.0, lcm_model=str(model), resolution=RESOLUTION,
+                       **{"guidance_scale": lcm.pop("guidance_scale", 8.0)}, **lcm)
+
+
+def stock_call(pipe, num_steps, guidance, output_type, seed=3, **kwargs):
+    return pipe(PROMPTS, num_inference_steps=num_steps, guidance_scale=guidance, height=RESOLUTION, width=RESOLUTION,
+                generator=torch.Generator().manual_seed(seed), output_type=output_type, **kwargs).images
+
+
+def assert_equal_to_stock(world, pipe, num_steps, guidance, eta=None):
+    kwargs = {} if eta is None else {"eta": eta}
+    with torch.no_grad():
+        traj = rollout(world, num_steps)
+        images = world.decode(traj.x0).clamp(0, 1)
+    latents = stock_call(pipe, num_steps, guidance, "latent", **kwargs)
+    # latents reach |x| ~ 60 with random weights: float32 rounding, relative 1e-6
+    assert float((traj.x0 - latents).abs().max() / latents.abs().max()) < 1e-6
+    assert (images - stock_call(pipe, num_steps, guidance, "pt", **kwargs)).abs().max() < 1e-5
+    return traj
+
+
+@pytest.mark.parametrize("unet, guidance", [({}, 8.0), (NO_W, 1.5)], ids=["lcm-sdxl", "sdxl-base-cfg"])
+def test_sdxl_chain_from_a_saved_folder_equals_the_stock_sdxl_pipeline(tmp_path, unet, guidance):
+    model = save_sdxl_pipeline(tmp_path, **unet)
+    assert model_family(str(model)) == "sdxl"
+    world = LCMWorld.from_config(cfg_for(model, guidance_scale=guidance))
+    assert world.family == "sdxl" and world.classifier_free == (guidance > 1 and bool(unet))
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    for num_steps in (1, 4):
+        assert_equal_to_stock(world, pipe, num_steps, guidance)
+
+
+@pytest.mark.parametrize("family, gamma", [("sd", 0.0), ("sd", 0.3), ("sd", 1.0), ("sdxl", 0.3)])
+def test_tcd_chain_equals_the_stock_pipeline_with_tcd_scheduler(tmp_path, family, gamma):
+    size = "tiny" if family == "sd" else "tiny-sdxl"
+    world = LCMWorld(**random_components(tmp_path / "a", size, **NO_W), resolution=RESOLUTION, guidance_scale=1.5,
+                     lora_rank=4, chain_scheduler="tcd", tcd_gamma=gamma)
+    stock = random_components(tmp_path / "b", size, **NO_W)
+    if family == "sd":
+        stock["scheduler"] = TCDScheduler.from_config(stock["scheduler"].config)
+        pipe = stock_pipeline(stock, cls=StableDiffusionPipeline)
+    else:
+        pipe = sdxl_stock(stock, "tcd")
+    traj = assert_equal_to_stock(world, pipe, 4, 1.5, eta=gamma)
+    # the per-step policy: TCD's re-noising sigma, or at gamma = 0 (deterministic) the floor 1 - abar_{t'}
+    abar, ts = world.alphas_cumprod, traj.timesteps
+    for k in range(3):
+        s = int((1 - gamma) * ts[k + 1])
+        expected = (1 - abar[ts[k + 1]] / abar[s]) ** 0.5 if gamma > 0 else (1 - abar[ts[k + 1]]) ** 0.5
+        assert traj.sigmas[k] == pytest.approx(float(expected), rel=1e-9) and traj.sigmas[k] > 0
+    if gamma == 0.0:  # a deterministic chain: the next state is the mean itself
+        assert torch.equal(traj.states[1], traj.means[0])
+        perturb_lora_b(world.network, OUR_ADAPTER, std=0.02)
+        divs = step_divergences(rollout(world, 4, with_reference=True))
+        assert torch.isfinite(divs).all() and (divs > 0).all()
+
+
+def test_sdxl_lora_export_lands_in_the_stock_sdxl_pipeline_and_lcm_lora_fuses_or_stacks(tmp_path):
+    model = save_sdxl_pipeline(tmp_path, **NO_W)
+    # an LCM-LoRA stand-in for the tiny SDXL UNet, in diffusers' SDXL LoRA file
+    made = sdxl_components(tmp_path / "made", **NO_W)["unet"]
+    made.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), "made")
+    perturb_lora_b(made, "made", seed=9)
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lcm_lora",
+                                                unet_lora_layers=get_peft_model_state_dict(made, adapter_name="made"))
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "ff.net.2"]
+    cfg = cfg_for(model, guidance_scale=1.0, lcm_lora=str(tmp_path / "lcm_lora"), lora_targets=targets)
+    fused = LCMWorld.from_config(cfg)
+    stacked = LCMWorld.from_config(_stacked(cfg))
+    perturb_lora_b(fused.network, OUR_ADAPTER, std=0.05)
+    fused.save_adapter(tmp_path / "adapter")
+    stacked.load_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        x_fused, x_stacked = rollout(fused, 2).x0, rollout(stacked, 2).x0
+    assert float((x_fused - x_stacked).abs().max() / x_fused.abs().max()) < 1e-5
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(tmp_path / "lcm_lora", adapter_name="lcm")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(tmp_path / "adapter")
+    assert lora_param_count(pipe.unet) == lora_param_count(fused.network) > 0  # every tensor landed
+    with torch.no_grad():
+        ours = fused.decode(rollout(fused, 2).x0).clamp(0, 1)
+    assert (ours - stock_call(pipe, 2, 1.0, "pt")).abs().max() < 1e-5
+
+
+def _stacked(cfg):
+    import dataclasses
+
+    return dataclasses.replace(cfg, lcm=dataclasses.replace(cfg.lcm, lora_mode="stack"))
+
+
+def test_family_comes_from_model_index_and_unsupported_ones_are_refused_before_weights(tmp_path):
+    sana = tmp_path / "sana"
+    sana.mkdir()
+    (sana / "model_index.json").write_text(json.dumps({"_class_name": "SanaSprintPipeline"}))
+    with pytest.raises(UserError, match="SanaSprintPipeline pipeline; the lcm world runs"):
+        LCMWorld.from_config(cfg_for(sana))  # no weights exist there: refused before any load
+    unet_only = tmp_path / "lcm-sdxl"
+    unet_only.mkdir()
+    (unet_only / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(UserError, match="--lcm.unet"):
+        LCMWorld.from_config(cfg_for(unet_only))
+    # an SD-1.5-class pipeline given an SDXL-class UNet (--lcm.unet) is refused from the configs alone
+    sd = tmp_path / "sd"
+    stock_pipeline(random_components(tmp_path / "sdb", "tiny")).save_pretrained(sd)
+    sdxl_unet = tmp_path / "sdxl_unet"
+    sdxl_components(tmp_path / "u")["unet"].save_pretrained(sdxl_unet)
+    assert model_family(str(sd)) == "sd"
+    with pytest.raises(UserError, match="SDXL-class UNet .* sd family"):
+        model_family(str(sd), unet=str(sdxl_unet))
+    with pytest.raises(UserError, match="tcd_gamma must be in"):
+        LCMWorld.check_config(cfg_for(sd, tcd_gamma=1.5))
+    with pytest.raises(UserError, match="deterministic"):
+        LCMWorld.check_config(TrainConfig(world="lcm", method="rlcm", scheduler="tcd", tcd_gamma=0.0))
+
+
+def test_vae_decoder_checkpointing_leaves_gradients_unchanged():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_VAE).double()
+    x0 = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    weight = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+
+    def grad(checkpointing: bool):
+        vae.disable_gradient_checkpointing() if not checkpointing else vae.enable_gradient_checkpointing()
+        x = x0.clone().requires_grad_(True)
+        vae.zero_grad()
+        (vae.decode(x).sample * weight).sum().backward()
+        return x.grad, [p.grad.clone() for p in vae.decoder.parameters()]
+
+    plain, checkpointed = grad(False), grad(True)
+    assert vae.decoder.gradient_checkpointing
+    assert torch.allclose(plain[0], checkpointed[0], rtol=1e-12, atol=1e-14) and plain[0].abs().sum() > 0
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(plain[1], checkpointed[1]))
+
+
+def test_cli_trains_on_a_tiny_sdxl_folder_and_samples_equal_the_stock_pipeline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = save_sdxl_pipeline(tmp_path)
+    clip, _ = tiny_clip(tmp_path / "clip")
+    run = tmp_path / "run"
+    tiny = ["--lora-rank", "4", "--lora-alpha", "4", "--num-steps", "2", "--batch-size", "1", "--steps", "2",
+            "--eval-every", "100", "--eval-size", "1", "--final-eval-size", "1", "--grid-every", "100",
+            "--checkpoint-every", "100", "--report-to", "none", "--device", "cpu", "--threads", "1"]
+    code = main(["train", "--world", "lcm", "--lcm-model", str(model), "--resolution", str(RESOLUTION),
+                 "--prompts", "a red cat", "--eval-prompts", "a dog", "--reward-weights", "clip_score=1.0",
+                 "--reward-paths", f"clip_score={clip}", "--beta", "0.1", "--lr", "0.05", "--output-dir", str(run),
+                 *tiny])
+    assert code == 0
+    exported = load_file(run / "adapter" / DIFFUSERS_LORA_FILE)
+    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in exported.items())  # training moved the adapter
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 2 and all(np.isfinite(s["loss"]) for s in steps)
+
+    assert main(["sample", "--run", str(run), "--prompts", "a red cat", "a dog", "--num-per-prompt", "1",
+                 "--seed", "5", "--out", str(tmp_path / "samples")]) == 0
+    ours = torch.from_numpy(np.load(tmp_path / "samples" / "samples.npz")["images"])
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(run / "adapter")
+    with torch.no_grad():
+        base = pipe(["a red cat", "a dog"], num_inference_steps=2, guidance_scale=8.0, height=RESOLUTION,
+                    width=RESOLUTION, generator=torch.Generator().manual_seed(5), output_type="pt").images
+    assert (ours - base).abs().max() < 1e-5
