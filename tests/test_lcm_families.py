@@ -66,12 +66,17 @@ def assert_equal_to_stock(world, pipe, num_steps, guidance, eta=None):
     return traj
 
 
-@pytest.mark.parametrize("unet, guidance", [({}, 8.0), (NO_W, 1.5)], ids=["lcm-sdxl", "sdxl-base-cfg"])
+# SSD-1B: the SDXL pipeline with a pruned UNet, whose up blocks have their own transformer depths
+SSD_1B_LIKE = {"reverse_transformer_layers_per_block": ((1, 3), (1, 1))}
+
+
+@pytest.mark.parametrize("unet, guidance", [({}, 8.0), (NO_W, 1.5), (SSD_1B_LIKE, 8.0)],
+                         ids=["lcm-sdxl", "sdxl-base-cfg", "lcm-ssd-1b-like"])
 def test_sdxl_chain_from_a_saved_folder_equals_the_stock_sdxl_pipeline(tmp_path, unet, guidance):
     model = save_sdxl_pipeline(tmp_path, **unet)
     assert model_family(str(model)) == "sdxl"
     world = LCMWorld.from_config(cfg_for(model, guidance_scale=guidance))
-    assert world.family == "sdxl" and world.classifier_free == (guidance > 1 and bool(unet))
+    assert world.family == "sdxl" and world.classifier_free == (unet is NO_W)
     pipe = StableDiffusionXLPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     for num_steps in (1, 4):
@@ -184,19 +189,27 @@ def test_vae_decoder_checkpointing_leaves_gradients_unchanged():
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(plain[1], checkpointed[1]))
 
 
-def test_cli_trains_on_a_tiny_sdxl_folder_and_samples_equal_the_stock_pipeline(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, scheduler", [("sdxl", "lcm"), ("sd", "tcd")])
+def test_cli_trains_on_a_tiny_folder_and_samples_equal_the_stock_pipeline(tmp_path, monkeypatch, family, scheduler):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = save_sdxl_pipeline(tmp_path)
+    if family == "sdxl":  # LCM-SDXL: the guidance embedding, no CFG
+        model, cls, guidance = save_sdxl_pipeline(tmp_path), StableDiffusionXLPipeline, 8.0
+    else:  # an SD-1.5 base (+ a TCD-LoRA, here fused away): CFG, TCDScheduler
+        model, cls, guidance = tmp_path / "model", StableDiffusionPipeline, 1.5
+        stock_pipeline(random_components(tmp_path / "build", "tiny", **NO_W), cls=cls).save_pretrained(model)
     clip, _ = tiny_clip(tmp_path / "clip")
     run = tmp_path / "run"
     tiny = ["--lora-rank", "4", "--lora-alpha", "4", "--num-steps", "2", "--batch-size", "1", "--steps", "2",
             "--eval-every", "100", "--eval-size", "1", "--final-eval-size", "1", "--grid-every", "100",
             "--checkpoint-every", "100", "--report-to", "none", "--device", "cpu", "--threads", "1"]
     code = main(["train", "--world", "lcm", "--lcm-model", str(model), "--resolution", str(RESOLUTION),
-                 "--prompts", "a red cat", "--eval-prompts", "a dog", "--reward-weights", "clip_score=1.0",
-                 "--reward-paths", f"clip_score={clip}", "--beta", "0.1", "--lr", "0.05", "--output-dir", str(run),
-                 *tiny])
+                 "--guidance-scale", str(guidance), "--scheduler", scheduler, "--tcd-gamma", "0.3",
+                 "--lcm.vae-checkpointing", "--prompts", "a red cat", "--eval-prompts", "a dog",
+                 "--reward-weights", "clip_score=1.0", "--reward-paths", f"clip_score={clip}", "--beta", "0.1",
+                 "--lr", "0.05", "--output-dir", str(run), *tiny])
     assert code == 0
+    saved = (run / "config.yaml").read_text()
+    assert "vae_checkpointing: true" in saved and f"scheduler: {scheduler}" in saved
     exported = load_file(run / "adapter" / DIFFUSERS_LORA_FILE)
     assert any(".lora_B." in k and v.abs().max() > 0 for k, v in exported.items())  # training moved the adapter
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -205,10 +218,13 @@ def test_cli_trains_on_a_tiny_sdxl_folder_and_samples_equal_the_stock_pipeline(t
     assert main(["sample", "--run", str(run), "--prompts", "a red cat", "a dog", "--num-per-prompt", "1",
                  "--seed", "5", "--out", str(tmp_path / "samples")]) == 0
     ours = torch.from_numpy(np.load(tmp_path / "samples" / "samples.npz")["images"])
-    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe = cls.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
+    kwargs = {}
+    if scheduler == "tcd":
+        pipe.scheduler, kwargs = TCDScheduler.from_config(pipe.scheduler.config), {"eta": 0.3}
     pipe.load_lora_weights(run / "adapter")
     with torch.no_grad():
-        base = pipe(["a red cat", "a dog"], num_inference_steps=2, guidance_scale=8.0, height=RESOLUTION,
-                    width=RESOLUTION, generator=torch.Generator().manual_seed(5), output_type="pt").images
-    assert (ours - base).abs().max() < 1e-5
+        stock = pipe(["a red cat", "a dog"], num_inference_steps=2, guidance_scale=guidance, height=RESOLUTION,
+                     width=RESOLUTION, generator=torch.Generator().manual_seed(5), output_type="pt", **kwargs).images
+    assert (ours - stock).abs().max() < 1e-5
