@@ -228,3 +228,26 @@ def test_cli_trains_on_a_tiny_folder_and_samples_equal_the_stock_pipeline(tmp_pa
         stock = pipe(["a red cat", "a dog"], num_inference_steps=2, guidance_scale=guidance, height=RESOLUTION,
                      width=RESOLUTION, generator=torch.Generator().manual_seed(5), output_type="pt", **kwargs).images
     assert (ours - stock).abs().max() < 1e-5
+
+
+def test_lcm_presets_say_what_they_run():
+    from cmalign.config import available_presets, load_preset, validate
+
+    expected = {  # name: (family's base, unet, lora, scheduler, K, guidance, resolution)
+        "lcm-dreamshaper-v7": ("SimianLuo/LCM_Dreamshaper_v7", None, None, "lcm", 4, 8.0, 512),
+        "sd15-lcm-lora": ("stable-diffusion-v1-5/stable-diffusion-v1-5", None, "latent-consistency/lcm-lora-sdv1-5",
+                          "lcm", 4, 1.0, 512),
+        "lcm-sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "latent-consistency/lcm-sdxl", None, "lcm", 4, 8.0, 1024),
+        "sdxl-lcm-lora": ("stabilityai/stable-diffusion-xl-base-1.0", None, "latent-consistency/lcm-lora-sdxl", "lcm", 4,
+                          1.0, 1024),
+        "lcm-ssd-1b": ("segmind/SSD-1B", "latent-consistency/lcm-ssd-1b", None, "lcm", 4, 8.0, 1024),
+        "ssd-1b-lcm-lora": ("segmind/SSD-1B", None, "latent-consistency/lcm-lora-ssd-1b", "lcm", 4, 1.0, 1024),
+        "sdxl-tcd-lora": ("stabilityai/stable-diffusion-xl-base-1.0", None, "h1t/TCD-SDXL-LoRA", "tcd", 4, 0.0, 1024),
+    }
+    assert set(expected) <= set(available_presets())
+    for name, want in expected.items():
+        cfg = validate(load_preset(name), check_rewards=False)
+        lcm = cfg.lcm
+        assert cfg.world == "lcm" and (lcm.model, lcm.unet, lcm.lora, lcm.scheduler, cfg.num_steps, lcm.guidance_scale,
+                                        lcm.resolution) == want, name
+        assert lcm.vae_checkpointing == (lcm.resolution == 1024)
