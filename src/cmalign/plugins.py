@@ -87,6 +87,30 @@ class Registry:
                         "(or package.module:attribute)")
 
 
+class ClassRegistry(Registry):
+    """A registry whose entries are subclasses of `base` (worlds, methods)."""
+
+    def __init__(self, kind: str, group: str, builtins: Callable[[], None], base: type):
+        super().__init__(kind, group, builtins)
+        self.base = base
+
+    def register_class(self, name: str, cls: type | None = None, *, replace: bool = False):
+        """register_class(name, cls), or @register_class(name) as a decorator."""
+
+        def put(c):
+            if not (isinstance(c, type) and issubclass(c, self.base)):
+                raise TypeError(f"register_{self.kind}({name!r}): expected a subclass of cmalign.{self.base.__name__}, got {c!r}")
+            return self.register(name, c, replace=replace)
+
+        return put if cls is None else put(cls)
+
+    def get_class(self, name: str) -> type:
+        cls = self.get(name)
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise UserError(f"{self.kind} {name!r} is {cls!r}, not a subclass of cmalign.{self.base.__name__}")
+        return cls
+
+
 class _EntryPoint:
     def __init__(self, ep: metadata.EntryPoint):
         self.ep = ep

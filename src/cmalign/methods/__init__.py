@@ -3,8 +3,7 @@ registry that users extend (register_method, entry points `cmalign.methods`, mod
 
 from __future__ import annotations
 
-from ..errors import UserError
-from ..plugins import Registry
+from ..plugins import ClassRegistry
 from .base import Batch, Method
 
 
@@ -15,25 +14,16 @@ def _builtins() -> None:
         METHODS.register(name, f"cmalign.methods.{where}")
 
 
-METHODS = Registry("method", "cmalign.methods", _builtins)
+METHODS = ClassRegistry("method", "cmalign.methods", _builtins, Method)
 
 
 def register_method(name: str, cls: type[Method] | None = None, *, replace: bool = False):
     """Register a Method subclass under `name` (also usable as @register_method("name"))."""
-
-    def put(c):
-        if not (isinstance(c, type) and issubclass(c, Method)):
-            raise TypeError(f"register_method({name!r}): expected a subclass of cmalign.Method, got {c!r}")
-        return METHODS.register(name, c, replace=replace)
-
-    return put if cls is None else put(cls)
+    return METHODS.register_class(name, cls, replace=replace)
 
 
 def method_class(name: str) -> type[Method]:
-    cls = METHODS.get(name)
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise UserError(f"method {name!r} is {cls!r}, not a subclass of cmalign.Method")
-    return cls
+    return METHODS.get_class(name)
 
 
 def method_names() -> list[str]:

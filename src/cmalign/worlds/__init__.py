@@ -3,8 +3,7 @@ extend (register_world, entry points `cmalign.worlds`, package.module:attribute)
 
 from __future__ import annotations
 
-from ..errors import UserError
-from ..plugins import Registry
+from ..plugins import ClassRegistry
 from .base import World, adapters_disabled
 
 
@@ -14,25 +13,16 @@ def _builtins() -> None:
     WORLDS.register("lcm", "cmalign.worlds.lcm:LCMWorld")
 
 
-WORLDS = Registry("world", "cmalign.worlds", _builtins)
+WORLDS = ClassRegistry("world", "cmalign.worlds", _builtins, World)
 
 
 def register_world(name: str, cls: type[World] | None = None, *, replace: bool = False):
     """Register a World subclass under `name` (also usable as @register_world("name"))."""
-
-    def put(c):
-        if not (isinstance(c, type) and issubclass(c, World)):
-            raise TypeError(f"register_world({name!r}): expected a subclass of cmalign.World, got {c!r}")
-        return WORLDS.register(name, c, replace=replace)
-
-    return put if cls is None else put(cls)
+    return WORLDS.register_class(name, cls, replace=replace)
 
 
 def world_class(name: str) -> type[World]:
-    cls = WORLDS.get(name)
-    if not (isinstance(cls, type) and issubclass(cls, World)):
-        raise UserError(f"world {name!r} is {cls!r}, not a subclass of cmalign.World")
-    return cls
+    return WORLDS.get_class(name)
 
 
 def world_names() -> list[str]:
@@ -48,6 +38,10 @@ def digits_pretrain_config(cfg):
         overrides["teacher_steps"] = d.pretrain_teacher_steps
     if d.pretrain_distill_steps is not None:
         overrides["distill_steps"] = d.pretrain_distill_steps
+    if getattr(d, "grid", 1) > 1:  # compositional digits: the grid's own recipe (worlds/digits_grid.py)
+        from .digits_grid import grid_pretrain_config
+
+        return grid_pretrain_config(d.grid, d.model_size, **overrides)
     return PretrainConfig(resolution=d.resolution, model_size=d.model_size, **overrides)
 
 
