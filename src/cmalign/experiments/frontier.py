@@ -120,7 +120,8 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
     lrs = lrs or ((1e-3,) if quick else LRS)
     budget_s = budget_s or (60.0 if quick else BUDGET_S)
     names = variants or [n for n, (_, q) in VARIANTS.items() if q or not quick]
-    cells = {(name, lr): (make_config(quick, threads, lr=lr, steps=steps, max_train_seconds=budget_s, **VARIANTS[name][0]),
+    every = {"eval_every": 2} if quick else {}  # quick: the base and the last point only (the test's seconds)
+    cells = {(name, lr): (make_config(quick, threads, lr=lr, steps=steps, max_train_seconds=budget_s, **every, **VARIANTS[name][0]),
                           out / "runs" / f"{name}-lr{lr:g}") for name in names for lr in lrs}
     seeded = seeded_train_runs(cells, seeds, jobs)
     curves = {key: seed_mean_points(rows) for key, rows in seeded.items()}
