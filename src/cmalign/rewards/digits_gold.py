@@ -68,5 +68,9 @@ def gold_components(images01: torch.Tensor, labels: torch.Tensor) -> dict[str, t
 
 
 def gold_score(images01: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    from ..worlds.digits_grid import grid_gold_score, grid_size_of
+
+    if prompts and (grid_size_of(prompts[0]) or 1) > 1:  # compositional digits: per cell, averaged
+        return grid_gold_score(images01, prompts)
     labels = torch.tensor([parse_prompt(p) for p in prompts])
     return gold_components(images01, labels)["gold"]

@@ -80,6 +80,10 @@ def load_proxy(folder: str | Path) -> ProxyCNN:
         model.load_state_dict(load_file(str(folder / PROXY_FILE)))
     except Exception as exc:
         raise UserError(f"no readable digits proxy reward model in {folder} ({type(exc).__name__})") from None
+    if info.get("grid", 1) > 1:  # a compositional-digits proxy: the 8x8 model applied to each cell, averaged
+        from ..worlds.digits_grid import PerCell
+
+        return PerCell(model, info["grid"]).eval().requires_grad_(False)
     return model.eval().requires_grad_(False)
 
 
@@ -97,6 +101,10 @@ def build_default_proxy(world, num_pairs: int, seed: int = 0, num_steps: int = 4
 
 
 def _build_proxy(world, folder: Path, key: str, num_pairs: int, seed: int, num_steps: int, progress: bool) -> None:
+    if getattr(world, "grid", 1) > 1:  # compositional digits: fitted on cell pairs (worlds/digits_grid.py)
+        from ..worlds.digits_grid import build_grid_proxy
+
+        return build_grid_proxy(world, folder, key, num_pairs, seed, num_steps, progress)
     if progress:
         print(f"cmalign: training the digits proxy reward on {num_pairs} gold-labelled pairs -> {folder}", flush=True)
     start = time.time()

@@ -97,6 +97,9 @@ def load_thresholds(path: Path) -> torch.Tensor:
 @register("rating", worlds=("digits",), differentiable=False)
 def rating_reward(ctx: RewardContext) -> Reward:
     """The proxy quantised to 1..5 stars (see the module docstring)."""
+    if getattr(ctx.world, "grid", 1) > 1:
+        raise UserError("the rating reward is defined on single 8x8 digits; a digits grid (digits.grid > 1) has no "
+                        "star thresholds: train on proxy (per cell) instead")
     folder = proxy_folder(ctx)
     world = consistency_world(ctx)
     thresholds = load_thresholds(rating_thresholds(world, folder))

@@ -66,11 +66,26 @@ def proxy_folder(ctx: RewardContext):
 @register("proxy", worlds=("digits",))
 def proxy_reward(ctx: RewardContext) -> Reward:
     """Bradley–Terry proxy: a user's folder (options proxy.path) or the cached default one."""
-    return ModuleReward("proxy", load_proxy(proxy_folder(ctx)), ctx.device)
+    return ModuleReward("proxy", _per_cell(load_proxy(proxy_folder(ctx)), ctx.world), ctx.device)
+
+
+def _per_cell(module, world):
+    """On a compositional-digits world an 8x8 reward module scores each cell, averaged (worlds/digits_grid.py)."""
+    from ..worlds.digits_grid import PerCell
+
+    grid = getattr(world, "grid", 1)
+    if grid == 1 or isinstance(module, PerCell):
+        return module
+    if getattr(module, "config", {}).get("resolution", 8) != 8:
+        raise UserError(f"a {grid}x{grid} digits grid needs an 8x8 (per-cell) digits proxy, not a "
+                        f"{module.config['resolution']}x{module.config['resolution']} one")
+    return PerCell(module, grid)
 
 
 @register("classifier", worlds=("digits",))
 def classifier_reward(ctx: RewardContext) -> Reward:
+    if getattr(ctx.world, "grid", 1) > 1:  # per cell, averaged: the 8x8 classifier on each cell
+        return ModuleReward("classifier", _per_cell(ClassifierLogProb(load_classifier(8)), ctx.world), ctx.device)
     return ModuleReward("classifier", ClassifierLogProb(load_classifier(ctx.world.resolution)), ctx.device)
 
 

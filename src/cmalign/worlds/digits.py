@@ -57,6 +57,10 @@ class DigitsWorld(World):
 
     @classmethod
     def from_pretrained(cls, pretrain: PretrainConfig, device="cpu", which: str = "consistency", **lora) -> "DigitsWorld":
+        if pretrain.grid > 1 and cls is DigitsWorld:  # compositional digits (worlds/digits_grid.py)
+            from .digits_grid import GridDigitsWorld
+
+            return GridDigitsWorld.from_pretrained(pretrain, device, which, **lora)
         network, folder, info = digits_base.load_base(pretrain, which)
         world = cls(network, pretrain.resolution, device, **lora)
         world.base_folder, world.base_manifest, world.pretrain = folder, info, pretrain

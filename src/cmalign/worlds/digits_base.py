@@ -18,14 +18,17 @@ import torch
 from ..cache import build_lock, cache_root, config_hash, manifest, publish_dir, staging_dir
 from ..errors import UserError
 from .digits_data import data_hash
-from .digits_models import build_unet, load_weights, save_weights
-from .digits_pretrain import PretrainConfig, pretrain
+from .digits_models import load_weights, save_weights
+from .digits_pretrain import PretrainConfig, build_network, pretrain
 
 FILES = ("consistency.safetensors", "teacher.safetensors", "manifest.json")
 
 
 def base_key(cfg: PretrainConfig) -> str:
-    return f"r{cfg.resolution}-{cfg.model_size}-{config_hash(asdict(cfg))}"
+    config = asdict(cfg)
+    if config.pop("grid") == 1:  # the plain digits keep the keys (and shipped folders) they had before grids
+        return f"r{cfg.resolution}-{cfg.model_size}-{config_hash(config)}"
+    return f"grid{cfg.grid}-{cfg.model_size}-{config_hash(asdict(cfg))}"
 
 
 def cached_dir(cfg: PretrainConfig) -> Path:
@@ -40,10 +43,16 @@ def shipped_dir(cfg: PretrainConfig) -> Path | None:
 
 def pretrain_command(cfg: PretrainConfig) -> str:
     """The command that rebuilds these models (step counts only where they differ from the defaults)."""
-    default = PretrainConfig()
+    if cfg.grid > 1:
+        from .digits_grid import grid_pretrain_config
+
+        default = grid_pretrain_config(cfg.grid, cfg.model_size)
+    else:
+        default = PretrainConfig()
     steps = "".join(f" --{name.replace('_', '-')} {getattr(cfg, name)}" for name in ("teacher_steps", "distill_steps")
                     if getattr(cfg, name) != getattr(default, name))
-    return f"cmalign pretrain digits --resolution {cfg.resolution} --model-size {cfg.model_size}{steps}"
+    where = f"--grid {cfg.grid}" if cfg.grid > 1 else f"--resolution {cfg.resolution}"
+    return f"cmalign pretrain digits {where} --model-size {cfg.model_size}{steps}"
 
 
 def write_base(folder: Path, cfg: PretrainConfig, teacher, consistency, stats: dict, dtype=torch.float32) -> None:
@@ -96,7 +105,7 @@ def locate(cfg: PretrainConfig, allow_pretrain: bool = True, progress: bool = Tr
 def load_base(cfg: PretrainConfig, which: str = "consistency", allow_pretrain: bool = True, progress: bool = True):
     """Return (network, folder, manifest) for `which` in {consistency, teacher}."""
     folder = locate(cfg, allow_pretrain, progress)
-    net = build_unet(cfg.model_size, cfg.resolution)
+    net = build_network(cfg)
     path = folder / f"{which}.safetensors"
     try:
         info = json.loads((folder / "manifest.json").read_text())

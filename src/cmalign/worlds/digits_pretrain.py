@@ -57,6 +57,8 @@ class PretrainConfig:
     """Pseudo-Huber constant of the distillation loss."""
     seed: int = 0
     """Seed of initialisation, batches and noise."""
+    grid: int = 1
+    """Compositional digits: an N x N grid of 8x8 digits per image (worlds/digits_grid.py); 1 is the plain digit."""
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torch.Generator):
@@ -65,20 +67,38 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torch.Gener
         yield x[idx], y[idx]
 
 
+def _data(cfg: PretrainConfig, gen: torch.Generator):
+    """Endless training batches: the plain digits, or N x N compositions (labels (B, N²)) for cfg.grid > 1."""
+    if cfg.grid > 1:
+        from .digits_grid import grid_batches
+
+        return grid_batches(cfg.grid, cfg.batch_size, gen)
+    x_all, y_all = digits_dataset(cfg.resolution)
+    return _batches(x_all, y_all, cfg.batch_size, gen)
+
+
+def build_network(cfg: PretrainConfig) -> torch.nn.Module:
+    """The untrained network of this recipe (the grid's per-cell conditioned UNet for cfg.grid > 1)."""
+    if cfg.grid > 1:
+        from .digits_grid import build_grid_unet
+
+        return build_grid_unet(cfg.model_size, cfg.grid)
+    return build_unet(cfg.model_size, cfg.resolution)
+
+
 @torch.enable_grad()
 def train_teacher(cfg: PretrainConfig, progress: bool = True) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x_all, y_all = digits_dataset(cfg.resolution)
     abar = schedule.alphas_cumprod(BETA_SCHEDULE, num_train_timesteps=NUM_TRAIN_TIMESTEPS).float()
-    net = build_unet(cfg.model_size, cfg.resolution)
+    net, batches = build_network(cfg), _data(cfg, gen)
     ema = EMAModel(net.parameters(), decay=cfg.teacher_ema)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr, betas=(0.9, 0.99))
-    batches = _batches(x_all, y_all, cfg.batch_size, gen)
     start, losses = time.time(), []
     for _ in tqdm(range(cfg.teacher_steps), desc="pretrain: DDPM teacher", disable=not progress):
         x0, y = next(batches)
-        y = torch.where(torch.rand(len(y), generator=gen) < cfg.class_dropout, torch.full_like(y, NULL_CLASS), y)
+        drop = torch.rand(len(y), generator=gen) < cfg.class_dropout  # per image: a grid's cells all go null at once
+        y = torch.where(drop.view(-1, *[1] * (y.dim() - 1)), torch.full_like(y, NULL_CLASS), y)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         x_t = schedule.add_noise(x0, noise, abar[t])
@@ -106,13 +126,12 @@ def guided_prediction(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y:
 def distill_consistency(cfg: PretrainConfig, teacher: torch.nn.Module, progress: bool = True) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    x_all, y_all = digits_dataset(cfg.resolution)
     abar = schedule.alphas_cumprod(BETA_SCHEDULE, num_train_timesteps=NUM_TRAIN_TIMESTEPS).float()
     solver_ts = torch.arange(1, NUM_TRAIN_TIMESTEPS // cfg.ddim_skip + 1) * cfg.ddim_skip - 1  # 19, 39, ..., 999
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     target = copy.deepcopy(teacher).eval().requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.distill_lr)
-    batches = _batches(x_all, y_all, cfg.batch_size, gen)
+    batches = _data(cfg, gen)
 
     def f(net, x, t, y):
         out = net(x, t, class_labels=y).sample
