@@ -245,3 +245,8 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     table = [line for line in out.read_text().splitlines() if line.startswith("| 2 | 1 |")]
     assert "card: CPU" in out.read_text() and len(table) == 4
     assert all(float(line.split("|")[5]) > 0 for line in table)
+    # the SDXL-class path (two text encoders, VAE checkpointing), one setting
+    out = benchmark.main(["--size", "tiny-sdxl", "--ks", "2", "--batches", "1", "--repeats", "1", "--grads", "full",
+                          "--checkpointing", "unet+vae", "--out", str(tmp_path / "x.md")])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 2 | 1 | unet+vae | full |")]
+    assert "tiny SDXL-class" in out.read_text() and len(rows) == 1 and float(rows[0].split("|")[5]) > 0
