@@ -251,3 +251,22 @@ def test_lcm_presets_say_what_they_run():
         assert cfg.world == "lcm" and (lcm.model, lcm.unet, lcm.lora, lcm.scheduler, cfg.num_steps, lcm.guidance_scale,
                                         lcm.resolution) == want, name
         assert lcm.vae_checkpointing == (lcm.resolution == 1024)
+
+
+def test_every_command_of_docs_models_parses():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from cmalign.cli import train_arguments
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    commands = [c.replace("\\\n", " ") for c in re.findall(r"cmalign train [^`\n\\]*(?:\\\n[^`\n\\]*)*", text)]
+    assert len(commands) >= 9
+    for command in commands:
+        cfg = train_arguments(shlex.split(command)[2:])[0]
+        assert cfg.world == "lcm", command
+    hyper = next(c for c in commands if "Hyper-SD" in c)
+    cfg = train_arguments(shlex.split(hyper)[2:])[0]
+    assert (cfg.lcm.lora_weight_name, cfg.lcm.tcd_gamma, cfg.num_steps, cfg.lcm.scheduler) == (
+        "Hyper-SDXL-1step-lora.safetensors", 1.0, 1, "tcd")
