@@ -13,6 +13,7 @@ EXPERIMENTS = {
     "ablations": "final_step floor/skip, per_dim/joint, divergence_grad, backprop_steps",
     "generalization": "train on five digit classes, score trained and held-out classes (beta 0 / 3 / 6)",
     "scaling": "ROCM's time to RLCM's best gold, over resolution (8x8, 16x16) and K (2, 4, 8)",
+    "scaling-grid": "ROCM's time to RLCM's best gold (and within RLCM's KL to base) over intrinsic dimension: digits grid N = 1, 2, 3",
     "nondiff": "hybrid ROCM vs RLCM, DDPO on the non-differentiable rating (1-5 stars) at matched compute, judged on gold",
     "frontier": "every method (betas, temperatures, lr grid) on the gold-vs-divergence plane: Pareto frontiers, best gold within KL budgets",
 }

@@ -8,10 +8,17 @@ The paper's speed claim concerns 16k-dimensional latents; here the action is 64 
 The 16x16 base model uses a shorter recipe than the 8x8 default (1,500 teacher and 600 distillation
 updates, 37 min on one core) and ships with the package in float16 like the 8x8 one (`cmalign pretrain
 digits --resolution 16 --teacher-steps 1500 --distill-steps 600` rebuilds it); the first 16x16 run builds
-that resolution's proxy (2,000 gold pairs, about a minute)."""
+that resolution's proxy (2,000 gold pairs, about a minute).
+
+Over intrinsic dimension (`cmalign experiment scaling-grid`, run_grid below): upsampling keeps 64 degrees of
+freedom, so the honest axis is the compositional digits grid (worlds/digits_grid.py): N x N independent 8x8
+digits, 64 N² dimensions, N = 1, 2, 3 at K = 4. Beside the time ratio above it reports a frontier-based one:
+ROCM's seconds to RLCM's best gold at no larger KL to the base model (eval_kl_to_base, the frontier
+experiment's measure) than RLCM had there, over RLCM's seconds."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .common import first_reaching, make_config, mean_curve, plot, seeded_train_runs, summary, wall, write_report, write_table
@@ -23,24 +30,42 @@ PRETRAIN_16 = dict(pretrain_teacher_steps=1500, pretrain_distill_steps=600)
 EVAL_SIZE = 100  # fixed evaluation chains every 10 steps (200 elsewhere; with 200 the default took 20.7 min on 2 cores)
 
 
+GRID_SETTINGS = ((8, 4, 1), (8, 4, 2), (8, 4, 3))  # (resolution, K, grid N): 64, 256, 576 dimensions
+QUICK_GRID_SETTINGS = ((8, 2, 1), (8, 2, 2))
+QUICK_GRID = dict(pretrain_teacher_steps=20, pretrain_distill_steps=10, proxy_pairs=80)  # the tiny grid models
+
+
+def _cell_config(quick, threads, method, lr, steps, res, k, grid):
+    extra = {} if quick else {"eval_size": EVAL_SIZE}
+    if grid > 1:
+        extra.update(digits_grid=grid, **(QUICK_GRID if quick else {}))
+    elif not quick and res != 8:
+        extra.update(PRETRAIN_16)
+    return make_config(quick, threads, method=method, beta=3.0 if method == "rocm" else 0.0, lr=lr, steps=steps, num_steps=k,
+                       digits_resolution=res, **extra)
+
+
 def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1, jobs: int = 1,
         lrs=LRS, settings=None) -> Path:
     steps = steps or (2 if quick else 150)
-    settings = settings or (QUICK_SETTINGS if quick else SETTINGS)
-    cells = {(res, k, method, lr): (make_config(quick, threads, method=method, beta=3.0 if method == "rocm" else 0.0, lr=lr,
-                                                steps=steps, num_steps=k, digits_resolution=res,
-                                                **({} if quick else {"eval_size": EVAL_SIZE}), **({} if (quick or res == 8) else PRETRAIN_16)),
-                                    out / "runs" / f"r{res}-k{k}-{method}-lr{lr:g}")
-             for res, k in settings for method in ("rocm", "rlcm") for lr in lrs}
+    settings = [s if len(s) == 3 else (*s, 1) for s in (settings or (QUICK_SETTINGS if quick else SETTINGS))]
+    over_grid = any(g > 1 for _, _, g in settings)
+    name = lambda res, k, g: f"r{res}-k{k}" if g == 1 else f"grid{g}-k{k}"  # noqa: E731  (the 8x8 runs keep their folders)
+    cells = {(res, k, g, method, lr): (_cell_config(quick, threads, method, lr, steps, res, k, g),
+                                       out / "runs" / f"{name(res, k, g)}-{method}-lr{lr:g}")
+             for res, k, g in settings for method in ("rocm", "rlcm") for lr in lrs}
     seeded = seeded_train_runs(cells, seeds, jobs)
     default_lr = min(lrs, key=lambda lr: abs(lr - 1e-4))
     table, curves = [], {}
-    for res, k in settings:
-        mean = {(m, lr): mean_curve(seeded[(res, k, m, lr)]) for m in ("rocm", "rlcm") for lr in lrs}
+    for res, k, g in settings:
+        mean = {(m, lr): mean_curve(seeded[(res, k, g, m, lr)]) for m in ("rocm", "rlcm") for lr in lrs}
+        side = res * g
         for (method, lr), c in mean.items():
-            curves[f"{method} {res}x{res} K={k} lr={lr:g}"] = ([r["wall_time"] for r in c], [r["gold"] for r in c])
+            curves[f"{method} {side}x{side}{f' (grid {g})' if g > 1 else ''} K={k} lr={lr:g}"] = ([r["wall_time"] for r in c],
+                                                                                                 [r["gold"] for r in c])
         tuned_lr = max(lrs, key=lambda lr: max(r["gold"] for r in mean[("rlcm", lr)]))
-        row = {"resolution": res, "K": k, "action_dim": res * res, "seeds": seeds, "gold_start": round(mean[("rocm", default_lr)][0]["gold"], 4)}
+        row = {"resolution": res, "K": k, **({"grid": g} if over_grid else {}), "action_dim": side * side if g > 1 else res * res,
+               "seeds": seeds, "gold_start": round(mean[("rocm", default_lr)][0]["gold"], 4)}
         for label, rlcm_lr in (("default", default_lr), ("tuned", tuned_lr)):
             # ROCM at the same lr for "default"; at its fastest lr of the grid for "tuned"
             rocm_lrs = [default_lr] if label == "default" else list(lrs)
@@ -49,22 +74,65 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
                         f"{label}_rocm_lr": rocm_lr, f"{label}_rocm_s": round(rocm_s, 1) if rocm_s is not None else None,
                         f"{label}_ratio": ratio})
             if seeds > 1:  # the same ratio seed by seed (each seed's own RLCM target)
-                one = lambda m, lr, s: mean_curve([seeded[(res, k, m, lr)][s]])  # noqa: E731
+                one = lambda m, lr, s: mean_curve([seeded[(res, k, g, m, lr)][s]])  # noqa: E731
                 per_seed = [time_ratio(one("rlcm", rlcm_lr, s), {lr: one("rocm", lr, s) for lr in rocm_lrs})[0] for s in range(seeds)]
                 row[f"{label}_ratio_per_seed"] = " / ".join("–" if r is None else f"{r:.2f}" for r in per_seed)
+        if over_grid:  # the frontier-based ratio: RLCM's best gold at no larger KL to the base model
+            from .frontier import seed_mean_points
+
+            pts = {(m, lr): seed_mean_points(seeded[(res, k, g, m, lr)]) for m in ("rocm", "rlcm") for lr in lrs}
+            ratio, target, kl = frontier_ratio(pts[("rlcm", tuned_lr)], [pts[("rocm", lr)] for lr in lrs])
+            row.update(frontier_rlcm_gold=round(target, 4), frontier_rlcm_kl=round(kl, 4) if math.isfinite(kl) else None,
+                       frontier_ratio=ratio)
+            if seeds > 1:
+                per_seed = []
+                for s in range(seeds):
+                    one_pts = lambda m, lr: seed_mean_points([seeded[(res, k, g, m, lr)][s]])  # noqa: E731
+                    per_seed.append(frontier_ratio(one_pts("rlcm", tuned_lr), [one_pts("rocm", lr) for lr in lrs])[0])
+                row["frontier_ratio_per_seed"] = " / ".join("–" if r is None else f"{r:.2f}" for r in per_seed)
         for (method, lr), c in mean.items():
             row[f"{method}_lr{lr:g}_gold_final"] = round(c[-1]["gold"], 4)
             row[f"{method}_lr{lr:g}_accuracy_final"] = round(c[-1]["accuracy"], 4)
         for method in ("rocm", "rlcm"):
-            row[f"{method}_s_per_step"] = summary(seeded[(res, k, method, default_lr)][0])["s_per_step"]
+            row[f"{method}_s_per_step"] = summary(seeded[(res, k, g, method, default_lr)][0])["s_per_step"]
         table.append(row)
-    t, _ = write_table(out, "summary", table, f"ROCM vs RLCM over resolution and K ({steps} steps x batch, lr grid {', '.join(f'{x:g}' for x in lrs)})",
-                       ["X_ratio: ROCM's train seconds to RLCM's best eval gold / RLCM's seconds to it (– never reached), on the seed-mean "
-                        "curves; default: both at lr 1e-4; tuned: RLCM at its best lr (highest gold), ROCM at its fastest lr",
-                        "evaluation every eval_every steps bounds the time resolution; s_per_step: seed 0 at the default lr",
-                        "ROCM: KL, beta 3, one update per step; RLCM: PPO, 2 epochs x 2 minibatches = 4 updates per step"])
+    axis = "intrinsic dimension (digits grid N x N)" if over_grid else "resolution and K"
+    notes = ["X_ratio: ROCM's train seconds to RLCM's best eval gold / RLCM's seconds to it (– never reached), on the seed-mean "
+             "curves; default: both at lr 1e-4; tuned: RLCM at its best lr (highest gold), ROCM at its fastest lr",
+             "evaluation every eval_every steps bounds the time resolution; s_per_step: seed 0 at the default lr",
+             "ROCM: KL, beta 3, one update per step; RLCM: PPO, 2 epochs x 2 minibatches = 4 updates per step"]
+    if over_grid:
+        notes += ["action_dim: 64 N² pixels, N² independent 8x8 digits (gold, accuracy per cell, averaged)",
+                  "frontier_ratio: ROCM's fastest seconds (any lr) to RLCM's best gold (at its tuned lr) with eval_kl_to_base no "
+                  "larger than RLCM's there, over RLCM's seconds to that point"]
+    t, _ = write_table(out, "summary", table, f"ROCM vs RLCM over {axis} ({steps} steps x batch, lr grid {', '.join(f'{x:g}' for x in lrs)})",
+                       notes)
     img = plot(out, "gold_vs_time", curves, "train seconds", "gold (eval, seed mean)")
-    return write_report(out, "scaling", quick, [t], [img])
+    return write_report(out, "scaling-grid" if over_grid else "scaling", quick, [t], [img])
+
+
+def run_grid(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int | None = None, jobs: int = 1,
+             lrs=None, settings=None) -> Path:
+    """ROCM vs RLCM over intrinsic dimension: the compositional digits grid at N = 1, 2, 3 (K = 4), two seeds
+    (quick: tiny models, N = 1, 2, one seed, one lr)."""
+    seeds = seeds or (1 if quick else 2)
+    lrs = lrs or ((1e-4,) if quick else LRS)
+    return run(out, quick, threads, steps, seeds, jobs, lrs, settings or (QUICK_GRID_SETTINGS if quick else GRID_SETTINGS))
+
+
+def frontier_ratio(rlcm: list[dict], rocm: list[list[dict]]):
+    """(ratio, target gold, KL budget) on frontier points (seed_mean_points rows): RLCM's best gold and its KL to the
+    base there; ROCM's fewest seconds over its curves to a point with at least that gold and at most that KL, over
+    RLCM's seconds (None where ROCM never gets there)."""
+    from .frontier import time_to
+
+    ok = [p for p in rlcm if math.isfinite(p["gold"])]
+    best = max(ok, key=lambda p: p["gold"])
+    kl = best["kl"] if math.isfinite(best["kl"]) else math.inf
+    rlcm_s = min(p["wall_time"] for p in ok if p["gold"] >= best["gold"] - 1e-9 and (not math.isfinite(kl) or p["kl"] <= kl + 1e-12))
+    times = [t for c in rocm if (t := time_to(c, "kl", kl, best["gold"])) is not None]
+    ratio = round(min(times) / max(rlcm_s, 1e-9), 3) if times else None
+    return ratio, best["gold"], kl
 
 
 def time_ratio(rlcm: list[dict], rocm: dict[float, list[dict]]):

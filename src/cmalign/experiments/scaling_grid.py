@@ -1,0 +1,12 @@
+"""`cmalign experiment scaling-grid`: ROCM vs RLCM over intrinsic dimension, the compositional digits grid at
+N = 1, 2, 3 (see experiments/scaling.py, run_grid)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .scaling import run_grid
+
+
+def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int | None = None, jobs: int = 1) -> Path:
+    return run_grid(out, quick=quick, threads=threads, steps=steps, seeds=seeds, jobs=jobs)
