@@ -168,6 +168,10 @@ def test_family_comes_from_model_index_and_unsupported_ones_are_refused_before_w
         LCMWorld.check_config(cfg_for(sd, tcd_gamma=1.5))
     with pytest.raises(UserError, match="deterministic"):
         LCMWorld.check_config(TrainConfig(world="lcm", method="rlcm", scheduler="tcd", tcd_gamma=0.0))
+    with pytest.raises(UserError, match="jpeg_compressibility is not differentiable"):  # rocm's score-function term
+        LCMWorld.check_config(TrainConfig(world="lcm", scheduler="tcd", tcd_gamma=0.0,
+                                          reward_weights={"pickscore": 1.0, "jpeg_compressibility": 0.1}))
+    LCMWorld.check_config(TrainConfig(world="lcm", scheduler="tcd", tcd_gamma=0.0, reward_weights={"pickscore": 1.0}))
 
 
 def test_vae_decoder_checkpointing_leaves_gradients_unchanged():

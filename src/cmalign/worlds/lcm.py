@@ -187,9 +187,18 @@ class LCMWorld(World):
         lcm = cfg.lcm
         if not 0.0 <= lcm.tcd_gamma <= 1.0:
             raise UserError(f"lcm.tcd_gamma must be in [0, 1], got {lcm.tcd_gamma}")
-        if lcm.scheduler == "tcd" and lcm.tcd_gamma == 0 and cfg.method in LOG_PROB_METHODS:
-            raise UserError(f"{cfg.method} needs the chain's step log-probabilities, but TCD with tcd_gamma 0 is "
-                            "deterministic; use tcd_gamma > 0 or rocm/draft")
+        if lcm.scheduler == "tcd" and lcm.tcd_gamma == 0:
+            if cfg.method in LOG_PROB_METHODS:
+                raise UserError(f"{cfg.method} needs the chain's step log-probabilities, but TCD with tcd_gamma 0 is "
+                                "deterministic; use tcd_gamma > 0 or rocm/draft")
+            from ..rewards.registry import reward_spec
+
+            # rocm's score-function estimator of such terms would get zero gradient from deterministic steps
+            names = [n for n in cfg.reward_weights if ":" not in n]
+            blind = [n for n in names if n in _registered_rewards() and not reward_spec(n).differentiable]
+            if blind:
+                raise UserError(f"reward {blind[0]} is not differentiable and TCD with tcd_gamma 0 has no stochastic "
+                                "step to estimate its gradient through; use tcd_gamma > 0")
 
     @classmethod
     def from_config(cls, cfg, device="cpu", lora: bool = True, transition=None) -> "LCMWorld":
@@ -295,7 +304,11 @@ class LCMWorld(World):
 
     @contextlib.contextmanager
     def reference_policy(self) -> Iterator[None]:
-        """The frozen reference: our adapter off, a stacked LCM-LoRA still on."""
+        """The frozen reference: our adapter off, a stacked LCM-LoRA still on (full fine-tuning: the frozen copy)."""
+        if self.reference_network is not None:
+            with World.reference_policy(self):
+                yield
+            return
         if self.base_adapter is None:
             with adapters_disabled(self.network):
                 yield
@@ -434,6 +447,12 @@ def check_lora_loads_completely(pipeline_class, network: torch.nn.Module, adapte
             f"{len(set(ours) & set(landed)) - len(wrong)} of {len(ours)} tensors land as trained "
             f"({len(missing)} missing, {len(wrong)} with another shape or scale, e.g. {example}); not exported"
         )
+
+
+def _registered_rewards() -> set[str]:
+    from ..rewards.registry import REWARDS
+
+    return set(REWARDS.names())
 
 
 # --- loading ------------------------------------------------------------------------------------------
