@@ -10,7 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, TCDScheduler
+from diffusers import (
+    AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, TCDScheduler,
+    UNet2DConditionModel,
+)
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -145,7 +148,7 @@ def _stacked(cfg):
     return dataclasses.replace(cfg, lcm=dataclasses.replace(cfg.lcm, lora_mode="stack"))
 
 
-def test_family_comes_from_model_index_and_unsupported_ones_are_refused_before_weights(tmp_path):
+def test_family_comes_from_model_index_and_unsupported_ones_are_refused_before_weights(tmp_path, monkeypatch):
     sana = tmp_path / "sana"
     sana.mkdir()
     (sana / "model_index.json").write_text(json.dumps({"_class_name": "SanaSprintPipeline"}))
@@ -156,6 +159,15 @@ def test_family_comes_from_model_index_and_unsupported_ones_are_refused_before_w
     (unet_only / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(UserError, match="--lcm.unet"):
         LCMWorld.from_config(cfg_for(unet_only))
+    # the same for a hub id (here a stand-in: no model_index.json, a UNet config.json)
+    def no_index(*args, **kwargs):
+        raise OSError("model_index.json not found")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DiffusionPipeline, "load_config", no_index)
+        patch.setattr(UNet2DConditionModel, "load_config", lambda *a, **k: {"_class_name": "UNet2DConditionModel"})
+        with pytest.raises(UserError, match="is a UNet, not a diffusers pipeline; give it with --lcm.unet"):
+            model_family("latent-consistency/lcm-sdxl")
     # an SD-1.5-class pipeline given an SDXL-class UNet (--lcm.unet) is refused from the configs alone
     sd = tmp_path / "sd"
     stock_pipeline(random_components(tmp_path / "sdb", "tiny")).save_pretrained(sd)

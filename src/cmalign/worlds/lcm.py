@@ -469,6 +469,13 @@ def _read_config(cls, ref: str, what: str, **kwargs) -> dict:
         return dict(cls.load_config(ref, local_files_only=offline(), **kwargs))
 
 
+def _is_unet_repo(model: str) -> bool:
+    try:
+        return UNet2DConditionModel.load_config(model, local_files_only=offline()).get("_class_name") == "UNet2DConditionModel"
+    except Exception:  # noqa: BLE001 -- not a UNet either: the pipeline's own error stands
+        return False
+
+
 def model_family(model: str, unet: str | None = None) -> str:
     """sd | sdxl from the pipeline's own model_index.json (and the UNet's config.json), read before any
     weights load; an unsupported pipeline or a UNet-only repository is refused in one line."""
@@ -477,7 +484,13 @@ def model_family(model: str, unet: str | None = None) -> str:
         hint = ("; a UNet alone is given with --lcm.unet beside its base pipeline (--lcm.model)"
                 if (folder / "config.json").is_file() else "")
         raise UserError(f"{model} is not a diffusers pipeline folder (no model_index.json){hint}")
-    index = _read_config(DiffusionPipeline, model, "diffusion model")
+    try:
+        index = _read_config(DiffusionPipeline, model, "diffusion model")
+    except UserError:
+        if not is_local(model) and _is_unet_repo(model):  # e.g. latent-consistency/lcm-sdxl
+            raise UserError(f"{model} is a UNet, not a diffusers pipeline; give it with --lcm.unet beside "
+                            "its base pipeline (--lcm.model)") from None
+        raise
     name = index.get("_class_name")
     family = FAMILIES.get(name)
     if family is None:
