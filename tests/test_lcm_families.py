@@ -117,10 +117,15 @@ def test_sdxl_lora_export_lands_in_the_stock_sdxl_pipeline_and_lcm_lora_fuses_or
     made = sdxl_components(tmp_path / "made", **NO_W)["unet"]
     made.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), "made")
     perturb_lora_b(made, "made", seed=9)
-    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lcm_lora",
-                                                unet_lora_layers=get_peft_model_state_dict(made, adapter_name="made"))
+    # a repository of several LoRA files (as ByteDance/Hyper-SD): the one to use is named
+    lora_layers = get_peft_model_state_dict(made, adapter_name="made")
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lcm_lora", unet_lora_layers=lora_layers,
+                                                weight_name="Hyper-like-2steps-lora.safetensors")
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lcm_lora", weight_name="other-lora.safetensors",
+                                                unet_lora_layers={k: v * 0 for k, v in lora_layers.items()})
     targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "ff.net.2"]
-    cfg = cfg_for(model, guidance_scale=1.0, lcm_lora=str(tmp_path / "lcm_lora"), lora_targets=targets)
+    cfg = cfg_for(model, guidance_scale=1.0, lcm_lora=str(tmp_path / "lcm_lora"), lora_targets=targets,
+                  lcm_lora_weight_name="Hyper-like-2steps-lora.safetensors")
     fused = LCMWorld.from_config(cfg)
     stacked = LCMWorld.from_config(_stacked(cfg))
     perturb_lora_b(fused.network, OUR_ADAPTER, std=0.05)
@@ -129,10 +134,15 @@ def test_sdxl_lora_export_lands_in_the_stock_sdxl_pipeline_and_lcm_lora_fuses_or
     with torch.no_grad():
         x_fused, x_stacked = rollout(fused, 2).x0, rollout(stacked, 2).x0
     assert float((x_fused - x_stacked).abs().max() / x_fused.abs().max()) < 1e-5
+    # the named LoRA (not the zero one beside it) was fused into the base weights
+    base = UNet2DConditionModel.from_pretrained(model / "unet").state_dict()
+    name = next(k for k in base if k.endswith("attn1.to_q.weight"))
+    fused_q = dict(fused.network.named_parameters())[name.replace("to_q.weight", "to_q.base_layer.weight")]
+    assert (fused_q - base[name]).abs().max() > 1e-4
 
     pipe = StableDiffusionXLPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(tmp_path / "lcm_lora", adapter_name="lcm")
+    pipe.load_lora_weights(tmp_path / "lcm_lora", adapter_name="lcm", weight_name="Hyper-like-2steps-lora.safetensors")
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     pipe.load_lora_weights(tmp_path / "adapter")
