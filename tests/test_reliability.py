@@ -27,6 +27,7 @@ from cmalign.trainer import train
 from helpers import TINY_ARGS, tiny_config
 
 ADAPTER = "adapter/adapter.safetensors"
+ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -59,8 +60,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     two = tmp_path / "two"
     # `--cpu` would make accelerate use its single-process launcher (multi-CPU needs mpirun); the
     # torchrun-based launcher with --device cpu gives 2 CPU ranks on gloo.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),  # the shipped 2-CPU-rank config
            "--main_process_port", str(free_port()), "-m", "cmalign", "train", *TINY_ARGS,
            "--batch-size", "4", "--steps", "3", "--eval-every", "3", "--grid-every", "3", "--final-eval-size", "0",
            "--checkpoint-every", "0", "--lr", "1e-2", "--device", "cpu", "--output-dir", str(two)]

@@ -22,6 +22,7 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import finetune
 from . import distributed as dist
 from . import report, tracking
 from .run_safety import Preempted, RunLock, StopSignals, atomic_dir, clear_run_artefacts, writing
@@ -182,7 +183,9 @@ class Trainer:
     def _build(self, world_cls, method_cls, world, reward, method) -> None:
         """World, reward, method, prompts, optimiser and EMA (ready objects from the caller are used as they are)."""
         cfg, device = self.cfg, self.accelerator.device
-        self.world = world if world is not None else world_cls.from_config(cfg, device, transition=method_cls.transition(cfg))
+        full = {"lora": False} if cfg.finetune == "full" else {}  # full fine-tuning: no adapter, every weight trains
+        self.world = world if world is not None else world_cls.from_config(cfg, device, transition=method_cls.transition(cfg), **full)
+        self.full = finetune.attach(self.world, cfg, self.accelerator.num_processes)  # None for LoRA
         self.reward = (as_training_reward(reward) if reward is not None
                        else build_weighted(cfg.reward_weights, reward_context(self.world, cfg, device)))
         self.method = method if isinstance(method, Method) else method_cls(cfg, self.world, self.reward)
@@ -193,7 +196,9 @@ class Trainer:
             raise UserError(f"the {self.world.name} world has no trainable parameters (no adapter attached)")
         # The network is NOT wrapped in DDP: methods call it many times per backward (policy and
         # reference, adapters toggled). Gradients are averaged over ranks in optimizer_step instead.
-        self.optimizer = self.accelerator.prepare(torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # sharded by us (fully_shard): accelerate's FSDP2 prepare would want to shard the model itself
+        self.optimizer = optimizer if self.collective else self.accelerator.prepare(optimizer)
         self.ema = ckpt.EMA(self.params, cfg.ema_decay) if cfg.ema_decay is not None else None
 
     # --- evaluation pieces -----------------------------------------------------------------------
@@ -233,6 +238,8 @@ class Trainer:
     def optimizer_step(self, loss: torch.Tensor) -> float:
         """One update of the trainable parameters from `loss`; returns the gradient norm before clipping
         (NaN when the update is skipped). Methods call it once per update they make."""
+        if self.collective:  # FSDP reduced the gradients in backward: only the bad-step flag is agreed
+            return self.full.optimizer_step(self, loss)
         self.optimizer.zero_grad(set_to_none=True)
         params = self.params
         local_bad = not bool(torch.isfinite(loss.detach()).all())
@@ -287,7 +294,10 @@ class Trainer:
         if self.resume_state is None:
             return 0
         tensors, meta = self.resume_state
-        ckpt.restore(tensors, meta, self.params, self.optimizer, self.ema, gen, method=self.method)
+        if self.full is not None:  # sharded (DCP) state, resharded to however many ranks run now
+            finetune.restore(self.resume_from, tensors, meta, self.world.network, self.optimizer, self.ema, gen, self.method)
+        else:
+            ckpt.restore(tensors, meta, self.params, self.optimizer, self.ema, gen, method=self.method)
         self.step = int(meta["step"])
         self.train_seconds = float(meta["train_seconds"])
         self.bad_steps = int(meta.get("bad_steps", 0))
@@ -322,9 +332,10 @@ class Trainer:
                   + (f"; resuming from {self.resume_from} (step {start_step})" if self.resume_from else ""), flush=True)
         tracking.init_run_trackers(self.accelerator, self.run_dir, cfg, start_step)
         self.eval_set = self._eval_set(cfg.eval_size, EVAL_SEED_OFFSET)
-        if start_step == 0 and self.main:
+        if start_step == 0 and (self.main or self.collective):  # sharded: every rank takes part in the forwards
             row = {"step": 0, **self.evaluate_fixed()}
-            self.grid(self.last_eval_images, "step_000000.png")
+            if self.main:
+                self.grid(self.last_eval_images, "step_000000.png")
             self.base_eval_images = self.last_eval_images
             self.log(row)
 
@@ -366,7 +377,7 @@ class Trainer:
 
     def _log_and_evaluate(self, row: dict, last: bool, bar) -> None:
         cfg, step = self.cfg, self.step
-        if not self.main:
+        if not (self.main or self.collective):
             return
         if step % cfg.eval_every == 0 or last:
             row.update(self.evaluate_fixed())
@@ -374,13 +385,14 @@ class Trainer:
         if step % cfg.grid_every == 0 or last:
             if step % cfg.eval_every and not last:
                 self.evaluate_fixed()
-            self.grid(self.last_eval_images, f"step_{step:06d}.png")
+            if self.main:
+                self.grid(self.last_eval_images, f"step_{step:06d}.png")
         self.log(row)
 
     def _checkpoint(self, gen: torch.Generator, last: bool) -> None:
         """Every checkpoint_every steps, and at an early stop (time budget) so that --resume continues."""
         every, step = self.cfg.checkpoint_every, self.step
-        if not (self.main and every) or self._step_bad:
+        if not ((self.main or self.collective) and every) or self._step_bad:
             return
         if step % every == 0 or (last and step < self.cfg.steps):
             self.save_checkpoint(gen)
@@ -393,7 +405,7 @@ class Trainer:
             return
         bar.close()
         path = None
-        if self.main:
+        if self.main or self.collective:  # a sharded checkpoint is written by every rank
             found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
             done = found and found[-1].name == f"step_{self.step:06d}"  # written by _checkpoint just now
             path = found[-1] if done else self.save_checkpoint(gen)  # also at a skipped step: its state is exact
@@ -416,8 +428,11 @@ class Trainer:
         would abort gloo); then the main process writes the adapter, final evaluation and report."""
         nproc = self.accelerator.num_processes
         self.accelerator.wait_for_everyone()
+        if self.full is not None:  # sharded networks back to plain ones with the full weights (a collective)
+            self.params = self.full.gather(self.ema)
         if dist.check_ranks_agree(self.params, nproc) and self.main:
-            print(f"cmalign: adapter parameters identical across {nproc} ranks", flush=True)
+            what = "network" if self.full is not None else "adapter"
+            print(f"cmalign: {what} parameters identical across {nproc} ranks", flush=True)
         if dist.dist_on(nproc):
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
@@ -428,10 +443,20 @@ class Trainer:
         return TrainResult(self.run_dir, self.cfg, metrics, final, list(self.eval_set[0]), self.base_eval_images,
                            self.last_eval_images, self.world, self.reward)
 
+    @property
+    def collective(self) -> bool:
+        """The network is sharded over the ranks: its forwards and checkpoints need every rank."""
+        return getattr(self, "full", None) is not None and self.full.sharded
+
     def save_checkpoint(self, gen: torch.Generator) -> Path:
         """checkpoints/step_XXXXXX (main process only; no collectives)."""
         scalars = {"train_seconds": self.train_seconds, "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row,
                    "data_position": {"generator": "rng.generator", "step": self.step}}
+        if self.full is not None:  # every rank writes its shards (torch.distributed.checkpoint)
+            return finetune.save_checkpoint(self.run_dir / "checkpoints", self.step, self.world.network, self.optimizer,
+                                            self.ema, gen, scalars, self.cfg.keep_checkpoints, config=to_dict(self.cfg),
+                                            resumable=RESUMABLE_CHANGES, method=self.method, main=self.main,
+                                            num_processes=self.shard.count)
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.world, self.params, self.optimizer,
                                     self.ema, gen, scalars, self.cfg.keep_checkpoints,
                                     config=to_dict(self.cfg), resumable=RESUMABLE_CHANGES, method=self.method)
@@ -443,7 +468,7 @@ class Trainer:
         with self._ema_applied():
             # written whole or not at all: a present adapter/ marks a finished run
             with atomic_dir(self.run_dir / "adapter", "the adapter") as tmp:
-                self.world.save_adapter(tmp)
+                finetune.save_trained(self.world, tmp, cfg)  # LoRA adapter, or the whole network (full)
             if cfg.final_eval_size > 0:
                 final = self._final_evaluation()
         report.plot_curves(self.run_dir)

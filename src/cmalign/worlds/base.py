@@ -116,8 +116,15 @@ class World(ABC):
             x, out.to(x.dtype), timestep, abar_t, self.prediction_type, timestep_scaling=self.timestep_scaling
         )
 
+    reference_network: torch.nn.Module | None = None  # full fine-tuning: the frozen copy of the initial network
+
     def reference_policy(self):
-        """Context in which the network is the frozen reference (default: every adapter off)."""
+        """Context in which the network is the frozen reference (default: every adapter off; under full
+        fine-tuning the frozen copy of the initial weights is swapped in, see cmalign.finetune)."""
+        if self.reference_network is not None:
+            from ..finetune import reference_swapped
+
+            return reference_swapped(self)
         return adapters_disabled(self.network)
 
     # --- adapter ------------------------------------------------------------------------------------
