@@ -82,11 +82,11 @@ def test_sdxl_chain_from_a_saved_folder_equals_the_stock_sdxl_pipeline(tmp_path,
     assert world.family == "sdxl" and world.classifier_free == (unet is NO_W)
     pipe = StableDiffusionXLPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    for num_steps in (1, 4):
+    for num_steps in (1, 4) if not unet else (4,):
         assert_equal_to_stock(world, pipe, num_steps, guidance)
 
 
-@pytest.mark.parametrize("family, gamma", [("sd", 0.0), ("sd", 0.3), ("sd", 1.0), ("sdxl", 0.3)])
+@pytest.mark.parametrize("family, gamma", [("sd", 0.0), ("sd", 0.3), ("sdxl", 1.0)])
 def test_tcd_chain_equals_the_stock_pipeline_with_tcd_scheduler(tmp_path, family, gamma):
     size = "tiny" if family == "sd" else "tiny-sdxl"
     world = LCMWorld(**random_components(tmp_path / "a", size, **NO_W), resolution=RESOLUTION, guidance_scale=1.5,
