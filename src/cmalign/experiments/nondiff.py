@@ -42,7 +42,7 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
                       "reward_start": round(curve[0]["proxy"], 4), "reward_final": round(curve[-1]["proxy"], 4),
                       "gold_start": round(start, 4), "gold_peak": round(peak, 4),
                       "gold_final": gold_final, "gold_final_sd": gold_final_sd,
-                      "gain_final": round(gold_final - start, 4), "drop_from_peak": round(peak - gold_final, 4),
+                      "gain_final": round(gold_final - start, 4), "drop_from_peak": round(peak - gold_final, 4) + 0.0,  # (no "-0")
                       "accuracy_final": round(sum(f.get("eval_accuracy", float("nan")) for f in finals) / seeds, 4)})
     best = []
     for name in dict.fromkeys(r["method"] for r in table):
