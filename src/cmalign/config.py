@@ -91,6 +91,8 @@ class DigitsConfig:
     """Override the distillation steps if pretraining runs (tests use few)."""
     proxy_path: str | None = None
     """Folder of a proxy trained by `cmalign reward-model train`; default: the cached one."""
+    grid: int = 1
+    """Compositional digits: N x N grid of 8x8 digits (2, 3, 4), prompt names every cell; scores per cell, averaged."""
 
 
 @dataclass
@@ -111,6 +113,16 @@ class LCMConfig:
     """Module names the trained LoRA adapter attaches to (attention projections by default)."""
     heldout_fraction: float = 0.2
     """Share of prompts held out from training for evaluation."""
+    unet: str | None = None
+    """Hub id or folder of a UNet replacing the model's own (e.g. latent-consistency/lcm-sdxl on SDXL base)."""
+    lora_weight_name: str | None = None
+    """File inside the lora repo/folder when it holds several (e.g. Hyper-SDXL-1step-lora.safetensors)."""
+    scheduler: Literal["lcm", "tcd"] = "lcm"
+    """Chain family: lcm (LCMScheduler) or tcd (TCDScheduler, stochasticity tcd_gamma)."""
+    tcd_gamma: float = 0.3
+    """TCD's gamma (the pipeline's eta) in [0, 1]: 0 deterministic, 1 the consistency chain's noise."""
+    vae_checkpointing: bool = False
+    """Recompute the VAE decoder in the backward pass (saves most decoder memory at 1024 px)."""
 
 
 SECTIONS = {"ppo": PPOConfig, "ddpo": DDPOConfig, "digits": DigitsConfig, "lcm": LCMConfig}
@@ -123,9 +135,12 @@ FLAT_ALIASES = {
     "digits_resolution": ("digits", "resolution"), "digits_model_size": ("digits", "model_size"),
     "proxy_pairs": ("digits", "proxy_pairs"), "pretrain_teacher_steps": ("digits", "pretrain_teacher_steps"),
     "pretrain_distill_steps": ("digits", "pretrain_distill_steps"), "proxy_path": ("digits", "proxy_path"),
+    "digits_grid": ("digits", "grid"),
     "lcm_model": ("lcm", "model"), "lcm_lora": ("lcm", "lora"), "lcm_lora_mode": ("lcm", "lora_mode"),
     "guidance_scale": ("lcm", "guidance_scale"), "resolution": ("lcm", "resolution"),
     "lora_targets": ("lcm", "lora_targets"), "heldout_fraction": ("lcm", "heldout_fraction"),
+    "lcm_unet": ("lcm", "unet"), "lcm_lora_weight_name": ("lcm", "lora_weight_name"), "scheduler": ("lcm", "scheduler"),
+    "tcd_gamma": ("lcm", "tcd_gamma"), "vae_checkpointing": ("lcm", "vae_checkpointing"),
 }
 
 
@@ -174,6 +189,8 @@ class TrainConfig:
     """Multiplies the reward in the loss (the divergence keeps weight beta)."""
     clamp: Literal["hard", "straight_through", "soft"] = "hard"
     """How images are clamped to [0, 1] on the reward's gradient path (scores always use hard)."""
+    score_baseline: Literal["loo", "none"] = "loo"
+    """rocm with non-differentiable reward terms (score-function estimator): loo subtracts the other same-prompt chains' mean reward (unbiased, lower variance); none: no baseline."""
 
 
     # --- optimisation ------------------------------------------------------------------------------
@@ -189,8 +206,6 @@ class TrainConfig:
     """AdamW weight decay (0 keeps the objective exactly the one above)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
-    score_baseline: Literal["loo", "none"] = "loo"
-    """rocm with non-differentiable reward terms (score-function estimator): loo subtracts the other same-prompt chains' mean reward (unbiased, lower variance); none: no baseline."""
     lora_rank: int = 8
     """LoRA rank."""
     lora_alpha: float = 8.0
@@ -583,6 +598,9 @@ def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards
     need(p.adv_clip > 0 and p.stat_buffer >= 0 and p.stat_min_count >= 1, "ppo.adv_clip must be > 0, ppo.stat_buffer >= 0, ppo.stat_min_count >= 1")
     need(2 <= d.steps <= 1000 and d.eta >= 0, "ddpo.steps must be in [2, 1000] and ddpo.eta >= 0")
     need(cfg.digits.resolution in (8, 16), f"digits.resolution must be 8 or 16, got {cfg.digits.resolution}")
+    need(cfg.digits.grid in (1, 2, 3, 4), f"digits.grid must be 1, 2, 3 or 4, got {cfg.digits.grid}")
+    need(cfg.digits.grid == 1 or cfg.digits.resolution == 8,
+         f"digits.grid {cfg.digits.grid} is a grid of 8x8 digits: digits.resolution must stay 8, got {cfg.digits.resolution}")
     need(cfg.digits.proxy_pairs >= 10, f"digits.proxy_pairs must be >= 10, got {cfg.digits.proxy_pairs}")
     for name in ("pretrain_teacher_steps", "pretrain_distill_steps"):
         value = getattr(cfg.digits, name)
