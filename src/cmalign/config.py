@@ -206,6 +206,10 @@ class TrainConfig:
     """AdamW weight decay (0 keeps the objective exactly the one above)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
+    finetune: Literal["lora", "full"] = "lora"
+    """lora: train a LoRA adapter (reference = adapter off); full: train every network weight against a frozen copy, sharded with FSDP2 over several ranks (docs/scaling.md)."""
+    reference_offload: bool = False
+    """finetune full: keep the frozen reference copy's weights on the CPU (FSDP CPU offload when sharded)."""
     lora_rank: int = 8
     """LoRA rank."""
     lora_alpha: float = 8.0
@@ -608,6 +612,9 @@ def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards
     need(cfg.lcm.resolution >= 8 and cfg.lcm.resolution % 8 == 0, f"lcm.resolution must be a positive multiple of 8, got {cfg.lcm.resolution}")
     need(0 <= cfg.lcm.heldout_fraction < 1, f"lcm.heldout_fraction must be in [0, 1), got {cfg.lcm.heldout_fraction}")
     need(bool(cfg.lcm.lora_targets), "lcm.lora_targets is empty")
+    from .finetune import check_config as check_finetune
+
+    check_finetune(cfg)
     world_cls.check_config(cfg)
     method_cls.check_config(cfg)
     return cfg
