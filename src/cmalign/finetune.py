@@ -146,28 +146,8 @@ class FullFinetune:
             world._reference_offload_device = world.device
         world.reference_network = reference
 
-    # one update of the sharded (already reduced) gradients
     def optimizer_step(self, trainer, loss: torch.Tensor) -> float:
-        """FSDP has reduce-scattered (averaged) the gradients in backward; the ranks agree only on whether
-        to skip. Every rank runs backward, also after a non-finite loss: the reduction is a collective."""
-        optimizer, params = trainer.optimizer, trainer.params
-        optimizer.zero_grad(set_to_none=True)
-        local_bad = not bool(torch.isfinite(loss.detach()).all())
-        trainer.accelerator.backward(loss)
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        bad = dist.all_reduce_max(float(local_bad or not math.isfinite(norm)), trainer.shard.count, trainer.accelerator.device)
-        if bad > 0:
-            optimizer.zero_grad(set_to_none=True)
-            trainer._step_bad = True
-            return float("nan")
-        if trainer.cfg.grad_clip > 0:
-            coef = min(1.0, trainer.cfg.grad_clip / (norm + 1e-6))  # clip_grad_norm_'s rule
-            for g in grads:
-                g.mul_(coef)
-        optimizer.step()
-        return norm
+        return reduced_optimizer_step(trainer, loss)
 
     # back to plain modules at the end (every rank: a collective)
     def gather(self, ema=None) -> list[torch.nn.Parameter]:
@@ -197,6 +177,44 @@ class FullFinetune:
             plain = self.network_class.from_config(module.config)
             plain.load_state_dict(state)
         return plain.to(self.world.device).requires_grad_(trainable).eval()
+
+
+def reduced_optimizer_step(trainer, loss: torch.Tensor) -> float:
+    """One update when the engine reduces (averages) the gradients in backward (FSDP2's reduce-scatter,
+    or DDP's reducer for data-parallel LoRA): the ranks agree only on whether to skip the update. Every
+    rank runs backward, also after a non-finite loss, since the reduction is a collective (the poisoned
+    gradients are then dropped on every rank)."""
+    optimizer, params = trainer.optimizer, trainer.params
+    optimizer.zero_grad(set_to_none=True)
+    local_bad = not bool(torch.isfinite(loss.detach()).all())
+    trainer.accelerator.backward(loss)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    bad = dist.all_reduce_max(float(local_bad or not math.isfinite(norm)), trainer.shard.count, trainer.accelerator.device)
+    if bad > 0:
+        optimizer.zero_grad(set_to_none=True)
+        trainer._step_bad = True
+        return float("nan")
+    if trainer.cfg.grad_clip > 0:
+        coef = min(1.0, trainer.cfg.grad_clip / (norm + 1e-6))  # clip_grad_norm_'s rule
+        for g in grads:
+            g.mul_(coef)
+    optimizer.step()
+    return norm
+
+
+def replicate_lora(network: torch.nn.Module) -> None:
+    """Data-parallel LoRA on the engine's reducer: DDP applied in place (torch's composable `replicate`),
+    so the world keeps its own module. static_graph: methods call the network many times per backward
+    (policy and reference, adapter toggled); no buffer broadcast, so that an evaluation forward on the
+    main process alone needs no other rank. Measured against the hand-written flat all-reduce in
+    benchmarks/lora_reducer_results.md."""
+    from torch.distributed._composable import replicate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        replicate(network, static_graph=True, broadcast_buffers=False)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -194,8 +194,10 @@ class Trainer:
         self.params = self.world.trainable_parameters()
         if not self.params:
             raise UserError(f"the {self.world.name} world has no trainable parameters (no adapter attached)")
-        # The network is NOT wrapped in DDP: methods call it many times per backward (policy and
-        # reference, adapters toggled). Gradients are averaged over ranks in optimizer_step instead.
+        # LoRA over several ranks: the engine's reducer (DDP in place) averages the adapter gradients in backward
+        self.engine_reduces = self.collective or (self.full is None and dist.dist_on(self.shard.count))
+        if self.engine_reduces and not self.collective:
+            finetune.replicate_lora(self.world.network)
         optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # sharded by us (fully_shard): accelerate's FSDP2 prepare would want to shard the model itself
         self.optimizer = optimizer if self.collective else self.accelerator.prepare(optimizer)
@@ -238,8 +240,8 @@ class Trainer:
     def optimizer_step(self, loss: torch.Tensor) -> float:
         """One update of the trainable parameters from `loss`; returns the gradient norm before clipping
         (NaN when the update is skipped). Methods call it once per update they make."""
-        if self.collective:  # FSDP reduced the gradients in backward: only the bad-step flag is agreed
-            return self.full.optimizer_step(self, loss)
+        if self.engine_reduces:  # FSDP / DDP reduced the gradients in backward: only the bad-step flag is agreed
+            return finetune.reduced_optimizer_step(self, loss)
         self.optimizer.zero_grad(set_to_none=True)
         params = self.params
         local_bad = not bool(torch.isfinite(loss.detach()).all())
