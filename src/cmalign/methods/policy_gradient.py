@@ -27,7 +27,7 @@ from collections import defaultdict, deque
 
 import torch
 
-from ..chain import DDIMTransition, run_chain, step_divergences
+from ..chain import DDIMTransition, index_cond, run_chain, step_divergences
 from ..divergences import plan_from_config
 from ..errors import UserError
 from .base import Batch, Method
@@ -127,7 +127,7 @@ class PolicyGradient(Method):
         """Re-run the policy (with gradient) on stored states of the samples idx: (log-probs (b, K-1), divergence (b,) or None).
         The divergence is subsampled as configured (divergence_steps / _fraction, over these b chains, from generator)."""
         sub = [s[idx] for s in states]
-        c = _index_cond(cond, idx)
+        c = index_cond(cond, idx)
         with_ref = self.kl_weight > 0
         n = len(sub) if (with_ref and self.cfg.final_step == "floor") else len(sub) - 1
         plan = plan_from_config(self.cfg, len(sub), len(idx), generator) if with_ref else None
@@ -172,18 +172,6 @@ class PolicyGradient(Method):
             "updates": len(norms),
         }
         return metrics, images
-
-
-def _index_cond(cond, idx: torch.Tensor):
-    """Select samples of a conditioning (a tensor, or an object of tensors such as the lcm world's)."""
-    if isinstance(cond, torch.Tensor):
-        return cond[idx]
-    if hasattr(cond, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.replace(cond, **{f: _index_cond(getattr(cond, f), idx)
-                                            for f in cond.__dataclass_fields__ if isinstance(getattr(cond, f), torch.Tensor)})
-    raise TypeError(f"cannot index conditioning of type {type(cond).__name__}")
 
 
 class Rlcm(PolicyGradient):
