@@ -10,7 +10,7 @@ import pytest
 from cmalign.cli import main
 from cmalign.experiments import EXPERIMENTS
 
-GROUPS = [("hacking",), ("compute-matched",), ("ablations",), ("beta-sweep", "divergences"), ("generalization",), ("scaling",), ("scaling-grid",), ("frontier",), ("nondiff",)]
+GROUPS = [("hacking",), ("compute-matched",), ("ablations",), ("beta-sweep", "divergences"), ("generalization",), ("scaling",), ("scaling-grid",), ("frontier",), ("nondiff",), ("finetune-mode",)]
 
 
 def test_every_experiment_is_tested():

@@ -190,3 +190,31 @@ def test_every_shipped_launcher_config_is_accelerates_and_launched_by_a_test():
     cpu = load_config_from_file(str(CONFIGS / "cpu_2proc.yaml"))
     assert cpu.distributed_type == DistributedType.MULTI_GPU and cpu.num_processes == 2
     assert '"--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml")' in (ROOT / "tests" / "test_reliability.py").read_text()
+
+
+def test_lcm_full_finetune_export_runs_in_the_stock_pipeline(tmp_path):
+    """lcm: the frozen copy is the reference; the exported UNet folder, passed to a stock
+    LatentConsistencyModelPipeline, reproduces our chain's images."""
+    from diffusers import UNet2DConditionModel
+
+    from lcm_fixtures import stock_pipeline, tiny_components, tiny_world
+    from test_lcm_world import lcm_config, rollout, stock_call
+
+    world = tiny_world(tmp_path / "ours", lora_rank=None)
+    cfg = lcm_config(finetune="full")
+    full = finetune.attach(world, cfg, 1)
+    assert world.trainable_parameters() and len(world.trainable_parameters()) == len(list(world.network.parameters()))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # stands in for training: every weight moves
+        for p in world.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02 * (p.abs().mean() + 1e-3))
+    finetune.save_trained(world, tmp_path / "adapter", cfg)
+    with torch.no_grad():
+        images = world.decode(rollout(world, 2).x0).clamp(0, 1)
+        with world.reference_policy():
+            base = world.decode(rollout(world, 2).x0).clamp(0, 1)
+    assert full is not None and (images - base).abs().max() > 1e-3, "the reference is the frozen initial copy"
+    components = tiny_components(tmp_path / "stock")
+    components["unet"] = UNet2DConditionModel.from_pretrained(str(tmp_path / "adapter"))
+    pipe = stock_pipeline(components)
+    assert (images - stock_call(pipe, 2, world.guidance_scale, "pt")).abs().max() < 1e-5

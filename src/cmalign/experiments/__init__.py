@@ -16,6 +16,7 @@ EXPERIMENTS = {
     "scaling-grid": "ROCM's time to RLCM's best gold (and within RLCM's KL to base) over intrinsic dimension: digits grid N = 1, 2, 3",
     "nondiff": "hybrid ROCM vs RLCM, DDPO on the non-differentiable rating (1-5 stars) at matched compute, judged on gold",
     "frontier": "every method (betas, temperatures, lr grid) on the gold-vs-divergence plane: Pareto frontiers, best gold within KL budgets",
+    "finetune-mode": "LoRA vs full fine-tuning at matched steps (gold, divergence, accuracy, s/step, peak RSS); full on 1 vs 2 ranks",
 }
 
 
