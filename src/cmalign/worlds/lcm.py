@@ -49,7 +49,8 @@ DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # what a stock pipelin
 PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"  # for resuming
 
 # model_index.json _class_name -> UNet family
-FAMILIES = {"StableDiffusionPipeline": "sd", "LatentConsistencyModelPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "LatentConsistencyModelPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+            "PixArtAlphaPipeline": "pixart"}  # pixart: a transformer (PixArt-LCM), worlds/lcm_dit.py
 PIPELINES = {"sd": LatentConsistencyModelPipeline, "sdxl": StableDiffusionXLPipeline}
 SCHEDULERS = {"lcm": LCMScheduler, "tcd": TCDScheduler}
 # methods that need the chain's step log-probabilities, which a deterministic chain (TCD gamma = 0) lacks
@@ -209,6 +210,10 @@ class LCMWorld(World):
                             "(lcm, tcd) chains only")
         cls.check_config(cfg)
         lcm = cfg.lcm
+        if model_family(lcm.model, lcm.unet) == "pixart":
+            from .lcm_dit import PixArtLCMWorld
+
+            return PixArtLCMWorld.from_config(cfg, device, lora=lora)
         components = load_components(lcm.model, unet=lcm.unet)
         base_adapter = None
         if lcm.lora:
@@ -495,7 +500,11 @@ def model_family(model: str, unet: str | None = None) -> str:
     family = FAMILIES.get(name)
     if family is None:
         raise UserError(f"{model} is a {name} pipeline; the lcm world runs {', '.join(sorted(FAMILIES))} "
-                        "(SD-1.5- and SDXL-class UNets)")
+                        "(SD-1.5- and SDXL-class UNets, PixArt-alpha transformers)")
+    if family == "pixart":  # no UNet to read or swap (worlds/lcm_dit.py)
+        if unet:
+            raise UserError(f"{model} is a PixArt pipeline (a transformer); --lcm.unet applies to the UNet families only")
+        return family
     unet_config = (_read_config(UNet2DConditionModel, unet, "UNet") if unet
                    else _read_config(UNet2DConditionModel, model, "diffusion model", subfolder="unet"))
     _check_unet_family(unet_config, family, f"the UNet of {unet or model}")
