@@ -46,8 +46,28 @@ def rows_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _rank_child(rank, port, cfg, resume, log):
-    """One of 2 gloo ranks, forked from the test process (the imports and the gold classifiers are inherited)."""
+def _rank_child(rank, port, cfg, resume, log, nan_on=None):
+    """One of 2 gloo ranks, forked from the test process (the imports and the gold classifiers are inherited).
+    nan_on = (rank, call): that rank's training reward is NaN on that gradient-enabled call."""
+    if nan_on is not None and nan_on[0] == rank:
+        from cmalign import trainer as trainer_mod
+
+        original, calls = trainer_mod.build_weighted, [0]
+
+        def poisoned(*a, **k):
+            inner = original(*a, **k)
+
+            def reward(images, prompts):
+                value = inner(images, prompts)
+                if torch.is_grad_enabled():
+                    calls[0] += 1
+                    if calls[0] == nan_on[1]:
+                        return value * float("nan")
+                return value
+
+            return trainer_mod.as_training_reward(reward)
+
+        trainer_mod.build_weighted = poisoned
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -56,6 +76,7 @@ def _rank_child(rank, port, cfg, resume, log):
     AcceleratorState._reset_state(True), GradientState._reset_state(), PartialState._reset_state()
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1), os.dup2(fd, 2)
+    sys.stdout, sys.stderr = os.fdopen(1, "w", buffering=1), os.fdopen(2, "w", buffering=1)  # not pytest's capture
     try:
         train(cfg, progress=False, resume=resume)
         code = 0
@@ -65,11 +86,11 @@ def _rank_child(rank, port, cfg, resume, log):
     os._exit(code)
 
 
-def fork_ranks(cfg, log: Path, resume=None):
+def fork_ranks(cfg, log: Path, resume=None, nan_on=None):
     import multiprocessing
 
     port = free_port()
-    procs = [multiprocessing.get_context("fork").Process(target=_rank_child, args=(r, port, cfg, resume, str(log)))
+    procs = [multiprocessing.get_context("fork").Process(target=_rank_child, args=(r, port, cfg, resume, str(log), nan_on))
              for r in range(2)]
     for p in procs:
         p.start()
@@ -160,6 +181,22 @@ def test_fsdp2_two_ranks_match_one_process_survive_sigkill_and_reshard(tmp_path)
     assert np.allclose(ours, theirs, atol=1e-6), np.abs(ours - theirs).max()  # float round-off of another load path
     base = generate(build_world(cfg, lora=False), ["a handwritten seven"] * 3, 4, torch.Generator().manual_seed(5)).numpy()
     assert not np.array_equal(ours, base), "the tuned network differs from the base"
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_update_on_both(tmp_path):
+    """FSDP reduces the gradients itself; the ranks must still agree to skip: rank 1's reward is NaN on its
+    second update only, both ranks skip that update (no hang in the reduce-scatter) and end identical."""
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    cfg = tiny_config(output_dir=str(run), batch_size=2, **{**RUN, "checkpoint_every": 0, "ema_decay": None,
+                                                            "grad_checkpointing": False})
+    procs = fork_ranks(cfg, log, nan_on=(1, 2))
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0, 0], log.read_text()[-3000:]
+    assert "network parameters identical across 2 ranks" in log.read_text()
+    rows = {r["step"]: r for r in rows_of(run)}
+    assert [s for s in (1, 2, 3) if rows[s]["skipped"]] == [2] and rows[3]["bad_steps"] == 1
+    assert rows[3]["grad_norm"] is not None and rows[2]["grad_norm"] is None
 
 
 def test_full_finetune_refusals(monkeypatch):
