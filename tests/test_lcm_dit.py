@@ -125,11 +125,17 @@ def test_pixart_family_is_read_from_model_index_and_unet_lora_tcd_are_refused(tm
         PixArtLCMWorld(**components, chain_scheduler="tcd")
     with pytest.raises(UserError, match="resolution must be a multiple of 4"):
         PixArtLCMWorld(**components, resolution=34, lora_rank=None)
+    with pytest.raises(UserError, match="the T5 tokenizer has 4 tokens for a text encoder of 40"):
+        PixArtLCMWorld(**dict(components, tokenizer=T5Tokenizer(extra_ids=0)), lora_rank=None)  # an unconverted one
 
 
 def test_cli_trains_lora_on_the_transformer_and_the_export_loads_into_the_stock_pipeline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = save_pixart(tmp_path)
+    for config, key in ((model / "model_index.json", "transformer"), (model / "transformer" / "config.json", None)):
+        data = json.loads(config.read_text())  # the hub repository's legacy class name, as PixArt-LCM's
+        data.update({key: ["diffusers", "Transformer2DModel"]} if key else {"_class_name": "Transformer2DModel"})
+        config.write_text(json.dumps(data))
     clip, _ = tiny_clip(tmp_path / "clip")
     run = tmp_path / "run"
     tiny = ["--lora-rank", "4", "--lora-alpha", "8", "--num-steps", "2", "--batch-size", "1", "--steps", "2",
@@ -176,3 +182,12 @@ def test_an_export_that_would_not_land_is_refused_and_a_resumed_adapter_is_the_s
     with pytest.raises(UserError, match=r"would load incompletely .*: 0 of 32 tensors land") as info:
         check_peft_adapter_loads_completely(world.network, OUR_ADAPTER, bare)
     assert "\n" not in str(info.value)
+
+
+def test_pixart_lcm_preset_says_what_it_runs():
+    from cmalign.config import load_preset, validate
+
+    cfg = validate(load_preset("pixart-lcm-xl-2-1024"), check_rewards=False)
+    lcm = cfg.lcm
+    assert (cfg.world, lcm.model, cfg.num_steps, lcm.guidance_scale, lcm.resolution, lcm.vae_checkpointing) == (
+        "lcm", "PixArt-alpha/PixArt-LCM-XL-2-1024-MS", 4, 0.0, 1024, True)

@@ -76,6 +76,12 @@ class PixArtLCMWorld(LCMWorld):
         if chain_scheduler != "lcm":
             # PixArtAlphaPipeline returns the scheduler's second output at K = 1, which is not TCD's chain output
             raise UserError(f"lcm.scheduler {chain_scheduler} is not supported for PixArt pipelines (lcm only)")
+        vocab = int(text_encoder.config.vocab_size)
+        if not vocab // 2 <= len(tokenizer) <= vocab:
+            # e.g. a sentencepiece spiece.model that transformers could not convert (no sentencepiece/protobuf)
+            # leaves a near-empty vocabulary: every word would encode to <unk>
+            raise UserError(f"the T5 tokenizer has {len(tokenizer)} tokens for a text encoder of {vocab}: it does not "
+                            "belong to it (a spiece.model needs `pip install sentencepiece protobuf` to be converted)")
         self.device = torch.device(device)
         self.weight_dtype = WEIGHT_DTYPES[mixed_precision]
         self.autocast_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
