@@ -163,3 +163,20 @@ def test_frontier_ratio_holds_rocm_to_rlcms_divergence():
     slow_and_close = [pt(0, 5.0, 0.0), pt(5, 6.0, 0.1), pt(12, 6.5, 0.35)]
     assert frontier_ratio(rlcm, [fast_but_far]) == (None, 6.5, 0.4)
     assert frontier_ratio(rlcm, [fast_but_far, slow_and_close]) == (0.6, 6.5, 0.4)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_grid_base_models_ship_with_the_package(monkeypatch, tmp_path, n):
+    """`cmalign train --digits-grid N` on a fresh clone pretrains nothing: the recipe resolves to the shipped float16
+    weights, whose manifest names the command that rebuilds them."""
+    from cmalign.worlds import digits_base
+
+    monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "empty-cache"))
+    cfg = digits_pretrain_config(TrainConfig(digits_grid=n))
+    folder = digits_base.locate(cfg, allow_pretrain=False)
+    assert folder == digits_base.shipped_dir(cfg)
+    info = json.loads((folder / "manifest.json").read_text())
+    assert info["command"] == digits_base.pretrain_command(cfg) == f"cmalign pretrain digits --grid {n} --model-size base"
+    assert info["config"]["grid"] == n and info["stats"]["wall_seconds"] > 0
+    net, _, _ = digits_base.load_base(cfg, allow_pretrain=False)
+    assert isinstance(net, GridUNet) and net.n == n and net.unet.config.sample_size == 8 * n
