@@ -84,7 +84,8 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
     rows, curves = [], {}
     cells = {k: v for k, v in CELLS.items() if not quick or k in ("lora lr=1e-4", "full lr=3e-5")}
     for label, changes in cells.items():
-        cfg = make_config(quick, threads, method="rocm", steps=steps, checkpoint_every=0, **changes)
+        small = dict(eval_size=4, eval_every=steps) if quick else {}  # the test: evaluation is most of the cost
+        cfg = make_config(quick, threads, method="rocm", steps=steps, checkpoint_every=0, **small, **changes)
         run_dir = out / "runs" / label.replace(" ", "_").replace("=", "")
         if quick:  # the tiny models, in this process
             from .common import train_run
