@@ -130,6 +130,8 @@ class SampleArgs:
     """Output folder for PNGs and samples.npz."""
     guidance_scale: float | None = None
     """lcm world: guidance-embedding scale; default: the run's."""
+    digits_grid: int = 1
+    """digits world without a run: the N x N compositional grid's base model (2, 3 or 4)."""
 
 
 @dataclass
@@ -160,12 +162,18 @@ def _world_for(args: SampleArgs):
             raise UserError(f"{run} holds no finished adapter (adapter/ is missing): the run did not finish")
         cfg = load_preset(str(run / "config.yaml"))
     else:
-        cfg = TrainConfig(world=args.world)
+        cfg = TrainConfig(world=args.world, digits_grid=args.digits_grid)
+        if args.digits_grid != 1:
+            from .config import validate
+
+            validate(cfg)  # the grid's range, before any model loads
     if args.guidance_scale is not None:  # before the world is built: the world embeds it
         cfg = with_changes(cfg, **{"lcm.guidance_scale": args.guidance_scale})
-    world = build_world(cfg, lora=bool(args.run))
+    world = build_world(cfg, lora=bool(args.run) and cfg.finetune == "lora")
     if args.run:
-        world.load_adapter(Path(args.run) / "adapter")
+        from .finetune import load_trained
+
+        load_trained(world, Path(args.run) / "adapter", cfg)  # the adapter, or a full fine-tune's network
     k = args.num_steps or method_class(cfg.method).chain_length(cfg)
     return cfg, world, k
 
@@ -241,6 +249,8 @@ class PretrainArgs:
     """Override the distillation updates."""
     force: bool = False
     """Rebuild even if the cache holds these models."""
+    grid: int = 1
+    """Compositional digits: an N x N grid of 8x8 digits (2, 3 or 4; the grid's own recipe, worlds/digits_grid.py)."""
 
 
 def cmd_pretrain(args: list[str]) -> int:
@@ -253,7 +263,17 @@ def cmd_pretrain(args: list[str]) -> int:
     if a.resolution not in (8, 16):
         raise UserError(f"resolution must be 8 or 16, got {a.resolution}")
     overrides = {k: v for k, v in (("teacher_steps", a.teacher_steps), ("distill_steps", a.distill_steps)) if v is not None}
-    cfg = PretrainConfig(resolution=a.resolution, model_size=a.model_size, **overrides)
+    for name, value in overrides.items():
+        if value < 1:
+            raise UserError(f"{name.replace('_', '-')} must be >= 1, got {value}")
+    if a.grid != 1:
+        from .worlds.digits_grid import grid_pretrain_config
+
+        if a.resolution != 8:
+            raise UserError(f"--grid {a.grid} is a grid of 8x8 digits: --resolution must stay 8, got {a.resolution}")
+        cfg = grid_pretrain_config(a.grid, a.model_size, **overrides)
+    else:
+        cfg = PretrainConfig(resolution=a.resolution, model_size=a.model_size, **overrides)
     folder = digits_base.build_and_cache(cfg, force=a.force)
     print(f"cmalign: digits base models in {folder}")
     return 0
