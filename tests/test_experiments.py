@@ -83,7 +83,7 @@ def test_jobs_is_refused_where_runs_must_train_in_order(tmp_path, capsys):
 def test_scaling_reports_the_ratio_seed_by_seed(tmp_path):
     from cmalign.experiments import scaling
 
-    scaling.run(tmp_path, quick=True, seeds=2, settings=((8, 2),))
+    scaling.run(tmp_path, quick=True, seeds=2, settings=((8, 2),), lrs=scaling.LRS)
     (row,) = list(csv.DictReader(open(tmp_path / "summary.csv")))
     assert row["seeds"] == "2"
     for label in ("default", "tuned"):
