@@ -374,6 +374,17 @@ class LCMWorld(World):
     def load_adapter(self, directory: Path) -> None:
         """Load an adapter written by save_adapter (adding it first if this world has none)."""
         directory = Path(directory)
+        weights = self._read_adapter(directory)
+        result = set_peft_model_state_dict(self.network, weights, adapter_name=OUR_ADAPTER)
+        if result.unexpected_keys:
+            raise UserError(f"adapter in {directory} does not fit this model ({len(result.unexpected_keys)} unexpected "
+                            f"keys, e.g. {result.unexpected_keys[0]})")
+        cast_training_params(self.network, torch.float32)
+
+    def _read_adapter(self, directory: Path) -> dict[str, torch.Tensor]:
+        """The PEFT weights of an adapter folder whose rank, alpha and targets match this world's
+        (attaching an adapter of that shape first if this world has none)."""
+        directory = Path(directory)
         weights_path, config_path = directory / PEFT_ADAPTER_FILE, directory / PEFT_CONFIG_FILE
         if not weights_path.is_file() or not config_path.is_file():
             raise UserError(f"no lcm adapter in {directory} (expected {PEFT_ADAPTER_FILE} and {PEFT_CONFIG_FILE})")
@@ -390,11 +401,7 @@ class LCMWorld(World):
                 f"adapter in {directory} has r={saved.r}, alpha={saved.lora_alpha}, targets {sorted(saved.target_modules)}; "
                 f"this world's has r={current.r}, alpha={current.lora_alpha}, targets {sorted(current.target_modules)}"
             )
-        result = set_peft_model_state_dict(self.network, weights, adapter_name=OUR_ADAPTER)
-        if result.unexpected_keys:
-            raise UserError(f"adapter in {directory} does not fit this model ({len(result.unexpected_keys)} unexpected "
-                            f"keys, e.g. {result.unexpected_keys[0]})")
-        cast_training_params(self.network, torch.float32)
+        return weights
 
 
 @contextlib.contextmanager

@@ -31,12 +31,12 @@ from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DMode
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, PeftModel, inject_adapter_in_model, set_peft_model_state_dict
 from peft.utils import load_peft_weights
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..hub import hub_errors, offline
 from ..precision import WEIGHT_DTYPES
-from .lcm import DEFAULT_LORA_TARGETS, OUR_ADAPTER, PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE, LCMWorld, lora_layout
+from .lcm import DEFAULT_LORA_TARGETS, OUR_ADAPTER, PEFT_ADAPTER_FILE, LCMWorld, lora_layout
 
 __all__ = ["PixArtLCMWorld", "PixArtConditioning", "load_pixart_components", "check_peft_adapter_loads_completely"]
 
@@ -233,21 +233,7 @@ class PixArtLCMWorld(LCMWorld):
     def load_adapter(self, directory: Path) -> None:
         """Load an adapter written by save_adapter (adding it first if this world has none)."""
         directory = Path(directory)
-        weights_path, config_path = directory / PEFT_ADAPTER_FILE, directory / PEFT_CONFIG_FILE
-        if not weights_path.is_file() or not config_path.is_file():
-            raise UserError(f"no lcm adapter in {directory} (expected {PEFT_ADAPTER_FILE} and {PEFT_CONFIG_FILE})")
-        try:
-            saved = LoraConfig.from_pretrained(directory)
-            weights = load_file(weights_path)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"adapter in {directory} is unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
-        if not self.has_adapter:
-            self._attach_adapter(saved)
-        current = self.adapter_config()
-        if (saved.r, saved.lora_alpha, set(saved.target_modules)) != (current.r, current.lora_alpha, set(current.target_modules)):
-            raise UserError(
-                f"adapter in {directory} has r={saved.r}, alpha={saved.lora_alpha}, targets {sorted(saved.target_modules)}; "
-                f"this world's has r={current.r}, alpha={current.lora_alpha}, targets {sorted(current.target_modules)}")
+        weights = self._read_adapter(directory)
         bare = {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
         expected = set(self.adapter_state_dict())
         if set(bare) != expected:
