@@ -107,10 +107,17 @@ def _build_proxy(world, folder: Path, key: str, num_pairs: int, seed: int, num_s
         return build_grid_proxy(world, folder, key, num_pairs, seed, num_steps, progress)
     if progress:
         print(f"cmalign: training the digits proxy reward on {num_pairs} gold-labelled pairs -> {folder}", flush=True)
+    fit_and_publish(folder, lambda n, s: make_gold_pairs(world, n, num_steps, s), world.resolution, num_pairs, seed,
+                    {"base": key, "num_pairs": num_pairs, "seed": seed, "num_steps": num_steps})
+
+
+def fit_and_publish(folder: Path, make_pairs, resolution: int, num_pairs: int, seed: int, info: dict) -> None:
+    """Fit a proxy on make_pairs(num_pairs, seed), report it on 500 held-out pairs (agreement with the noisy
+    labels and with the gold order) and publish it with its manifest into `folder`."""
     start = time.time()
-    pairs, _ = make_gold_pairs(world, num_pairs, num_steps, seed)
-    test, test_truth = make_gold_pairs(world, 500, num_steps, seed + 10_000)
-    model, stats = fit_proxy(pairs, world.resolution, seed)
+    pairs, _ = make_pairs(num_pairs, seed)
+    test, test_truth = make_pairs(500, seed + 10_000)
+    model, stats = fit_proxy(pairs, resolution, seed)
     stats.update(
         test_accuracy_noisy_labels=pair_accuracy(model, test),
         test_accuracy_gold_order=pair_accuracy(model, test, test_truth),
@@ -118,5 +125,5 @@ def _build_proxy(world, folder: Path, key: str, num_pairs: int, seed: int, num_s
         seconds=round(time.time() - start, 1),
     )
     tmp = staging_dir(folder)
-    save_proxy(model, tmp, {"base": key, "num_pairs": num_pairs, "seed": seed, "num_steps": num_steps, "stats": stats})
+    save_proxy(model, tmp, {**info, "stats": stats})
     publish_dir(tmp, folder)

@@ -270,29 +270,14 @@ def make_cell_pairs(world, num_pairs: int, num_steps: int = 4, seed: int = 0):
 def build_grid_proxy(world, folder, key: str, num_pairs: int, seed: int, num_steps: int, progress: bool) -> None:
     """Fit and publish the per-cell proxy of a grid base model into `folder` (the 8x8 ProxyCNN; the manifest's
     `grid` makes load_proxy apply it per cell)."""
-    import time
-
-    from ..cache import publish_dir, staging_dir
-    from ..rewards.bradley_terry import pair_accuracy
-    from ..rewards.digits_proxy import fit_proxy, save_proxy
+    from ..rewards.digits_proxy import fit_and_publish
 
     if progress:
         print(f"cmalign: training the {world.grid}x{world.grid} digits proxy reward on {num_pairs} gold-labelled cell pairs "
               f"-> {folder}", flush=True)
-    start = time.time()
-    pairs, _ = make_cell_pairs(world, num_pairs, num_steps, seed)
-    test, test_truth = make_cell_pairs(world, 500, num_steps, seed + 10_000)
-    model, stats = fit_proxy(pairs, CELL, seed)
-    stats.update(
-        test_accuracy_noisy_labels=pair_accuracy(model, test),
-        test_accuracy_gold_order=pair_accuracy(model, test, test_truth),
-        label_agreement_with_gold=((test.prefer_a > 0.5).float() == test_truth).float().mean().item(),
-        seconds=round(time.time() - start, 1),
-    )
-    tmp = staging_dir(folder)
-    save_proxy(model, tmp, {"base": key, "num_pairs": num_pairs, "seed": seed, "num_steps": num_steps, "grid": world.grid,
-                            "pairs": "cells of grid pairs", "stats": stats})
-    publish_dir(tmp, folder)
+    fit_and_publish(folder, lambda n, s: make_cell_pairs(world, n, num_steps, s), CELL, num_pairs, seed,
+                    {"base": key, "num_pairs": num_pairs, "seed": seed, "num_steps": num_steps, "grid": world.grid,
+                     "pairs": "cells of grid pairs"})
 
 
 # --- the world --------------------------------------------------------------------------------------
