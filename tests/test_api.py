@@ -114,6 +114,9 @@ def test_user_reward_by_import_path_from_the_cli_and_python(user_module, tmp_pat
 
     result = cmalign.train(tiny_config(steps=2, output_dir=str(tmp_path / "api")), reward=myscores.ink, progress=False)
     assert result.metrics[-1]["step"] == 2 and "reward" in result.metrics[-1]
+    # the run's record names the reward it trained on, so that `cmalign eval --run` scores with it
+    assert result.config.reward_weights == {"myscores:ink": 1.0}
+    assert "myscores:ink" in (tmp_path / "api" / "config.yaml").read_text()
     # a non-differentiable reward: accepted by a policy-gradient method
     assert main(["train", *TINY_ARGS, "--steps", "1", "--method", "rlcm", "--reward-weights", "myscores:stars=1.0",
                  "--output-dir", str(tmp_path / "pg")]) == 0

@@ -33,7 +33,7 @@ from .errors import UserError
 from .evaluation import diversity, evaluate, save_grid, summarize
 from .methods import Batch, Method, method_class
 from .prompts import read_prompt_file, training_prompts
-from .rewards import as_training_reward, build_weighted, reward_context
+from .rewards import as_training_reward, build_weighted, reward_context, reward_label
 from .worlds import World, world_class
 
 EVAL_SEED_OFFSET = 10_000  # the fixed evaluation noise
@@ -139,6 +139,8 @@ class Trainer:
         self.progress, self.resume = progress, resume
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if reward is not None:  # the run's record names the reward it trains on, not the config's unused reward_weights
+            cfg = with_changes(cfg, reward_weights={reward_label(reward): 1.0})
         run_dir = resolve_run_dir(cfg, overwrite, resume)
         self.cfg = cfg = with_changes(cfg, output_dir=str(run_dir))  # a copy: the caller's config is not changed
         self.run_dir = run_dir

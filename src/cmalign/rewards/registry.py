@@ -241,6 +241,15 @@ def build_weighted(weights: dict[str, float], ctx: RewardContext) -> WeightedRew
     return WeightedReward({name: build_reward(name, ctx) for name in weights}, dict(weights))
 
 
+def reward_label(reward: Any) -> str:
+    """The name a run's config records for a ready reward object: its import path where it has one (so that
+    `cmalign eval --run` scores with it), else python:<name>, which no later command can mistake for another reward."""
+    module, qualname = getattr(reward, "__module__", None), getattr(reward, "__qualname__", None)
+    if isinstance(module, str) and isinstance(qualname, str) and module != "__main__" and "<" not in qualname:
+        return f"{module}:{qualname}"
+    return "python:" + str(getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__)
+
+
 def as_training_reward(reward: Any, name: str | None = None) -> WeightedReward:
     """A ready reward object (from the Python API) as the run's training reward."""
     if isinstance(reward, WeightedReward):
