@@ -4,6 +4,7 @@ describes, and without them the classifier is trained once into the cache and re
 import json
 
 import pytest
+import torch
 
 from cmalign.rewards import digits_classifier as dc
 
@@ -17,8 +18,6 @@ def test_shipped_classifier_scores_its_recorded_held_out_accuracy(monkeypatch, t
     model = dc.load_classifier(resolution)
     info = json.loads((shipped / "manifest.json").read_text())
     assert info["kind"] == "digits-classifier" and info["resolution"] == resolution and info["held_out"] == dc.HELD_OUT
-    import torch
-
     _, (x_te, y_te) = dc.split(resolution, torch.Generator().manual_seed(0))  # train_classifier's split (seed 0)
     assert dc.held_out_accuracy(model, x_te, y_te) == info["held_out_accuracy"] > 0.95
     assert not (tmp_path / "empty-cache").exists()  # nothing written: the package's copy was used
