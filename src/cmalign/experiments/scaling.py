@@ -31,7 +31,8 @@ EVAL_SIZE = 100  # fixed evaluation chains every 10 steps (200 elsewhere; with 2
 
 
 # (resolution, K, grid N): 64, 256, 576 dimensions. K = 2 (one stochastic step and the final one) keeps the 12 runs
-# of a seed at 15 minutes on 2 cores (17 with the first build of the grid proxies; K = 4 would take ~45): a 3x3 grid step costs several 8x8 steps, and the axis here is N, not K
+# of a seed at 15 minutes on 2 cores (17 with the first build of the grid proxies; K = 4 would take ~45): a 3x3
+# grid step costs several 8x8 steps, and the axis here is N, not K
 GRID_SETTINGS = ((8, 2, 1), (8, 2, 2), (8, 2, 3))
 QUICK_GRID_SETTINGS = ((8, 2, 1), (8, 2, 2))
 QUICK_GRID = dict(pretrain_teacher_steps=20, pretrain_distill_steps=10, proxy_pairs=80)  # the tiny grid models
