@@ -11,7 +11,7 @@ import platform
 import shutil
 import tempfile
 from datetime import datetime, timezone
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
 
 
@@ -35,6 +35,12 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def shipped_asset(key: str) -> Path | None:
+    """The folder `key` that ships inside the package (src/cmalign/assets/), or None."""
+    ref = resources.files("cmalign") / "assets" / key
+    return Path(str(ref)) if ref.is_dir() else None
 
 
 def manifest(**fields) -> dict:

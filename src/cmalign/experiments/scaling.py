@@ -129,12 +129,9 @@ def frontier_ratio(rlcm: list[dict], rocm: list[list[dict]]):
     """(ratio, target gold, KL budget) on frontier points (seed_mean_points rows): RLCM's best gold and its KL to the
     base there; ROCM's fewest seconds over its curves to a point with at least that gold and at most that KL, over
     RLCM's seconds (None where ROCM never gets there)."""
-    from .frontier import time_to
+    from .frontier import peak, time_to
 
-    ok = [p for p in rlcm if math.isfinite(p["gold"])]
-    best = max(ok, key=lambda p: p["gold"])
-    kl = best["kl"] if math.isfinite(best["kl"]) else math.inf
-    rlcm_s = min(p["wall_time"] for p in ok if p["gold"] >= best["gold"] - 1e-9 and (not math.isfinite(kl) or p["kl"] <= kl + 1e-12))
+    best, kl, rlcm_s = peak(rlcm, "kl")
     times = [t for c in rocm if (t := time_to(c, "kl", kl, best["gold"])) is not None]
     ratio = round(min(times) / max(rlcm_s, 1e-9), 3) if times else None
     return ratio, best["gold"], kl

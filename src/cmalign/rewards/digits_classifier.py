@@ -7,7 +7,6 @@ class?"), independently of the gold and of the proxy; cached as safetensors.
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..cache import build_lock, cache_root, manifest, publish_dir, staging_dir
+from ..cache import build_lock, cache_root, manifest, publish_dir, shipped_asset, staging_dir
 from ..worlds.digits_data import NUM_CLASSES, data_hash, digits_dataset
 
 HELD_OUT = 297
@@ -85,8 +84,7 @@ def classifier_key(resolution: int) -> str:
 def shipped_classifier(resolution: int) -> Path | None:
     """The classifier that ships inside the package for this resolution and this copy of the digits data
     (float32, built by train_classifier with its defaults; its manifest records the held-out accuracy)."""
-    ref = resources.files("cmalign") / "assets" / classifier_key(resolution)
-    return Path(str(ref)) if ref.is_dir() else None
+    return shipped_asset(classifier_key(resolution))
 
 
 def load_classifier(resolution: int = 8) -> DigitCNN:

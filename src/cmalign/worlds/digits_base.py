@@ -10,12 +10,11 @@ import json
 import shutil
 import time
 from dataclasses import asdict
-from importlib import resources
 from pathlib import Path
 
 import torch
 
-from ..cache import build_lock, cache_root, config_hash, manifest, publish_dir, staging_dir
+from ..cache import build_lock, cache_root, config_hash, manifest, publish_dir, shipped_asset, staging_dir
 from ..errors import UserError
 from .digits_data import data_hash
 from .digits_models import load_weights, save_weights
@@ -37,8 +36,7 @@ def cached_dir(cfg: PretrainConfig) -> Path:
 
 def shipped_dir(cfg: PretrainConfig) -> Path | None:
     """Weights that ship inside the package for the default recipe (fp16, see its manifest)."""
-    ref = resources.files("cmalign") / "assets" / base_key(cfg)
-    return Path(str(ref)) if ref.is_dir() else None
+    return shipped_asset(base_key(cfg))
 
 
 def pretrain_command(cfg: PretrainConfig) -> str:
