@@ -31,8 +31,8 @@ import peft
 import torch
 
 from cmalign.chain import ChainNoise, run_chain, step_divergences
-from cmalign.worlds.lcm import LCMWorld
-from cmalign.worlds.lcm_components import random_components
+from cmalign.worlds.lcm.unet import LCMWorld
+from cmalign.worlds.lcm.testing import random_components
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["a photo of a cat", "a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen"]

@@ -23,9 +23,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from cmalign.chain import ChainNoise, run_chain, step_divergences  # noqa: E402
-from cmalign.distributed import Shard  # noqa: E402
-from cmalign.worlds.digits import DigitsWorld  # noqa: E402
-from cmalign.worlds.digits_models import build_unet  # noqa: E402
+from cmalign.training.distributed import Shard  # noqa: E402
+from cmalign.worlds.digits.world import DigitsWorld  # noqa: E402
+from cmalign.worlds.digits.nets import build_unet  # noqa: E402
 
 
 def world_for(size: str) -> DigitsWorld:

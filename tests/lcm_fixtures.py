@@ -18,8 +18,8 @@ from transformers import BlipTextConfig, BlipVisionConfig, CLIPConfig, CLIPModel
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-from cmalign.worlds.lcm import LCMWorld
-from cmalign.worlds.lcm_components import byte_level_clip_tokenizer, random_components
+from cmalign.worlds.lcm.unet import LCMWorld
+from cmalign.worlds.lcm.testing import byte_level_clip_tokenizer, random_components
 
 RESOLUTION = 32  # pixels; 16 x 16 latents with the tiny VAE
 

@@ -130,7 +130,7 @@ def test_user_reward_by_import_path_from_the_cli_and_python(user_module, tmp_pat
 
 
 PLUGIN_WORLD = '''
-from cmalign.worlds.digits import DigitsWorld
+from cmalign.worlds.digits.world import DigitsWorld
 
 class ShiftedDigits(DigitsWorld):
     """The digits world under another name: a third-party world is any cmalign.World."""
@@ -227,7 +227,7 @@ def scorer():
 
 
 def test_http_reward_scores_remotely_and_failures_skip_the_step(scorer, tmp_path, capsys):
-    from cmalign.rewards.http_reward import HttpReward
+    from cmalign.rewards.http import HttpReward
 
     url = f"http://127.0.0.1:{scorer.server_address[1]}/score"
     reward = HttpReward(url, timeout=5, retries=0)

@@ -48,7 +48,7 @@ def test_train_sample_eval(trained_run, tmp_path, capsys):
 
 def test_reward_model_train_from_pairs_file(tmp_path, capsys):
     from cmalign.rewards.bradley_terry import PreferencePairs
-    from cmalign.rewards.digits_proxy import load_proxy
+    from cmalign.worlds.digits.proxy import load_proxy
 
     import torch
 
@@ -105,7 +105,8 @@ def test_prompt_file_errors(tmp_path, capsys):
 
 def test_corrupt_cache_is_reported_not_rebuilt(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "cache"))
-    from cmalign.worlds import digits_base, digits_pretrain_config
+    from cmalign.worlds import digits_pretrain_config
+    from cmalign.worlds.digits import cache as digits_base
     from helpers import tiny_config
 
     cfg = digits_pretrain_config(tiny_config())

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from cmalign.rewards import digits_classifier as dc
+from cmalign.worlds.digits import classifier as dc
 
 
 @pytest.mark.parametrize("resolution", [8, 16])

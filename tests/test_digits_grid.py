@@ -12,13 +12,10 @@ import torch
 from cmalign.config import TrainConfig, validate
 from cmalign.errors import UserError
 from cmalign.worlds import digits_pretrain_config
-from cmalign.worlds.digits_base import base_key
-from cmalign.worlds.digits_data import digits_dataset
-from cmalign.worlds.digits_grid import (
-    GridUNet, cell_labels, default_grid_prompts, from_cells, grid_batches, grid_gold_components, grid_prompt,
-    grid_size_of, parse_grid_prompt, to_cells,
-)
-from cmalign.worlds.digits_pretrain import PretrainConfig
+from cmalign.worlds.digits.cache import base_key
+from cmalign.worlds.digits.data import digits_dataset
+from cmalign.worlds.digits.grid import GridUNet, cell_labels, default_grid_prompts, from_cells, grid_batches, grid_gold_components, grid_prompt, grid_size_of, parse_grid_prompt, to_cells
+from cmalign.worlds.digits.pretrain import PretrainConfig
 from helpers import tiny_config
 
 TINY_GRID = dict(digits_grid=2, pretrain_teacher_steps=20, pretrain_distill_steps=10, proxy_pairs=80, batch_size=4,
@@ -40,7 +37,7 @@ def test_prompts_round_trip_and_refusals():
     with pytest.raises(UserError, match="not a grid prompt"):
         cell_labels(["a handwritten seven"], 2)
     # the 8x8 world refuses a grid prompt (it names several digits)
-    from cmalign.worlds.digits_data import parse_prompt
+    from cmalign.worlds.digits.data import parse_prompt
 
     with pytest.raises(ValueError, match="exactly one digit class"):
         parse_prompt(p)
@@ -66,7 +63,7 @@ def test_cells_layout_and_inverse():
 
 
 def test_grid_gold_is_the_mean_of_the_cells_8x8_gold():
-    from cmalign.rewards.digits_gold import gold_components, gold_score
+    from cmalign.worlds.digits.gold import gold_components, gold_score
 
     x, y = digits_dataset(8)
     idx = torch.tensor([[3, 10, 500, 1700], [42, 7, 900, 33]])
@@ -125,7 +122,7 @@ def test_tiny_grid_run_scores_per_cell(tmp_path):
     from cmalign import train
     from cmalign.rewards import build_weighted, reward_context
     from cmalign.worlds import build_world
-    from cmalign.worlds.digits_grid import PerCell
+    from cmalign.worlds.digits.grid import PerCell
 
     cfg = tiny_config(**TINY_GRID, steps=2, eval_every=2, grid_every=2, output_dir=str(tmp_path / "run"))
     result = train(cfg)
@@ -145,7 +142,7 @@ def test_tiny_grid_run_scores_per_cell(tmp_path):
     proxy_dir = next(p for p in (world.base_folder.parent).iterdir() if p.name.startswith("proxy-grid2"))
     manifest = json.loads((proxy_dir / "manifest.json").read_text())
     assert manifest["grid"] == 2 and manifest["model"]["resolution"] == 8  # the 8x8 proxy, fitted on cell pairs
-    from cmalign.rewards.digits_proxy import load_proxy
+    from cmalign.worlds.digits.proxy import load_proxy
 
     assert isinstance(load_proxy(proxy_dir), PerCell)
     # the rating reward has no per-grid star thresholds: refused, not silently wrong
@@ -169,7 +166,7 @@ def test_frontier_ratio_holds_rocm_to_rlcms_divergence():
 def test_grid_base_models_ship_with_the_package(monkeypatch, tmp_path, n):
     """`cmalign train --digits-grid N` on a fresh clone pretrains nothing: the recipe resolves to the shipped float16
     weights, whose manifest names the command that rebuilds them."""
-    from cmalign.worlds import digits_base
+    from cmalign.worlds.digits import cache as digits_base
 
     monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "empty-cache"))
     cfg = digits_pretrain_config(TrainConfig(digits_grid=n))

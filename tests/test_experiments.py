@@ -46,7 +46,8 @@ def test_the_scaling_experiments_16x16_base_model_ships_with_the_package(monkeyp
 
     from cmalign.config import TrainConfig
     from cmalign.experiments.scaling import PRETRAIN_16
-    from cmalign.worlds import digits_base, digits_pretrain_config
+    from cmalign.worlds import digits_pretrain_config
+    from cmalign.worlds.digits import cache as digits_base
 
     monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "empty-cache"))
     cfg = digits_pretrain_config(TrainConfig(digits_resolution=16, **PRETRAIN_16))

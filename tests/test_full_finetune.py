@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmalign import cli, finetune
-from cmalign.checkpoint import list_checkpoints, read_checkpoint
+from cmalign import cli
+from cmalign.training import full_finetune as finetune
+from cmalign.training.checkpoint import list_checkpoints, read_checkpoint
 from cmalign.config import validate
 from cmalign.errors import UserError
-from cmalign.trainer import train
+from cmalign.training.trainer import train
 from helpers import TINY_ARGS, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def _rank_child(rank, port, cfg, resume, log, nan_on=None):
     """One of 2 gloo ranks, forked from the test process (the imports and the gold classifiers are inherited).
     nan_on = (rank, call): that rank's training reward is NaN on that gradient-enabled call."""
     if nan_on is not None and nan_on[0] == rank:
-        from cmalign import trainer as trainer_mod
+        from cmalign.training import trainer as trainer_mod
 
         original, calls = trainer_mod.build_weighted, [0]
 
@@ -153,7 +154,7 @@ def test_fsdp2_two_ranks_match_one_process_survive_sigkill_and_reshard(tmp_path)
     full = finetune.attach(world, cfg, 1)
     assert full is not None and not full.sharded
     params = world.trainable_parameters()
-    from cmalign.checkpoint import EMA
+    from cmalign.training.checkpoint import EMA
 
     ema, opt, gen = EMA(params, 0.8), torch.optim.AdamW(params, lr=1e-3), torch.Generator()
     path = two / "checkpoints" / "step_000003"

@@ -16,9 +16,9 @@ from cmalign import divergences as D
 from cmalign.chain import ChainNoise, run_chain
 from cmalign.config import TrainConfig
 from cmalign.methods.rocm import Rocm, clamp_images
-from cmalign.worlds.digits import DigitsWorld
-from cmalign.worlds.digits_data import class_prompt
-from cmalign.worlds.digits_models import build_unet
+from cmalign.worlds.digits.world import DigitsWorld
+from cmalign.worlds.digits.data import class_prompt
+from cmalign.worlds.digits.nets import build_unet
 
 K = 3
 BETA = 0.5

@@ -135,8 +135,8 @@ def test_leave_one_out_baseline_never_uses_the_chains_own_reward():
 def test_rating_is_one_to_five_stars_evenly_spread_at_the_base_model_and_not_differentiable():
     from cmalign.chain import generate
     from cmalign.rewards import build_weighted, reward_context
-    from cmalign.rewards.digits_rating import rating_thresholds
-    from cmalign.rewards.digits_rewards import proxy_folder
+    from cmalign.worlds.digits.rating import rating_thresholds
+    from cmalign.worlds.digits.rewards import proxy_folder
     from cmalign.rewards.registry import reward_spec
     from cmalign.worlds import build_world
 
@@ -182,7 +182,7 @@ def test_a_users_non_differentiable_reward_trains_rocm_from_the_cli(tmp_path, mo
 
 def test_jpeg_compressibility_trains_with_hybrid_rocm_on_the_tiny_lcm_pipeline(tmp_path):
     from cmalign.config import TrainConfig
-    from cmalign.trainer import train
+    from cmalign.training.trainer import train
     from lcm_fixtures import RESOLUTION, save_tiny_pipeline
 
     cfg = TrainConfig(world="lcm", lcm_model=str(save_tiny_pipeline(tmp_path)), resolution=RESOLUTION, lora_rank=4,

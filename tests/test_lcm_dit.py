@@ -21,9 +21,9 @@ from cmalign.chain import ChainNoise, run_chain
 from cmalign.cli import main
 from cmalign.config import TrainConfig
 from cmalign.errors import UserError
-from cmalign.worlds.lcm import OUR_ADAPTER, PEFT_ADAPTER_FILE, LCMWorld, model_family
-from cmalign.worlds.lcm_components import TINY_VAE, lcm_scheduler
-from cmalign.worlds.lcm_dit import PixArtLCMWorld, check_peft_adapter_loads_completely
+from cmalign.worlds.lcm.unet import OUR_ADAPTER, PEFT_ADAPTER_FILE, LCMWorld, model_family
+from cmalign.worlds.lcm.testing import TINY_VAE, lcm_scheduler
+from cmalign.worlds.lcm.pixart import PixArtLCMWorld, check_peft_adapter_loads_completely
 from lcm_fixtures import perturb_lora_b, tiny_clip
 
 PROMPTS = ["a red cat", "a dog on the grass"]

@@ -21,8 +21,8 @@ from cmalign.chain import step_divergences
 from cmalign.cli import main
 from cmalign.config import TrainConfig
 from cmalign.errors import UserError
-from cmalign.worlds.lcm import DIFFUSERS_LORA_FILE, OUR_ADAPTER, LCMWorld, model_family
-from cmalign.worlds.lcm_components import TINY_VAE, random_components
+from cmalign.worlds.lcm.unet import DIFFUSERS_LORA_FILE, OUR_ADAPTER, LCMWorld, model_family
+from cmalign.worlds.lcm.testing import TINY_VAE, random_components
 from lcm_fixtures import RESOLUTION, perturb_lora_b, stock_pipeline, tiny_clip
 from test_lcm_export import lora_param_count
 from test_lcm_world import PROMPTS, rollout

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from cmalign import cli
-from cmalign import trainer as trainer_mod
-from cmalign.checkpoint import list_checkpoints, read_checkpoint
+from cmalign.training import trainer as trainer_mod
+from cmalign.training.checkpoint import list_checkpoints, read_checkpoint
 from cmalign.errors import UserError
-from cmalign.trainer import train
+from cmalign.training.trainer import train
 from helpers import TINY_ARGS, tiny_config
 
 ADAPTER = "adapter/adapter.safetensors"
@@ -119,7 +119,7 @@ def _train_child(cfg, resume, log, kill):
     """A forked training process (no 6 s of imports per start). kill = (phase, step): SIGKILL itself
     inside the checkpoint of that step: "write" with state.safetensors half written in the temporary
     folder, "prune" after the rename and before the old checkpoints are pruned."""
-    from cmalign import checkpoint as ckpt
+    from cmalign.training import checkpoint as ckpt
 
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1), os.dup2(fd, 2)
@@ -426,7 +426,7 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(checkpointed_run
 
 
 def _hold(run, ready):
-    from cmalign.run_safety import RunLock
+    from cmalign.training.run_dir import RunLock
 
     lock = RunLock(run).acquire()  # noqa: F841
     ready.set()
@@ -436,7 +436,7 @@ def _hold(run, ready):
 def test_a_second_writer_is_refused_in_one_line_and_changes_nothing(checkpointed_run, tmp_path, capsys):
     import multiprocessing
 
-    from cmalign.run_safety import RunLock
+    from cmalign.training.run_dir import RunLock
 
     run = tmp_path / "run"
     shutil.copytree(checkpointed_run, run)
@@ -501,7 +501,7 @@ def _enospc(*a, **k):
 
 
 def test_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
-    from cmalign import checkpoint as ckpt
+    from cmalign.training import checkpoint as ckpt
 
     run = tmp_path / "run"
     real = ckpt.save_file
@@ -517,7 +517,7 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path, mon
 
 
 def test_full_disk_at_the_adapter_keeps_the_checkpoint_and_resume_finishes(tmp_path, monkeypatch, capsys):
-    from cmalign.worlds.digits import DigitsWorld
+    from cmalign.worlds.digits.world import DigitsWorld
 
     run = tmp_path / "run"
     real = DigitsWorld.save_adapter
@@ -532,7 +532,7 @@ def test_full_disk_at_the_adapter_keeps_the_checkpoint_and_resume_finishes(tmp_p
 
 
 def test_unwritable_output_folders_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    from cmalign.worlds.digits import DigitsWorld
+    from cmalign.worlds.digits.world import DigitsWorld
 
     blocker = tmp_path / "file"
     blocker.write_text("x")

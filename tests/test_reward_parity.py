@@ -13,8 +13,8 @@ from transformers import AutoTokenizer, BertTokenizer, CLIPModel
 
 from cmalign.errors import UserError
 from cmalign.rewards import RewardContext, build_reward
-from cmalign.rewards.common import CLIP_STD, clip_processor, hps_processor, torchvision_pil
-from cmalign.worlds.lcm_components import byte_level_clip_tokenizer
+from cmalign.rewards.text_to_image.preprocess import CLIP_STD, clip_processor, hps_processor, torchvision_pil
+from cmalign.worlds.lcm.testing import byte_level_clip_tokenizer
 from reward_fixtures import (TINY_OPEN_CLIP, aesthetic_folder, as_tensor, clip_model, clip_processor_pixels,
                              clip_tokenizer_folder, hf_clip_folder, hps_folder, hps_pixels, image_reward_folders,
                              laion_mlp, open_clip_score, open_clip_tokens, torchvision_pil_pixels, uint8_images)
@@ -237,7 +237,7 @@ def test_missing_local_paths_and_offline_hub_ids_say_which_flag(zoo, monkeypatch
 def test_built_in_architecture_is_open_clip_vit_h14():
     """The default HPSv2 architecture has exactly the tensors of open_clip's ViT-H-14 (shapes written out
     here from open_clip's VisionTransformer / TextTransformer), and its head counts (1280 / 80, 16)."""
-    from cmalign.rewards.clip_rewards import OPEN_CLIP_VIT_H14, open_clip_config, open_clip_to_transformers
+    from cmalign.rewards.text_to_image.clip import OPEN_CLIP_VIT_H14, open_clip_config, open_clip_to_transformers
 
     shapes = {"logit_scale": (), "token_embedding.weight": (49408, 1024), "positional_embedding": (77, 1024),
               "ln_final.weight": (1024,), "ln_final.bias": (1024,), "text_projection": (1024, 1024),

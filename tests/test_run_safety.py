@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmalign import checkpoint as ckpt
-from cmalign import run_safety as rs
+from cmalign.training import checkpoint as ckpt
+from cmalign.training import run_dir as rs
 from cmalign.errors import UserError
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -269,7 +269,7 @@ def test_an_old_format_checkpoint_is_refused_with_its_reason(tmp_path):
 
 # --- report and cache ------------------------------------------------------------------------------------
 def test_report_links_only_the_plots_that_exist(tmp_path):
-    from cmalign import report
+    from cmalign.training import report
 
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5, "divergence": 0.1}) + "\n")
     written = report.plot_curves(tmp_path)  # no gold in these metrics: an lcm run
@@ -281,7 +281,7 @@ def test_report_links_only_the_plots_that_exist(tmp_path):
 
 
 def test_report_on_a_full_disk_is_one_line_and_keeps_the_old_report(tmp_path, monkeypatch):
-    from cmalign import report
+    from cmalign.training import report
 
     (tmp_path / "report.md").write_text("old")
     monkeypatch.setattr(report.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))

@@ -13,8 +13,8 @@ from diffusers import LCMScheduler
 from cmalign import divergences as D
 from cmalign import schedule
 from cmalign.chain import ChainNoise, run_chain, step_divergences
-from cmalign.worlds.digits import DigitsWorld
-from cmalign.worlds.digits_models import build_unet
+from cmalign.worlds.digits.world import DigitsWorld
+from cmalign.worlds.digits.nets import build_unet
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -16,14 +16,14 @@ import torch
 from cmalign import divergences as D
 from cmalign.chain import ChainNoise, run_chain, step_divergences
 from cmalign.config import TrainConfig, validate
-from cmalign.distributed import Shard
+from cmalign.training.distributed import Shard
 from cmalign.errors import UserError
 from cmalign.methods.base import Batch
 from cmalign.methods.policy_gradient import Dpok
 from cmalign.methods.rocm import Rocm
-from cmalign.worlds.digits import DigitsWorld
-from cmalign.worlds.digits_data import class_prompt
-from cmalign.worlds.digits_models import build_unet
+from cmalign.worlds.digits.world import DigitsWorld
+from cmalign.worlds.digits.data import class_prompt
+from cmalign.worlds.digits.nets import build_unet
 
 F64 = torch.float64
 K = 3
@@ -208,9 +208,10 @@ def test_divergence_steps_from_the_command_line_and_yaml():
 def test_evaluation_scores_kl_and_distance_to_base_and_the_heldout_proxy():
     from helpers import tiny_config
 
-    from cmalign.evaluation import evaluate
+    from cmalign.training.evaluation import evaluate
     from cmalign.rewards import build_weighted, reward_context
-    from cmalign.worlds import build_world, digits_base, digits_pretrain_config
+    from cmalign.worlds import build_world, digits_pretrain_config
+    from cmalign.worlds.digits import cache as digits_base
 
     cfg = tiny_config(divergence="hellinger", divergence_reduction="joint", final_step="skip")
     digits_base.locate(digits_pretrain_config(cfg), True, False)

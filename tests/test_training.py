@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cmalign.errors import UserError
-from cmalign.trainer import train
+from cmalign.training.trainer import train
 from cmalign.worlds import build_world
 from helpers import tiny_config
 
@@ -86,7 +86,7 @@ def test_wall_clock_budget_stops_early_with_a_final_evaluation(tmp_path, capsys)
 
 
 def test_eval_prompts_make_the_fixed_evaluation_set(tmp_path):
-    from cmalign.trainer import Trainer
+    from cmalign.training.trainer import Trainer
 
     cfg = tiny_config(steps=1, prompts=["a handwritten one", "a handwritten two"], eval_prompts=["a handwritten nine"],
                       output_dir=str(tmp_path / "run"))

@@ -18,7 +18,7 @@ __all__ = ["Batch", "Method", "Reward", "TrainConfig", "TrainResult", "World", "
            "register_world", "train"]
 
 _WHERE = {
-    "TrainConfig": "cmalign.config", "train": "cmalign.trainer", "TrainResult": "cmalign.trainer",
+    "TrainConfig": "cmalign.config", "train": "cmalign.training.trainer", "TrainResult": "cmalign.training.trainer",
     "Reward": "cmalign.rewards", "register_reward": "cmalign.rewards",
     "World": "cmalign.worlds", "register_world": "cmalign.worlds",
     "Method": "cmalign.methods", "Batch": "cmalign.methods", "register_method": "cmalign.methods",

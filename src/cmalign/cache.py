@@ -65,7 +65,7 @@ def staging_dir(final: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     # mkdtemp makes the folder 0700, which publish_dir's rename would keep: other users of a shared
     # cache could not read the entry. Give it the mode a plain mkdir would (0777 minus the umask).
-    from .run_safety import umask
+    from cmalign.training.run_dir import umask
 
     os.chmod(tmp, 0o777 & ~umask())
     return tmp

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import divergences as D
-from .distributed import SINGLE, Shard
+from cmalign import divergences as D
+from cmalign.training.distributed import SINGLE, Shard
 
 FINAL_STEP_MODES = ("floor", "skip")
 DIVERGENCE_GRADS = ("full", "stopgrad_ref")
@@ -71,7 +71,7 @@ class DDIMTransition:
         self.eta = eta
 
     def denoise(self, world, x, t, cond, reference):
-        from .schedule import predicted_x0
+        from cmalign.schedule import predicted_x0
 
         with world.reference_policy() if reference else contextlib.nullcontext():
             out = world.model_output(x, t, cond)

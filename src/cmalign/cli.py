@@ -17,8 +17,8 @@ from typing import Literal
 
 import tyro
 
-from .errors import UserError
-from .run_safety import Preempted, ensure_writable_dir, ensure_writable_file, writing
+from cmalign.errors import UserError
+from cmalign.training.run_dir import Preempted, ensure_writable_dir, ensure_writable_file, writing
 
 COMMANDS = {
     "train": "fine-tune a consistency model (default: ROCM, KL, digits world)",
@@ -70,7 +70,7 @@ def parse(cls, args: list[str], prog: str, default=None):
 # --- train -----------------------------------------------------------------------------------------
 def train_arguments(args: list[str]):
     """(config, overwrite, resume) of a `cmalign train` command line, parsed but not run."""
-    from .config import TrainConfig, cli_aliases, load_preset
+    from cmalign.config import TrainConfig, cli_aliases, load_preset
 
     preset, config_file, overwrite, resume, rest = None, None, False, None, []
     it = iter(args)
@@ -102,7 +102,7 @@ def train_arguments(args: list[str]):
 
 
 def cmd_train(args: list[str]) -> int:
-    from .trainer import train
+    from cmalign.training.trainer import train
 
     cfg, overwrite, resume = train_arguments(args)
     run_dir = train(cfg, overwrite=overwrite, resume=resume).run_dir
@@ -146,9 +146,9 @@ class EvalArgs(SampleArgs):
 
 def _world_for(args: SampleArgs):
     """(config, world, K): the run's world with its adapter, or the base model; K from --num-steps or the run's chain."""
-    from .config import TrainConfig, load_preset, with_changes
-    from .methods import method_class
-    from .worlds import build_world
+    from cmalign.config import TrainConfig, load_preset, with_changes
+    from cmalign.methods import method_class
+    from cmalign.worlds import build_world
 
     if args.num_steps is not None and args.num_steps < 1:
         raise UserError(f"num_steps must be >= 1, got {args.num_steps}")
@@ -164,14 +164,14 @@ def _world_for(args: SampleArgs):
     else:
         cfg = TrainConfig(world=args.world, digits_grid=args.digits_grid)
         if args.digits_grid != 1:
-            from .config import validate
+            from cmalign.config import validate
 
             validate(cfg)  # the grid's range, before any model loads
     if args.guidance_scale is not None:  # before the world is built: the world embeds it
         cfg = with_changes(cfg, **{"lcm.guidance_scale": args.guidance_scale})
     world = build_world(cfg, lora=bool(args.run) and cfg.finetune == "lora")
     if args.run:
-        from .finetune import load_trained
+        from cmalign.training.full_finetune import load_trained
 
         load_trained(world, Path(args.run) / "adapter", cfg)  # the adapter, or a full fine-tune's network
     k = args.num_steps or method_class(cfg.method).chain_length(cfg)
@@ -189,8 +189,8 @@ def cmd_sample(args: list[str]) -> int:
     import numpy as np
     import torch
 
-    from .chain import generate
-    from .evaluation import image_grid
+    from cmalign.chain import generate
+    from cmalign.training.evaluation import image_grid
 
     a = parse(SampleArgs, args, "cmalign sample")
     out = ensure_writable_dir(a.out, "--out folder")  # before any expensive work
@@ -209,9 +209,9 @@ def cmd_sample(args: list[str]) -> int:
 def cmd_eval(args: list[str]) -> int:
     import torch
 
-    from .chain import ChainNoise
-    from .evaluation import diversity, evaluate, summarize
-    from .rewards import build_weighted, reward_context
+    from cmalign.chain import ChainNoise
+    from cmalign.training.evaluation import diversity, evaluate, summarize
+    from cmalign.rewards import build_weighted, reward_context
 
     a = parse(EvalArgs, args, "cmalign eval")
     if a.out:
@@ -254,8 +254,8 @@ class PretrainArgs:
 
 
 def cmd_pretrain(args: list[str]) -> int:
-    from .worlds import digits_base
-    from .worlds.digits_pretrain import PretrainConfig
+    from cmalign.worlds.digits import cache as digits_base
+    from cmalign.worlds.digits.pretrain import PretrainConfig
 
     if not args or args[0] != "digits":
         raise UserError("usage: cmalign pretrain digits [--resolution 8] [--model-size base] [--force]")
@@ -267,7 +267,7 @@ def cmd_pretrain(args: list[str]) -> int:
         if value < 1:
             raise UserError(f"{name.replace('_', '-')} must be >= 1, got {value}")
     if a.grid != 1:
-        from .worlds.digits_grid import grid_pretrain_config
+        from cmalign.worlds.digits.grid import grid_pretrain_config
 
         if a.resolution != 8:
             raise UserError(f"--grid {a.grid} is a grid of 8x8 digits: --resolution must stay 8, got {a.resolution}")
@@ -294,10 +294,10 @@ class RewardModelArgs:
 
 
 def cmd_reward_model(args: list[str]) -> int:
-    from .config import TrainConfig
-    from .rewards.bradley_terry import PreferencePairs
-    from .rewards.digits_proxy import fit_proxy, make_gold_pairs, save_proxy
-    from .worlds import build_world
+    from cmalign.config import TrainConfig
+    from cmalign.rewards.bradley_terry import PreferencePairs
+    from cmalign.worlds.digits.proxy import fit_proxy, make_gold_pairs, save_proxy
+    from cmalign.worlds import build_world
 
     if not args or args[0] != "train":
         raise UserError("usage: cmalign reward-model train --out DIR [--pairs FILE.npz] [--num-pairs N]")
@@ -342,7 +342,7 @@ class ExperimentArgs:
 
 
 def cmd_experiment(args: list[str]) -> int:
-    from .experiments import EXPERIMENTS, run_experiment
+    from cmalign.experiments import EXPERIMENTS, run_experiment
 
     listing = "\n".join(f"  {k:<16} {v}" for k, v in EXPERIMENTS.items())
     if not args or args[0] in ("-h", "--help"):

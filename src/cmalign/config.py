@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from tyro.constructors import PrimitiveConstructorSpec
 
-from .errors import UserError
+from cmalign.errors import UserError
 
 DIVERGENCE_NAMES = ("kl", "js", "hellinger", "fisher", "tv")
 
@@ -532,8 +532,8 @@ def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards
     so that a setting of one method (e.g. ppo.minibatches) never refuses another method's run.
     world_cls / method_cls: the classes that will run (default: the config's names in the registries);
     check_rewards=False when a ready reward object replaces reward_weights."""
-    from .methods import method_class
-    from .worlds import world_class
+    from cmalign.methods import method_class
+    from cmalign.worlds import world_class
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -559,8 +559,8 @@ def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards
              f"final_step {cfg.final_step}), got {cfg.divergence_steps}")
         need(0 < cfg.divergence_fraction <= 1, f"divergence_fraction must be in (0, 1], got {cfg.divergence_fraction}")
         need(cfg.beta > 0, "divergence_steps / divergence_fraction subsample the divergence term, which beta = 0 switches off")
-        from .methods.policy_gradient import Dpok
-        from .methods.rocm import Rocm
+        from cmalign.methods.policy_gradient import Dpok
+        from cmalign.methods.rocm import Rocm
 
         need(issubclass(method_cls, (Rocm, Dpok)),
              f"divergence_steps / divergence_fraction subsample a per-step divergence term, which {cfg.method} does not have (rocm, dpok)")
@@ -576,7 +576,7 @@ def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards
     need(0 <= cfg.final_eval_size <= MAX_BATCH, f"final_eval_size must be >= 0 (and at most {MAX_BATCH}), got {cfg.final_eval_size}")
     need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
     if check_rewards:
-        from .rewards import check_reward_names
+        from cmalign.rewards import check_reward_names
 
         need(bool(cfg.reward_weights), "reward_weights is empty: name at least one reward")
         need(all(n.strip() for n in cfg.reward_weights), "reward_weights has an empty reward name")
@@ -593,7 +593,7 @@ def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards
         need(len(cfg.eval_prompts) > 0 and all(p.strip() for p in cfg.eval_prompts), "eval_prompts must be non-empty strings")
     if cfg.prompts is not None:
         need(len(cfg.prompts) > 0 and all(p.strip() for p in cfg.prompts), "prompts must be non-empty strings")
-    from .tracking import check_trackers
+    from cmalign.training.tracking import check_trackers
 
     check_trackers(cfg.report_to)
     # the sections' own ranges, whichever world and method run (a bad value is bad input either way)
@@ -612,7 +612,7 @@ def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards
     need(cfg.lcm.resolution >= 8 and cfg.lcm.resolution % 8 == 0, f"lcm.resolution must be a positive multiple of 8, got {cfg.lcm.resolution}")
     need(0 <= cfg.lcm.heldout_fraction < 1, f"lcm.heldout_fraction must be in [0, 1), got {cfg.lcm.heldout_fraction}")
     need(bool(cfg.lcm.lora_targets), "lcm.lora_targets is empty")
-    from .finetune import check_config as check_finetune
+    from cmalign.training.full_finetune import check_config as check_finetune
 
     check_finetune(cfg)
     world_cls.check_config(cfg)

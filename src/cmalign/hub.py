@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .errors import UserError
+from cmalign.errors import UserError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "name" or "owner/name"
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".json", ".txt", ".gz", ".ckpt")

@@ -12,7 +12,7 @@ import importlib
 from importlib import metadata
 from typing import Any, Callable
 
-from .errors import UserError
+from cmalign.errors import UserError
 
 
 def import_object(spec: str, kind: str) -> Any:

@@ -33,7 +33,7 @@ def run_experiment(name: str, out: str | None = None, quick: bool = False, threa
 
     import torch
 
-    from ..errors import UserError
+    from cmalign.errors import UserError
 
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r}; expected one of {', '.join(EXPERIMENTS)}")

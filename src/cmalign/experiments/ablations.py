@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import eval_rows, make_config, plot, summary, train_runs, write_report, write_table
+from cmalign.experiments.common import eval_rows, make_config, plot, summary, train_runs, write_report, write_table
 
 VARIANTS = {
     "default": {},

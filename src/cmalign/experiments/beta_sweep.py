@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import make_config, mean_std, plot, seeded_train_runs, summary, write_report, write_table
+from cmalign.experiments.common import make_config, mean_std, plot, seeded_train_runs, summary, write_report, write_table
 
 DIVERGENCES = ("kl", "js", "hellinger", "fisher")
 BETAS = (0.0, 1.0, 3.0, 10.0, 30.0)  # 100 was measured too: below 30 for every divergence (docs/RESULTS.md)

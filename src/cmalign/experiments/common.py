@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..config import TrainConfig  # noqa: E402
+from cmalign.config import TrainConfig  # noqa: E402
 
 # The tiny digits models of the test-suite (pretrained in seconds into the cache on first use).
 QUICK = dict(digits_model_size="tiny", pretrain_teacher_steps=40, pretrain_distill_steps=30, proxy_pairs=200,
@@ -34,7 +34,7 @@ def make_config(quick: bool, threads: int = 1, **overrides) -> TrainConfig:
 def train_run(cfg: TrainConfig, run_dir: Path, keep_result: bool = False):
     """Train one configuration into run_dir (overwriting) and return its metrics rows
     (and the TrainResult, whose world holds the tuned adapter, when keep_result)."""
-    from ..trainer import train
+    from cmalign.training.trainer import train
 
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
     if not keep_result and reusable(cfg, run_dir):
@@ -55,7 +55,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def reusable(cfg: TrainConfig, run_dir: Path) -> bool:
     """A finished run in run_dir trained with this configuration (threads and output folder aside)."""
-    from ..config import config_diff, validate
+    from cmalign.config import config_diff, validate
 
     return finished(run_dir) and not config_diff(validate(dataclasses.replace(cfg, output_dir=str(run_dir))),
                                                  (run_dir / "config.yaml").read_text(), ignore=("threads", "output_dir"))
@@ -83,9 +83,10 @@ def train_runs(cells: dict, jobs: int = 1) -> dict:
 def build_cached_models(configs: list[TrainConfig]) -> None:
     """Build what the digits runs take from the cache (base model, proxy, classifier) here, once per
     distinct world, rather than in several workers at the same time."""
-    from ..rewards import build_weighted, reward_context
-    from ..rewards.digits_classifier import load_classifier
-    from ..worlds import build_world, digits_base, digits_pretrain_config
+    from cmalign.rewards import build_weighted, reward_context
+    from cmalign.worlds.digits.classifier import load_classifier
+    from cmalign.worlds import build_world, digits_pretrain_config
+    from cmalign.worlds.digits import cache as digits_base
 
     worlds = {(repr(digits_pretrain_config(c)), c.digits.proxy_pairs, repr(sorted(c.reward_weights.items()))): c
               for c in configs if c.world == "digits"}
@@ -97,7 +98,7 @@ def build_cached_models(configs: list[TrainConfig]) -> None:
 
 def rough_cost(cfg: TrainConfig) -> int:
     """Pixels x network calls per chain x updates: enough to order runs by length."""
-    from ..methods import method_class
+    from cmalign.methods import method_class
 
     return cfg.digits.resolution ** 2 * method_class(cfg.method).chain_length(cfg) * cfg.steps
 

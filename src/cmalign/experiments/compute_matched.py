@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import eval_rows, first_reaching, make_config, mean_curve, mean_std, plot, seeded_train_runs, wall, write_report, write_table
+from cmalign.experiments.common import eval_rows, first_reaching, make_config, mean_curve, mean_std, plot, seeded_train_runs, wall, write_report, write_table
 
 # name -> method settings; ROCM at its default beta (6) and at the beta of the hacking experiment (3)
 VARIANTS = {
@@ -28,8 +28,9 @@ BUDGET_S = 200.0  # DDPO's 20-step chain uses it all; every other method ends on
 
 def pretrain_cost(run_dir: Path, method: str) -> float | None:
     """Seconds of base-model pretraining behind this method (from the base manifest), or None."""
-    from ..config import load_preset
-    from ..worlds import digits_base, digits_pretrain_config
+    from cmalign.config import load_preset
+    from cmalign.worlds import digits_pretrain_config
+    from cmalign.worlds.digits import cache as digits_base
 
     cfg = load_preset(str(run_dir / "config.yaml"))
     try:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..evaluation import diversity, save_grid
-from . import beta_sweep
-from .common import make_config, plot, summary, train_run, write_report, write_table
+from cmalign.training.evaluation import diversity, save_grid
+from cmalign.experiments import beta_sweep
+from cmalign.experiments.common import make_config, plot, summary, train_run, write_report, write_table
 
 PER_CELL = 4  # samples per class and model in the side-by-side grid
 

@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config import load_preset, to_yaml, with_changes
-from .common import eval_rows, make_config, plot, reusable, summary, write_report, write_table
+from cmalign.config import load_preset, to_yaml, with_changes
+from cmalign.experiments.common import eval_rows, make_config, plot, reusable, summary, write_report, write_table
 
 # full fine-tuning moves every weight: its learning rate is not LoRA's (two of them, matched steps)
 CELLS = {"lora lr=1e-4": dict(finetune="lora", lr=1e-4),
@@ -33,7 +33,7 @@ def peak_rss_mb() -> float:
 def state_bytes_per_rank(cfg, ranks: int) -> dict:
     """The training state rank 0 holds under FSDP2's dim-0 sharding (padded), counted from the network's shapes:
     float32 weights + gradients + 2 AdamW moments of the policy, float32 weights of the frozen reference."""
-    from ..worlds import build_world
+    from cmalign.worlds import build_world
 
     net = build_world(cfg, "cpu", lora=False).network
     local = sum(math.ceil(p.shape[0] / ranks) * (p.numel() // max(p.shape[0], 1)) if p.dim() else p.numel()
@@ -44,7 +44,7 @@ def state_bytes_per_rank(cfg, ranks: int) -> dict:
 
 def _worker(config_path: str, out_json: str) -> None:
     """python -m cmalign.experiments.finetune_mode CONFIG OUT (or under torchrun): train, write this rank's peak RSS."""
-    from ..trainer import train
+    from cmalign.training.trainer import train
 
     cfg = load_preset(config_path)
     rank = int(os.environ.get("RANK", "0"))
@@ -54,7 +54,7 @@ def _worker(config_path: str, out_json: str) -> None:
 
 def _train_isolated(cfg, run_dir: Path, ranks: int = 1) -> tuple[list[dict], list[float]]:
     """Train in a fresh process (or `ranks` torchrun ranks); metrics rows and each rank's peak RSS in MB."""
-    from .common import read_metrics
+    from cmalign.experiments.common import read_metrics
 
     cfg = with_changes(cfg, output_dir=str(run_dir))
     rss_file = run_dir.parent / f"{run_dir.name}.rss.json"
@@ -88,7 +88,7 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
         cfg = make_config(quick, threads, method="rocm", steps=steps, checkpoint_every=0, **small, **changes)
         run_dir = out / "runs" / label.replace(" ", "_").replace("=", "")
         if quick:  # the tiny models, in this process
-            from .common import train_run
+            from cmalign.experiments.common import train_run
 
             metrics, rss = train_run(cfg, run_dir), [round(peak_rss_mb(), 1)]
         else:

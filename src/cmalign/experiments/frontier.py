@@ -23,7 +23,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from .common import eval_rows, make_config, mean_std, seeded_train_runs, wall, write_report, write_table
+from cmalign.experiments.common import eval_rows, make_config, mean_std, seeded_train_runs, wall, write_report, write_table
 
 # label -> (method settings, quick). --quick (the test) runs three: a consistency-chain KL method (rocm), a
 # policy-gradient one with a divergence (dpok) and the teacher-chain one (ddpo, distance only), in seconds.

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..chain import ChainNoise
-from ..evaluation import diversity, evaluate
-from ..prompts import split_prompts
-from ..worlds.digits_data import NUM_CLASSES, class_prompt
-from .common import eval_rows, make_config, mean_std, plot, seed_cells, summary, train_run, write_report, write_table
+from cmalign.chain import ChainNoise
+from cmalign.training.evaluation import diversity, evaluate
+from cmalign.prompts import split_prompts
+from cmalign.worlds.digits.data import NUM_CLASSES, class_prompt
+from cmalign.experiments.common import eval_rows, make_config, mean_std, plot, seed_cells, summary, train_run, write_report, write_table
 
 BETAS = (0.0, 3.0, 6.0)
 PER_CLASS = 50  # fresh samples per class in the final comparison

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import eval_rows, make_config, mean_curve, mean_std, plot, seeded_train_runs, wall, write_report, write_table
+from cmalign.experiments.common import eval_rows, make_config, mean_curve, mean_std, plot, seeded_train_runs, wall, write_report, write_table
 
 VARIANTS = {
     "rocm-hybrid": dict(method="rocm", beta=6.0, reward_weights={"rating": 1.0}),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .common import first_reaching, make_config, mean_curve, plot, seeded_train_runs, summary, wall, write_report, write_table
+from cmalign.experiments.common import first_reaching, make_config, mean_curve, plot, seeded_train_runs, summary, wall, write_report, write_table
 
 SETTINGS = ((8, 2), (8, 4), (8, 8), (16, 4))  # (resolution, K)
 QUICK_SETTINGS = ((8, 2), (16, 2))
@@ -83,7 +83,7 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
                 per_seed = [time_ratio(one("rlcm", rlcm_lr, s), {lr: one("rocm", lr, s) for lr in rocm_lrs})[0] for s in range(seeds)]
                 row[f"{label}_ratio_per_seed"] = " / ".join("–" if r is None else f"{r:.2f}" for r in per_seed)
         if over_grid:  # the frontier-based ratio: RLCM's best gold at no larger KL to the base model
-            from .frontier import seed_mean_points
+            from cmalign.experiments.frontier import seed_mean_points
 
             pts = {(m, lr): seed_mean_points(seeded[(res, k, g, m, lr)]) for m in ("rocm", "rlcm") for lr in lrs}
             ratio, target, kl = frontier_ratio(pts[("rlcm", tuned_lr)], [pts[("rocm", lr)] for lr in lrs])
@@ -129,7 +129,7 @@ def frontier_ratio(rlcm: list[dict], rocm: list[list[dict]]):
     """(ratio, target gold, KL budget) on frontier points (seed_mean_points rows): RLCM's best gold and its KL to the
     base there; ROCM's fewest seconds over its curves to a point with at least that gold and at most that KL, over
     RLCM's seconds (None where ROCM never gets there)."""
-    from .frontier import peak, time_to
+    from cmalign.experiments.frontier import peak, time_to
 
     best, kl, rlcm_s = peak(rlcm, "kl")
     times = [t for c in rocm if (t := time_to(c, "kl", kl, best["gold"])) is not None]

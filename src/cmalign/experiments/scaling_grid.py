@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .scaling import run_grid
+from cmalign.experiments.scaling import run_grid
 
 
 def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int | None = None, jobs: int = 1) -> Path:

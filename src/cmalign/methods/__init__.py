@@ -3,8 +3,8 @@ registry that users extend (register_method, entry points `cmalign.methods`, mod
 
 from __future__ import annotations
 
-from ..plugins import ClassRegistry
-from .base import Batch, Method
+from cmalign.plugins import ClassRegistry
+from cmalign.methods.base import Batch, Method
 
 
 def _builtins() -> None:

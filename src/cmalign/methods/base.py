@@ -17,9 +17,9 @@ from typing import Callable
 
 import torch
 
-from ..chain import ChainNoise
-from ..distributed import SINGLE, Shard
-from ..errors import UserError
+from cmalign.chain import ChainNoise
+from cmalign.training.distributed import SINGLE, Shard
+from cmalign.errors import UserError
 
 OptimizerStep = Callable[[torch.Tensor], float]
 

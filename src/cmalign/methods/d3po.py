@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..chain import run_chain
-from ..errors import UserError
-from .base import Batch
-from .policy_gradient import PolicyGradient, gaussian_logprob, step_logprobs
+from cmalign.chain import run_chain
+from cmalign.errors import UserError
+from cmalign.methods.base import Batch
+from cmalign.methods.policy_gradient import PolicyGradient, gaussian_logprob, step_logprobs
 
 
 class D3po(PolicyGradient):

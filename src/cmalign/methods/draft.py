@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import UserError
-from .rocm import Rocm
+from cmalign.errors import UserError
+from cmalign.methods.rocm import Rocm
 
 
 class Draft(Rocm):

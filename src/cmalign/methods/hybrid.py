@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
-from ..chain import run_chain
-from ..errors import UserError
+from cmalign.chain import run_chain
+from cmalign.errors import UserError
 
 SCORE_BASELINES = ("loo", "none")
 
@@ -56,7 +56,7 @@ def is_differentiable(reward: Any) -> bool:
 def split_reward(reward: Any) -> tuple[Any | None, Any | None]:
     """(differentiable part, non-differentiable part) of a reward: each a WeightedReward over its
     components (None when empty). A plain reward is one component."""
-    from ..rewards.registry import WeightedReward
+    from cmalign.rewards.registry import WeightedReward
 
     if isinstance(reward, WeightedReward):
         parts = []

@@ -27,10 +27,10 @@ from collections import defaultdict, deque
 
 import torch
 
-from ..chain import DDIMTransition, index_cond, run_chain, step_divergences
-from ..divergences import plan_from_config
-from ..errors import UserError
-from .base import Batch, Method
+from cmalign.chain import DDIMTransition, index_cond, run_chain, step_divergences
+from cmalign.divergences import plan_from_config
+from cmalign.errors import UserError
+from cmalign.methods.base import Batch, Method
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..chain import ChainNoise, run_chain, step_divergences
-from ..divergences import plan_from_config
-from .base import Batch, Method
-from .hybrid import hybrid_objective
+from cmalign.chain import ChainNoise, run_chain, step_divergences
+from cmalign.divergences import plan_from_config
+from cmalign.methods.base import Batch, Method
+from cmalign.methods.hybrid import hybrid_objective
 
 
 def clamp_images(images: torch.Tensor, mode: str) -> torch.Tensor:

@@ -6,7 +6,7 @@ import random
 from importlib import resources
 from pathlib import Path
 
-from ..errors import UserError
+from cmalign.errors import UserError
 
 BUNDLED = ("simple_animals", "varied")
 

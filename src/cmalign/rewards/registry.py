@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import UserError
-from ..plugins import Registry
+from cmalign.errors import UserError
+from cmalign.plugins import Registry
 
 
 class Reward:
@@ -83,10 +83,11 @@ class RewardSpec:
 
 
 def _builtins() -> None:
-    from . import digits_rewards, http_reward  # noqa: F401  (register the digits rewards and the remote one)
+    from cmalign.worlds.digits import rewards as digits_rewards
+    from cmalign.rewards import http as http_reward  # noqa: F401  (register the digits rewards and the remote one)
 
     try:
-        from . import lcm_rewards  # noqa: F401  (registers the text-to-image rewards)
+        from cmalign.rewards.text_to_image import factories as lcm_rewards  # noqa: F401  (registers the text-to-image rewards)
     except ImportError:
         pass
 

@@ -3,14 +3,14 @@ extend (register_world, entry points `cmalign.worlds`, package.module:attribute)
 
 from __future__ import annotations
 
-from ..plugins import ClassRegistry
-from .base import World, adapters_disabled
+from cmalign.plugins import ClassRegistry
+from cmalign.worlds.base import World, adapters_disabled
 
 
 def _builtins() -> None:
     # imported on first use: the lcm world pulls in diffusers and transformers
-    WORLDS.register("digits", "cmalign.worlds.digits:DigitsWorld")
-    WORLDS.register("lcm", "cmalign.worlds.lcm:LCMWorld")
+    WORLDS.register("digits", "cmalign.worlds.digits.world:DigitsWorld")
+    WORLDS.register("lcm", "cmalign.worlds.lcm.unet:LCMWorld")
 
 
 WORLDS = ClassRegistry("world", "cmalign.worlds", _builtins, World)
@@ -30,7 +30,7 @@ def world_names() -> list[str]:
 
 
 def digits_pretrain_config(cfg):
-    from .digits_pretrain import PretrainConfig
+    from cmalign.worlds.digits.pretrain import PretrainConfig
 
     d = cfg.digits
     overrides = {}
@@ -39,7 +39,7 @@ def digits_pretrain_config(cfg):
     if d.pretrain_distill_steps is not None:
         overrides["distill_steps"] = d.pretrain_distill_steps
     if getattr(d, "grid", 1) > 1:  # compositional digits: the grid's own recipe (worlds/digits_grid.py)
-        from .digits_grid import grid_pretrain_config
+        from cmalign.worlds.digits.grid import grid_pretrain_config
 
         return grid_pretrain_config(d.grid, d.model_size, **overrides)
     return PretrainConfig(resolution=d.resolution, model_size=d.model_size, **overrides)
@@ -48,7 +48,7 @@ def digits_pretrain_config(cfg):
 def build_world(cfg, device="cpu", lora: bool = True) -> World:
     """The world named by cfg.world, sampling the chain cfg.method asks for, with a fresh
     (zero-effect) adapter, or none if lora=False."""
-    from ..methods import method_class
+    from cmalign.methods import method_class
 
     transition = method_class(cfg.method).transition(cfg)
     return world_class(cfg.world).from_config(cfg, device, lora=lora, transition=transition)

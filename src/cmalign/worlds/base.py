@@ -10,8 +10,8 @@ from typing import Any, Iterator
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .. import schedule
-from ..errors import UserError
+from cmalign import schedule
+from cmalign.errors import UserError
 
 
 @contextlib.contextmanager
@@ -120,9 +120,9 @@ class World(ABC):
 
     def reference_policy(self):
         """Context in which the network is the frozen reference (default: every adapter off; under full
-        fine-tuning the frozen copy of the initial weights is swapped in, see cmalign.finetune)."""
+        fine-tuning the frozen copy of the initial weights is swapped in, see cmalign.training.full_finetune)."""
         if self.reference_network is not None:
-            from ..finetune import reference_swapped
+            from cmalign.training.full_finetune import reference_swapped
 
             return reference_swapped(self)
         return adapters_disabled(self.network)

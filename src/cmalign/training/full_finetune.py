@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import checkpoint as ckpt
-from . import distributed as dist
-from .errors import UserError
+from cmalign.training import checkpoint as ckpt
+from cmalign.training import distributed as dist
+from cmalign.errors import UserError
 
 SHARDS = "shards"  # the DCP folder inside a checkpoint
 MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from ..cache import cache_root, manifest, publish_dir, staging_dir
-from ..chain import generate
-from ..errors import UserError
-from ..worlds.digits_data import NUM_CLASSES, class_prompt, parse_prompt
-from .digits_proxy import PROXY_FILE, load_proxy
-from .digits_rewards import consistency_world, proxy_folder
-from .registry import Reward, RewardContext, register
+from cmalign.cache import cache_root, manifest, publish_dir, staging_dir
+from cmalign.chain import generate
+from cmalign.errors import UserError
+from cmalign.worlds.digits.data import NUM_CLASSES, class_prompt, parse_prompt
+from cmalign.worlds.digits.proxy import PROXY_FILE, load_proxy
+from cmalign.worlds.digits.rewards import consistency_world, proxy_folder
+from cmalign.rewards.registry import Reward, RewardContext, register
 
 QUANTILES = (0.2, 0.4, 0.6, 0.8)
 SAMPLES_PER_CLASS = 200

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .run_safety import writing  # noqa: E402
+from cmalign.training.run_dir import writing  # noqa: E402
 
 # The pictures report.md may link, in the order shown; a run writes only some of them (gold.png
 # needs a gold score: digits runs only; before_after.png needs a final evaluation).

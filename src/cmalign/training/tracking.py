@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import UserError
+from cmalign.errors import UserError
 
 
 def trackers(report_to: str) -> list[str]:
@@ -35,7 +35,7 @@ def init_run_trackers(accelerator, run_dir, cfg, start_step: int) -> None:
     """Trackers of project "cmalign": tensorboard events under RUN/tensorboard/ (a resumed run continues
     from its step), a W&B run named after the run directory. The accelerator's logging_dir is
     RUN/tensorboard (see trainer)."""
-    from .config import flat_items, to_dict
+    from cmalign.config import flat_items, to_dict
 
     names = trackers(cfg.report_to)
     if not names:

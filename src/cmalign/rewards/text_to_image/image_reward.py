@@ -22,10 +22,10 @@ from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-from ..errors import UserError
-from ..hub import hub_errors, offline, require_local, resolve_file
-from .common import LinearHead, check_tokenizer, freeze, load_tensors, tokenizer_source, torchvision_pil
-from .registry import Reward
+from cmalign.errors import UserError
+from cmalign.hub import hub_errors, offline, require_local, resolve_file
+from cmalign.rewards.text_to_image.preprocess import LinearHead, check_tokenizer, freeze, load_tensors, tokenizer_source, torchvision_pil
+from cmalign.rewards.registry import Reward
 
 IMAGE_REWARD_REPO = "THUDM/ImageReward"
 CHECKPOINT_FILE, MED_CONFIG_FILE = "ImageReward.pt", "med_config.json"

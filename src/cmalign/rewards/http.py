@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import UserError
-from .registry import Reward, RewardContext, register
+from cmalign.errors import UserError
+from cmalign.rewards.registry import Reward, RewardContext, register
 
 MAX_TIMEOUT, MAX_RETRIES = 600.0, 10
 

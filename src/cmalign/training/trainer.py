@@ -21,20 +21,21 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
-from . import finetune
-from . import distributed as dist
-from . import report, tracking
-from .run_safety import Preempted, RunLock, StopSignals, atomic_dir, clear_run_artefacts, writing
-from .chain import ChainNoise
-from .config import TrainConfig, config_diff, to_dict, to_yaml, validate, with_changes
-from .distributed import Shard
-from .errors import UserError
-from .evaluation import diversity, evaluate, save_grid, summarize
-from .methods import Batch, Method, method_class
-from .prompts import read_prompt_file, training_prompts
-from .rewards import as_training_reward, build_weighted, reward_context, reward_label
-from .worlds import World, world_class
+from cmalign.training import checkpoint as ckpt
+from cmalign.training import full_finetune as finetune
+from cmalign.training import distributed as dist
+from cmalign.training import report
+from cmalign.training import tracking
+from cmalign.training.run_dir import Preempted, RunLock, StopSignals, atomic_dir, clear_run_artefacts, writing
+from cmalign.chain import ChainNoise
+from cmalign.config import TrainConfig, config_diff, to_dict, to_yaml, validate, with_changes
+from cmalign.training.distributed import Shard
+from cmalign.errors import UserError
+from cmalign.training.evaluation import diversity, evaluate, save_grid, summarize
+from cmalign.methods import Batch, Method, method_class
+from cmalign.prompts import read_prompt_file, training_prompts
+from cmalign.rewards import as_training_reward, build_weighted, reward_context, reward_label
+from cmalign.worlds import World, world_class
 
 EVAL_SEED_OFFSET = 10_000  # the fixed evaluation noise
 FINAL_SEED_OFFSET = 20_000  # fresh held-out noise for the final base-vs-tuned comparison

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..cache import build_lock, cache_root, manifest, publish_dir, shipped_asset, staging_dir
-from ..worlds.digits_data import NUM_CLASSES, data_hash, digits_dataset
+from cmalign.cache import build_lock, cache_root, manifest, publish_dir, shipped_asset, staging_dir
+from cmalign.worlds.digits.data import NUM_CLASSES, data_hash, digits_dataset
 
 HELD_OUT = 297
 

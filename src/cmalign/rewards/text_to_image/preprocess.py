@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ..precision import WEIGHT_DTYPES
+from cmalign.errors import UserError
+from cmalign.precision import WEIGHT_DTYPES
 
 # OpenAI CLIP's normalisation, also used by open_clip ViT-H (HPSv2, PickScore) and BLIP (ImageReward)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -181,7 +181,7 @@ def check_tokenizer(tokenizer, rows: int, *, reward: str, source: str, fix: str,
 def tokenizer_source(ref: str) -> str:
     """How to name where a tokenizer came from in a refusal: a hub id that is not cached, offline, gives
     transformers nothing but the special tokens, and that is worth saying."""
-    from ..hub import looks_local, offline
+    from cmalign.hub import looks_local, offline
 
     if looks_local(ref) or Path(ref).expanduser().exists() or not offline():
         return str(ref)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..worlds.digits_data import parse_prompt
-from .digits_classifier import load_classifier
-from .digits_gold import gold_score
-from .digits_proxy import build_default_proxy, load_proxy
-from ..errors import UserError
-from .registry import Reward, RewardContext, register
+from cmalign.worlds.digits.data import parse_prompt
+from cmalign.worlds.digits.classifier import load_classifier
+from cmalign.worlds.digits.gold import gold_score
+from cmalign.worlds.digits.proxy import build_default_proxy, load_proxy
+from cmalign.errors import UserError
+from cmalign.rewards.registry import Reward, RewardContext, register
 
 
 class ModuleReward(Reward):
@@ -48,7 +48,7 @@ def consistency_world(ctx: RewardContext):
     if getattr(world, "transition", None) is not None and cfg is not None:
         import dataclasses
 
-        from ..worlds import build_world
+        from cmalign.worlds import build_world
 
         world = build_world(dataclasses.replace(cfg, method="rocm"), lora=False)
     return world
@@ -71,7 +71,7 @@ def proxy_reward(ctx: RewardContext) -> Reward:
 
 def _per_cell(module, world):
     """On a compositional-digits world an 8x8 reward module scores each cell, averaged (worlds/digits_grid.py)."""
-    from ..worlds.digits_grid import PerCell
+    from cmalign.worlds.digits.grid import PerCell
 
     grid = getattr(world, "grid", 1)
     if grid == 1 or isinstance(module, PerCell):
@@ -102,7 +102,7 @@ def heldout_proxy_model(pretrain, num_pairs: int, device="cpu") -> torch.nn.Modu
     with another seed (another pair set), from the CONSISTENCY model's samples whichever chain a method trains
     (ddpo's teacher included), cached. Scored beside gold and the training proxy in every digits evaluation:
     hacking shows as the training proxy rising while the held-out proxy and gold fall."""
-    from ..worlds.digits import DigitsWorld
+    from cmalign.worlds.digits.world import DigitsWorld
 
     world = DigitsWorld.from_pretrained(pretrain, "cpu", which="consistency", lora_rank=None)
     return load_proxy(build_default_proxy(world, num_pairs, seed=HELDOUT_PROXY_SEED)).to(device)
@@ -111,7 +111,7 @@ def heldout_proxy_model(pretrain, num_pairs: int, device="cpu") -> torch.nn.Modu
 @register("heldout_proxy", worlds=("digits",), eval_only=True)
 def heldout_proxy_reward(ctx: RewardContext) -> Reward:
     """The held-out judge as a named reward (evaluation only: training on it would defeat its purpose)."""
-    from ..worlds import digits_pretrain_config
+    from cmalign.worlds import digits_pretrain_config
 
     cfg = ctx.config
     if cfg is None:
@@ -119,4 +119,4 @@ def heldout_proxy_reward(ctx: RewardContext) -> Reward:
     return ModuleReward("heldout_proxy", heldout_proxy_model(digits_pretrain_config(cfg), cfg.digits.proxy_pairs), ctx.device)
 
 
-from . import digits_rating  # noqa: E402,F401  (registers `rating`, which builds on the proxy above)
+from cmalign.worlds.digits import rating as digits_rating  # noqa: E402,F401  (registers `rating`, which builds on the proxy above)

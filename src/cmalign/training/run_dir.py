@@ -26,7 +26,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .errors import UserError
+from cmalign.errors import UserError
 
 try:  # POSIX only; elsewhere runs are not locked (stated in RunLock)
     import fcntl

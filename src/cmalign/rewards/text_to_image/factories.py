@@ -9,10 +9,12 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from ..errors import UserError
-from . import clip_rewards, image_reward, jpeg
-from .common import reward_dtype
-from .registry import Reward, RewardContext, register
+from cmalign.errors import UserError
+from cmalign.rewards.text_to_image import clip as clip_rewards
+from cmalign.rewards.text_to_image import image_reward
+from cmalign.rewards.text_to_image import jpeg
+from cmalign.rewards.text_to_image.preprocess import reward_dtype
+from cmalign.rewards.registry import Reward, RewardContext, register
 
 
 def _build(name: str, loader: Callable[..., Reward], ctx: RewardContext, **fixed) -> Reward:

@@ -32,12 +32,12 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
-from ..errors import UserError
-from ..hub import hub_errors, is_local, offline
-from ..precision import WEIGHT_DTYPES
-from ..prompts import bundled_prompts, read_prompt_file, split_prompts
-from .base import World, adapters_disabled
-from .tcd import TCDTransition
+from cmalign.errors import UserError
+from cmalign.hub import hub_errors, is_local, offline
+from cmalign.precision import WEIGHT_DTYPES
+from cmalign.prompts import bundled_prompts, read_prompt_file, split_prompts
+from cmalign.worlds.base import World, adapters_disabled
+from cmalign.worlds.lcm.tcd import TCDTransition
 
 __all__ = ["LCMWorld", "PromptConditioning", "read_prompt_file", "load_components", "model_family"]
 
@@ -192,7 +192,7 @@ class LCMWorld(World):
             if cfg.method in LOG_PROB_METHODS:
                 raise UserError(f"{cfg.method} needs the chain's step log-probabilities, but TCD with tcd_gamma 0 is "
                                 "deterministic; use tcd_gamma > 0 or rocm/draft")
-            from ..rewards.registry import reward_spec
+            from cmalign.rewards.registry import reward_spec
 
             # rocm's score-function estimator of such terms would get zero gradient from deterministic steps
             names = [n for n in cfg.reward_weights if ":" not in n]
@@ -211,7 +211,7 @@ class LCMWorld(World):
         cls.check_config(cfg)
         lcm = cfg.lcm
         if model_family(lcm.model, lcm.unet) == "pixart":
-            from .lcm_dit import PixArtLCMWorld
+            from cmalign.worlds.lcm.pixart import PixArtLCMWorld
 
             return PixArtLCMWorld.from_config(cfg, device, lora=lora)
         components = load_components(lcm.model, unet=lcm.unet)
@@ -462,7 +462,7 @@ def check_lora_loads_completely(pipeline_class, network: torch.nn.Module, adapte
 
 
 def _registered_rewards() -> set[str]:
-    from ..rewards.registry import REWARDS
+    from cmalign.rewards.registry import REWARDS
 
     return set(REWARDS.names())
 

@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ..cache import build_lock, cache_root, manifest, publish_dir, staging_dir
-from ..chain import generate
-from ..errors import UserError
-from ..worlds.digits_data import NUM_CLASSES, class_prompt, parse_prompt
-from .bradley_terry import PreferencePairs, pair_accuracy, train_bradley_terry
-from .digits_gold import gold_score
+from cmalign.cache import build_lock, cache_root, manifest, publish_dir, staging_dir
+from cmalign.chain import generate
+from cmalign.errors import UserError
+from cmalign.worlds.digits.data import NUM_CLASSES, class_prompt, parse_prompt
+from cmalign.rewards.bradley_terry import PreferencePairs, pair_accuracy, train_bradley_terry
+from cmalign.worlds.digits.gold import gold_score
 
 PROXY_FILE = "proxy.safetensors"
 
@@ -81,7 +81,7 @@ def load_proxy(folder: str | Path) -> ProxyCNN:
     except Exception as exc:
         raise UserError(f"no readable digits proxy reward model in {folder} ({type(exc).__name__})") from None
     if info.get("grid", 1) > 1:  # a compositional-digits proxy: the 8x8 model applied to each cell, averaged
-        from ..worlds.digits_grid import PerCell
+        from cmalign.worlds.digits.grid import PerCell
 
         return PerCell(model, info["grid"]).eval().requires_grad_(False)
     return model.eval().requires_grad_(False)
@@ -102,7 +102,7 @@ def build_default_proxy(world, num_pairs: int, seed: int = 0, num_steps: int = 4
 
 def _build_proxy(world, folder: Path, key: str, num_pairs: int, seed: int, num_steps: int, progress: bool) -> None:
     if getattr(world, "grid", 1) > 1:  # compositional digits: fitted on cell pairs (worlds/digits_grid.py)
-        from ..worlds.digits_grid import build_grid_proxy
+        from cmalign.worlds.digits.grid import build_grid_proxy
 
         return build_grid_proxy(world, folder, key, num_pairs, seed, num_steps, progress)
     if progress:

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from cmalign.errors import UserError
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .. import schedule
-from .digits_data import NULL_CLASS, digits_dataset
-from .digits_models import build_unet
+from cmalign import schedule
+from cmalign.worlds.digits.data import NULL_CLASS, digits_dataset
+from cmalign.worlds.digits.nets import build_unet
 
 BETA_SCHEDULE = "squaredcos_cap_v2"
 PREDICTION_TYPE = "v_prediction"
@@ -70,7 +70,7 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torch.Gener
 def _data(cfg: PretrainConfig, gen: torch.Generator):
     """Endless training batches: the plain digits, or N x N compositions (labels (B, N²)) for cfg.grid > 1."""
     if cfg.grid > 1:
-        from .digits_grid import grid_batches
+        from cmalign.worlds.digits.grid import grid_batches
 
         return grid_batches(cfg.grid, cfg.batch_size, gen)
     x_all, y_all = digits_dataset(cfg.resolution)
@@ -80,7 +80,7 @@ def _data(cfg: PretrainConfig, gen: torch.Generator):
 def build_network(cfg: PretrainConfig) -> torch.nn.Module:
     """The untrained network of this recipe (the grid's per-cell conditioned UNet for cfg.grid > 1)."""
     if cfg.grid > 1:
-        from .digits_grid import build_grid_unet
+        from cmalign.worlds.digits.grid import build_grid_unet
 
         return build_grid_unet(cfg.model_size, cfg.grid)
     return build_unet(cfg.model_size, cfg.resolution)

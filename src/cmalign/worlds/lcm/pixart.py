@@ -33,10 +33,10 @@ from peft import LoraConfig, PeftModel, inject_adapter_in_model, set_peft_model_
 from peft.utils import load_peft_weights
 from safetensors.torch import save_file
 
-from ..errors import UserError
-from ..hub import hub_errors, offline
-from ..precision import WEIGHT_DTYPES
-from .lcm import DEFAULT_LORA_TARGETS, OUR_ADAPTER, PEFT_ADAPTER_FILE, LCMWorld, lora_layout
+from cmalign.errors import UserError
+from cmalign.hub import hub_errors, offline
+from cmalign.precision import WEIGHT_DTYPES
+from cmalign.worlds.lcm.unet import DEFAULT_LORA_TARGETS, OUR_ADAPTER, PEFT_ADAPTER_FILE, LCMWorld, lora_layout
 
 __all__ = ["PixArtLCMWorld", "PixArtConditioning", "load_pixart_components", "check_peft_adapter_loads_completely"]
 

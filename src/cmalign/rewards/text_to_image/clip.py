@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from ..errors import UserError
-from ..hub import hub_errors, offline, require_local, resolve_file
-from .common import (LinearHead, Preprocess, check_tokenizer, clip_processor, freeze, hps_processor, load_tensors,
-                     tokenizer_source)
-from .registry import Reward
+from cmalign.errors import UserError
+from cmalign.hub import hub_errors, offline, require_local, resolve_file
+from cmalign.rewards.text_to_image.preprocess import LinearHead, Preprocess, check_tokenizer, clip_processor, freeze, hps_processor, load_tensors, tokenizer_source
+from cmalign.rewards.registry import Reward
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
 VIT_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

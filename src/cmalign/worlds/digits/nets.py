@@ -9,7 +9,7 @@ from diffusers import UNet2DModel
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from .digits_data import NUM_CLASSES
+from cmalign.worlds.digits.data import NUM_CLASSES
 
 # "base" is the 1.1M-parameter model of research/feasibility.md; "tiny" serves the tests.
 UNET_SIZES = {

@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..worlds.digits_data import NUM_CLASSES, digits_dataset, parse_prompt
+from cmalign.worlds.digits.data import NUM_CLASSES, digits_dataset, parse_prompt
 
 WEIGHTS = {"logp": 2.0, "ink": 30.0, "nn": -2.0}
 
@@ -68,7 +68,7 @@ def gold_components(images01: torch.Tensor, labels: torch.Tensor) -> dict[str, t
 
 
 def gold_score(images01: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    from ..worlds.digits_grid import grid_gold_score, grid_size_of
+    from cmalign.worlds.digits.grid import grid_gold_score, grid_size_of
 
     if prompts and (grid_size_of(prompts[0]) or 1) > 1:  # compositional digits: per cell, averaged
         return grid_gold_score(images01, prompts)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .chain import ChainNoise, run_chain, step_divergences
+from cmalign.chain import ChainNoise, run_chain, step_divergences
 
 
 def image_grid(images01: torch.Tensor, nrow: int, cell: int | None = None) -> Image.Image:
@@ -38,7 +38,7 @@ def save_grid(images01: torch.Tensor, path: Path, nrow: int) -> None:
 def diversity(images01: torch.Tensor, prompts: list[str]) -> float:
     """Mean pairwise L2 distance between samples of the same prompt (in [-1, 1] space); on a compositional-digits
     grid that of each cell position, averaged (worlds/digits_grid.py)."""
-    from .worlds.digits_grid import grid_diversity, grid_size_of
+    from cmalign.worlds.digits.grid import grid_diversity, grid_size_of
 
     grid = grid_size_of(prompts[0]) if len(prompts) else None
     if grid is not None and grid > 1 and images01.shape[-1] == 8 * grid:

@@ -9,7 +9,7 @@ import io
 import torch
 from PIL import Image
 
-from .registry import Reward
+from cmalign.rewards.registry import Reward
 
 JPEG_QUALITY = 95
 

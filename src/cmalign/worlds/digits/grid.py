@@ -30,9 +30,9 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
-from .digits import DigitsWorld
-from .digits_data import CLASS_WORDS, NUM_CLASSES, _raw_digits, class_prompt
+from cmalign.errors import UserError
+from cmalign.worlds.digits.world import DigitsWorld
+from cmalign.worlds.digits.data import CLASS_WORDS, NUM_CLASSES, _raw_digits, class_prompt
 
 CELL = 8
 GRID_SIZES = (1, 2, 3, 4)
@@ -51,7 +51,7 @@ RECIPES = {
 
 def grid_pretrain_config(n: int, model_size: str = "base", **overrides):
     """The PretrainConfig of the n x n grid's base models (RECIPES[n], then overrides such as step counts)."""
-    from .digits_pretrain import PretrainConfig
+    from cmalign.worlds.digits.pretrain import PretrainConfig
 
     if n not in RECIPES:
         raise UserError(f"digits grid must be 2, 3 or 4 for a grid recipe, got {n}")
@@ -174,7 +174,7 @@ class GridUNet(nn.Module):
         super().__init__()
         from diffusers import UNet2DModel
 
-        from .digits_models import UNET_SIZES
+        from cmalign.worlds.digits.nets import UNET_SIZES
 
         if size not in UNET_SIZES:
             raise ValueError(f"unknown digits model size {size!r}; expected one of {sorted(UNET_SIZES)}")
@@ -206,7 +206,7 @@ def build_grid_unet(size: str, n: int) -> GridUNet:
 # --- rewards and metrics per cell -------------------------------------------------------------------
 def grid_gold_components(images01: torch.Tensor, labels: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
     """The 8x8 gold and its terms of every cell, averaged over the cells of each image: (B,) each."""
-    from ..rewards.digits_gold import gold_components
+    from cmalign.worlds.digits.gold import gold_components
 
     cells = to_cells(images01.detach().float().cpu(), n)
     return {k: per_cell_mean(v, n) for k, v in gold_components(cells, labels.reshape(-1).cpu()).items()}
@@ -238,7 +238,7 @@ def grid_accuracy(classifier: nn.Module, images01: torch.Tensor, labels: torch.T
 def grid_diversity(images01: torch.Tensor, prompts: list[str], n: int) -> float:
     """The 8x8 diversity (mean pairwise L2 between samples of one prompt) of each cell position, averaged over
     the positions: a grid's own L2 would grow like n with the number of cells."""
-    from ..evaluation import diversity
+    from cmalign.training.evaluation import diversity
 
     cells = to_cells(images01.detach().float().cpu(), n).reshape(len(prompts), n * n, 1, CELL, CELL)
     values = [diversity(cells[:, k], prompts) for k in range(n * n)]
@@ -250,9 +250,9 @@ def make_cell_pairs(world, num_pairs: int, num_steps: int = 4, seed: int = 0):
     """num_pairs CELL pairs cut from ceil(num_pairs / n²) pairs of base-model grids of one random prompt each; the
     label of a cell pair ~ Bernoulli(sigmoid(gold_a - gold_b)) of that cell, as in the 8x8 lab. Returns the
     PreferencePairs (8x8 images, class prompts) and the noiseless gold order."""
-    from ..chain import generate
-    from ..rewards.bradley_terry import PreferencePairs
-    from ..rewards.digits_gold import gold_components
+    from cmalign.chain import generate
+    from cmalign.rewards.bradley_terry import PreferencePairs
+    from cmalign.worlds.digits.gold import gold_components
 
     n = world.grid
     gen = torch.Generator().manual_seed(seed)
@@ -270,7 +270,7 @@ def make_cell_pairs(world, num_pairs: int, num_steps: int = 4, seed: int = 0):
 def build_grid_proxy(world, folder, key: str, num_pairs: int, seed: int, num_steps: int, progress: bool) -> None:
     """Fit and publish the per-cell proxy of a grid base model into `folder` (the 8x8 ProxyCNN; the manifest's
     `grid` makes load_proxy apply it per cell)."""
-    from ..rewards.digits_proxy import fit_and_publish
+    from cmalign.worlds.digits.proxy import fit_and_publish
 
     if progress:
         print(f"cmalign: training the {world.grid}x{world.grid} digits proxy reward on {num_pairs} gold-labelled cell pairs "
@@ -290,7 +290,7 @@ class GridDigitsWorld(DigitsWorld):
 
     @classmethod
     def from_pretrained(cls, pretrain, device="cpu", which: str = "consistency", **lora):
-        from . import digits_base
+        from cmalign.worlds.digits import cache as digits_base
 
         network, folder, info = digits_base.load_base(pretrain, which)
         world = cls(network, pretrain.grid, device, **lora)
@@ -312,7 +312,7 @@ class GridDigitsWorld(DigitsWorld):
     def eval_metrics(self, images01, prompts):
         """The 8x8 world's metrics per cell, averaged over the cells: gold and its terms, accuracy under the
         independent 8x8 classifier, the held-out proxy (per cell like the training proxy)."""
-        from ..rewards.digits_classifier import load_classifier
+        from cmalign.worlds.digits.classifier import load_classifier
 
         labels = cell_labels(prompts, self.grid)
         out = grid_gold_components(images01, labels, self.grid)

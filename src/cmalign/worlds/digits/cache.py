@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ..cache import build_lock, cache_root, config_hash, manifest, publish_dir, shipped_asset, staging_dir
-from ..errors import UserError
-from .digits_data import data_hash
-from .digits_models import load_weights, save_weights
-from .digits_pretrain import PretrainConfig, build_network, pretrain
+from cmalign.cache import build_lock, cache_root, config_hash, manifest, publish_dir, shipped_asset, staging_dir
+from cmalign.errors import UserError
+from cmalign.worlds.digits.data import data_hash
+from cmalign.worlds.digits.nets import load_weights, save_weights
+from cmalign.worlds.digits.pretrain import PretrainConfig, build_network, pretrain
 
 FILES = ("consistency.safetensors", "teacher.safetensors", "manifest.json")
 
@@ -42,7 +42,7 @@ def shipped_dir(cfg: PretrainConfig) -> Path | None:
 def pretrain_command(cfg: PretrainConfig) -> str:
     """The command that rebuilds these models (step counts only where they differ from the defaults)."""
     if cfg.grid > 1:
-        from .digits_grid import grid_pretrain_config
+        from cmalign.worlds.digits.grid import grid_pretrain_config
 
         default = grid_pretrain_config(cfg.grid, cfg.model_size)
     else:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from .. import schedule
-from ..errors import UserError
-from . import digits_base
-from .base import World
-from .digits_data import NUM_CLASSES, class_prompt, parse_prompt
-from .digits_models import add_lora, load_adapter, save_adapter
-from .digits_pretrain import BETA_SCHEDULE, PREDICTION_TYPE, PretrainConfig
+from cmalign import schedule
+from cmalign.errors import UserError
+from cmalign.worlds.digits import cache as digits_base
+from cmalign.worlds.base import World
+from cmalign.worlds.digits.data import NUM_CLASSES, class_prompt, parse_prompt
+from cmalign.worlds.digits.nets import add_lora, load_adapter, save_adapter
+from cmalign.worlds.digits.pretrain import BETA_SCHEDULE, PREDICTION_TYPE, PretrainConfig
 
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -37,8 +37,8 @@ class DigitsWorld(World):
     @classmethod
     def from_config(cls, cfg, device="cpu", lora: bool = True, transition=None) -> "DigitsWorld":
         """The distilled consistency model, or with a DDIM transition (ddpo) the DDPM teacher it came from."""
-        from ..chain import DDIMTransition
-        from . import digits_pretrain_config
+        from cmalign.chain import DDIMTransition
+        from cmalign.worlds import digits_pretrain_config
 
         if transition is not None and not isinstance(transition, DDIMTransition):
             raise UserError(f"the digits world cannot sample a {type(transition).__name__} chain")
@@ -51,14 +51,14 @@ class DigitsWorld(World):
 
     @classmethod
     def prepare(cls, cfg, progress: bool = True) -> None:
-        from . import digits_pretrain_config
+        from cmalign.worlds import digits_pretrain_config
 
         digits_base.locate(digits_pretrain_config(cfg), True, progress)
 
     @classmethod
     def from_pretrained(cls, pretrain: PretrainConfig, device="cpu", which: str = "consistency", **lora) -> "DigitsWorld":
         if pretrain.grid > 1 and cls is DigitsWorld:  # compositional digits (worlds/digits_grid.py)
-            from .digits_grid import GridDigitsWorld
+            from cmalign.worlds.digits.grid import GridDigitsWorld
 
             return GridDigitsWorld.from_pretrained(pretrain, device, which, **lora)
         network, folder, info = digits_base.load_base(pretrain, which)
@@ -76,7 +76,7 @@ class DigitsWorld(World):
         self.encode_prompts(prompts)  # every prompt must name a digit class
 
     def step_metrics(self, images01, prompts):
-        from ..rewards.digits_gold import gold_score
+        from cmalign.worlds.digits.gold import gold_score
 
         return {"gold": gold_score(images01, prompts).mean().item()}
 
@@ -86,8 +86,8 @@ class DigitsWorld(World):
     def eval_metrics(self, images01, prompts):
         """The gold terms, class accuracy under the independent classifier and, for a world built from a
         pretrained base model, the held-out proxy (`heldout_proxy`: another pair set and seed)."""
-        from ..rewards.digits_classifier import load_classifier
-        from ..rewards.digits_gold import gold_components
+        from cmalign.worlds.digits.classifier import load_classifier
+        from cmalign.worlds.digits.gold import gold_components
 
         labels = self.encode_prompts(prompts).cpu()
         out = gold_components(images01, labels)
@@ -105,7 +105,7 @@ class DigitsWorld(World):
         if self.pretrain is None:
             return None
         if getattr(self, "_heldout_proxy", None) is None:
-            from ..rewards.digits_rewards import heldout_proxy_model
+            from cmalign.worlds.digits.rewards import heldout_proxy_model
 
             self._heldout_proxy = heldout_proxy_model(self.pretrain, self.proxy_pairs)
         return self._heldout_proxy

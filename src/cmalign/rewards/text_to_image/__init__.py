@@ -1,0 +1,1 @@
+"""text_to_image."""
