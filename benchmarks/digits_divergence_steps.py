@@ -21,8 +21,8 @@ import torch
 from cmalign.config import TrainConfig, with_changes
 from cmalign.methods.base import Batch
 from cmalign.methods.rocm import Rocm
-from cmalign.rewards import build_weighted, reward_context
-from cmalign.worlds import build_world
+from cmalign.rewards.registry import build_weighted, reward_context
+from cmalign.training.build import build_world
 
 
 def variants(k: int) -> dict[str, dict]:

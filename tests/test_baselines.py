@@ -11,10 +11,11 @@ import torch
 from diffusers import DDIMScheduler
 
 from cmalign.chain import ChainNoise, DDIMTransition, run_chain
-from cmalign.methods import Batch, build_method
+from cmalign.methods.base import Batch
+from cmalign.training.build import build_method
 from cmalign.methods.policy_gradient import PerPromptStats, gaussian_logprob, ppo_loss
-from cmalign.rewards import build_weighted, reward_context
-from cmalign.worlds import build_world
+from cmalign.rewards.registry import build_weighted, reward_context
+from cmalign.training.build import build_world
 from helpers import tiny_config
 
 PROMPTS = ["a handwritten three", "a handwritten seven"] * 4
@@ -193,7 +194,7 @@ def test_d3po_refuses_odd_batches():
 @pytest.mark.parametrize("method", ["rlcm", "draft", "dpok", "d3po"])
 def test_baselines_step_on_the_tiny_lcm_world(tmp_path, method):
     from cmalign.config import TrainConfig
-    from cmalign.rewards import RewardContext, build_reward
+    from cmalign.rewards.registry import RewardContext, build_reward
     from lcm_fixtures import tiny_clip, tiny_world
 
     world = tiny_world(tmp_path / "world", lora_rank=4, lora_alpha=4.0)

@@ -11,7 +11,7 @@ import torch
 
 from cmalign.config import TrainConfig, validate
 from cmalign.errors import UserError
-from cmalign.worlds import digits_pretrain_config
+from cmalign.worlds.digits.pretrain import pretrain_config_for
 from cmalign.worlds.digits.cache import base_key
 from cmalign.worlds.digits.data import digits_dataset
 from cmalign.worlds.digits.grid import GridUNet, cell_labels, default_grid_prompts, from_cells, grid_batches, grid_gold_components, grid_prompt, grid_size_of, parse_grid_prompt, to_cells
@@ -101,7 +101,7 @@ def test_plain_digits_keep_their_cache_keys_and_grids_get_their_own():
     # the shipped 8x8 and 16x16 models are found by these keys: adding `grid` must not change them
     assert base_key(PretrainConfig()) == "r8-base-52696be79b3d"
     assert base_key(PretrainConfig(resolution=16, teacher_steps=1500, distill_steps=600)) == "r16-base-d1e080eff9c8"
-    cfg2 = digits_pretrain_config(TrainConfig(digits_grid=2))
+    cfg2 = pretrain_config_for(TrainConfig(digits_grid=2))
     assert cfg2.grid == 2 and cfg2.resolution == 8 and cfg2.batch_size == 32
     assert base_key(cfg2).startswith("grid2-base-") and base_key(cfg2) != base_key(replace(cfg2, grid=3))
 
@@ -120,8 +120,8 @@ def test_grid_config_refusals(capsys):
 
 def test_tiny_grid_run_scores_per_cell(tmp_path):
     from cmalign import train
-    from cmalign.rewards import build_weighted, reward_context
-    from cmalign.worlds import build_world
+    from cmalign.rewards.registry import build_weighted, reward_context
+    from cmalign.training.build import build_world
     from cmalign.worlds.digits.grid import PerCell
 
     cfg = tiny_config(**TINY_GRID, steps=2, eval_every=2, grid_every=2, output_dir=str(tmp_path / "run"))
@@ -169,7 +169,7 @@ def test_grid_base_models_ship_with_the_package(monkeypatch, tmp_path, n):
     from cmalign.worlds.digits import cache as digits_base
 
     monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "empty-cache"))
-    cfg = digits_pretrain_config(TrainConfig(digits_grid=n))
+    cfg = pretrain_config_for(TrainConfig(digits_grid=n))
     folder = digits_base.locate(cfg, allow_pretrain=False)
     assert folder == digits_base.shipped_dir(cfg)
     info = json.loads((folder / "manifest.json").read_text())

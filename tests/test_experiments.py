@@ -46,11 +46,11 @@ def test_the_scaling_experiments_16x16_base_model_ships_with_the_package(monkeyp
 
     from cmalign.config import TrainConfig
     from cmalign.experiments.scaling import PRETRAIN_16
-    from cmalign.worlds import digits_pretrain_config
+    from cmalign.worlds.digits.pretrain import pretrain_config_for
     from cmalign.worlds.digits import cache as digits_base
 
     monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "empty-cache"))
-    cfg = digits_pretrain_config(TrainConfig(digits_resolution=16, **PRETRAIN_16))
+    cfg = pretrain_config_for(TrainConfig(digits_resolution=16, **PRETRAIN_16))
     folder = digits_base.locate(cfg, allow_pretrain=False)
     assert folder == digits_base.shipped_dir(cfg)
     info = json.loads((folder / "manifest.json").read_text())

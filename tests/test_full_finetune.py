@@ -148,7 +148,7 @@ def test_fsdp2_two_ranks_match_one_process_survive_sigkill_and_reshard(tmp_path)
         assert {k: x.get(k) for k in keys} == {k: y.get(k) for k in keys}, x["step"]
 
     # the 2-rank checkpoint loads into ONE process (DCP reshards): its EMA is the exported network
-    from cmalign.worlds import build_world
+    from cmalign.training.build import build_world
 
     world = build_world(cfg, lora=False)
     full = finetune.attach(world, cfg, 1)

@@ -134,11 +134,11 @@ def test_leave_one_out_baseline_never_uses_the_chains_own_reward():
 
 def test_rating_is_one_to_five_stars_evenly_spread_at_the_base_model_and_not_differentiable():
     from cmalign.chain import generate
-    from cmalign.rewards import build_weighted, reward_context
+    from cmalign.rewards.registry import build_weighted, reward_context
     from cmalign.worlds.digits.rating import rating_thresholds
     from cmalign.worlds.digits.rewards import proxy_folder
     from cmalign.rewards.registry import reward_spec
-    from cmalign.worlds import build_world
+    from cmalign.training.build import build_world
 
     assert reward_spec("rating").differentiable is False
     cfg = tiny_config(reward_weights={"rating": 1.0})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cmalign.errors import UserError
-from cmalign.rewards import RewardContext, available, build_reward
+from cmalign.rewards.registry import RewardContext, available, build_reward
 from cmalign.rewards.text_to_image.clip import CLIPEmbedder
 from cmalign.rewards.text_to_image.preprocess import CLIP_MEAN, CLIP_STD, clip_processor, hps_processor
 from lcm_fixtures import linear_head_tensors, tiny_clip, write_image_reward, write_open_clip_checkpoint

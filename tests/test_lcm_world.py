@@ -15,8 +15,8 @@ from cmalign.chain import ChainNoise, run_chain, step_divergences
 from cmalign.config import TrainConfig
 from cmalign.errors import UserError
 from cmalign.prompts import bundled_prompts, read_prompt_file, split_prompts
-from cmalign.rewards import RewardContext, build_reward
-from cmalign.worlds import build_world
+from cmalign.rewards.registry import RewardContext, build_reward
+from cmalign.training.build import build_world
 from cmalign.worlds.lcm.unet import OUR_ADAPTER, LCMWorld
 from lcm_fixtures import (
     RESOLUTION, perturb_lora_b, save_tiny_pipeline, stock_pipeline, tiny_clip, tiny_components, tiny_world,

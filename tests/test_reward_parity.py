@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, BertTokenizer, CLIPModel
 
 from cmalign.errors import UserError
-from cmalign.rewards import RewardContext, build_reward
+from cmalign.rewards.registry import RewardContext, build_reward
 from cmalign.rewards.text_to_image.preprocess import CLIP_STD, clip_processor, hps_processor, torchvision_pil
 from cmalign.worlds.lcm.testing import byte_level_clip_tokenizer
 from reward_fixtures import (TINY_OPEN_CLIP, aesthetic_folder, as_tensor, clip_model, clip_processor_pixels,

@@ -209,12 +209,13 @@ def test_evaluation_scores_kl_and_distance_to_base_and_the_heldout_proxy():
     from helpers import tiny_config
 
     from cmalign.training.evaluation import evaluate
-    from cmalign.rewards import build_weighted, reward_context
-    from cmalign.worlds import build_world, digits_pretrain_config
+    from cmalign.rewards.registry import build_weighted, reward_context
+    from cmalign.training.build import build_world
+    from cmalign.worlds.digits.pretrain import pretrain_config_for
     from cmalign.worlds.digits import cache as digits_base
 
     cfg = tiny_config(divergence="hellinger", divergence_reduction="joint", final_step="skip")
-    digits_base.locate(digits_pretrain_config(cfg), True, False)
+    digits_base.locate(pretrain_config_for(cfg), True, False)
     world = build_world(cfg)
     reward = build_weighted({"proxy": 1.0}, reward_context(world, cfg))
     prompts = [class_prompt(c) for c in (0, 3, 5, 7)]

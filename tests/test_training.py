@@ -9,7 +9,7 @@ import torch
 
 from cmalign.errors import UserError
 from cmalign.training.trainer import train
-from cmalign.worlds import build_world
+from cmalign.training.build import build_world
 from helpers import tiny_config
 
 

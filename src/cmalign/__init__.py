@@ -19,9 +19,9 @@ __all__ = ["Batch", "Method", "Reward", "TrainConfig", "TrainResult", "World", "
 
 _WHERE = {
     "TrainConfig": "cmalign.config", "train": "cmalign.training.trainer", "TrainResult": "cmalign.training.trainer",
-    "Reward": "cmalign.rewards", "register_reward": "cmalign.rewards",
-    "World": "cmalign.worlds", "register_world": "cmalign.worlds",
-    "Method": "cmalign.methods", "Batch": "cmalign.methods", "register_method": "cmalign.methods",
+    "Reward": "cmalign.rewards.registry", "register_reward": "cmalign.rewards.registry",
+    "World": "cmalign.worlds.base", "register_world": "cmalign.worlds.registry",
+    "Method": "cmalign.methods.base", "Batch": "cmalign.methods.base", "register_method": "cmalign.methods.registry",
 }
 
 

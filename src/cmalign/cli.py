@@ -147,8 +147,8 @@ class EvalArgs(SampleArgs):
 def _world_for(args: SampleArgs):
     """(config, world, K): the run's world with its adapter, or the base model; K from --num-steps or the run's chain."""
     from cmalign.config import TrainConfig, load_preset, with_changes
-    from cmalign.methods import method_class
-    from cmalign.worlds import build_world
+    from cmalign.methods.registry import method_class
+    from cmalign.training.build import build_world
 
     if args.num_steps is not None and args.num_steps < 1:
         raise UserError(f"num_steps must be >= 1, got {args.num_steps}")
@@ -211,7 +211,7 @@ def cmd_eval(args: list[str]) -> int:
 
     from cmalign.chain import ChainNoise
     from cmalign.training.evaluation import diversity, evaluate, summarize
-    from cmalign.rewards import build_weighted, reward_context
+    from cmalign.rewards.registry import build_weighted, reward_context
 
     a = parse(EvalArgs, args, "cmalign eval")
     if a.out:
@@ -297,7 +297,7 @@ def cmd_reward_model(args: list[str]) -> int:
     from cmalign.config import TrainConfig
     from cmalign.rewards.bradley_terry import PreferencePairs
     from cmalign.worlds.digits.proxy import fit_proxy, make_gold_pairs, save_proxy
-    from cmalign.worlds import build_world
+    from cmalign.training.build import build_world
 
     if not args or args[0] != "train":
         raise UserError("usage: cmalign reward-model train --out DIR [--pairs FILE.npz] [--num-pairs N]")

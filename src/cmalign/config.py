@@ -46,83 +46,16 @@ def _name_value_pairs(kind):
     )
 
 
-# --- sections ---------------------------------------------------------------------------------------
-@dataclass
-class PPOConfig:
-    """Policy-gradient baselines (rlcm, ddpo, dpok) and d3po's inner loop."""
-
-    clip: float = 1e-4
-    """PPO ratio clip range epsilon (RLCM and DDPO default)."""
-    epochs: int = 2
-    """PPO inner epochs over each batch of rollouts."""
-    minibatches: int = 2
-    """Minibatches per inner epoch (one optimiser update each)."""
-    adv_clip: float = 10.0
-    """Clip normalised advantages to [-adv_clip, adv_clip]."""
-    stat_buffer: int = 32
-    """Per-prompt reward buffer for advantage normalisation (0: batch statistics only)."""
-    stat_min_count: int = 16
-    """Rewards a prompt needs in its buffer before its own statistics replace the batch's."""
+# --- sections: each owned by its world or method ------------------------------------------------------
+from cmalign.methods.policy_gradient_config import DDPOConfig, PPOConfig  # noqa: E402
+from cmalign.worlds.digits.config import DigitsConfig  # noqa: E402
+from cmalign.worlds.lcm.config import LCMConfig  # noqa: E402
 
 
-@dataclass
-class DDPOConfig:
-    """The ddpo baseline's chain: DDIM on the digits DDPM teacher."""
-
-    steps: int = 20
-    """DDIM steps of the ddpo chain (its K; num_steps is the consistency chain's)."""
-    eta: float = 1.0
-    """DDIM eta of the ddpo chain (1: DDPM-like stochastic steps, as DDPO)."""
 
 
-@dataclass
-class DigitsConfig:
-    """The embedded digits world."""
-
-    resolution: int = 8
-    """Image side of the digits world (8, or 16 by bilinear upsampling)."""
-    model_size: Literal["base", "tiny"] = "base"
-    """Base UNet size: base (1.1M parameters) or tiny (tests)."""
-    proxy_pairs: int = 2000
-    """Gold-labelled preference pairs the digits proxy reward model is trained on."""
-    pretrain_teacher_steps: int | None = None
-    """Override the DDPM teacher steps if pretraining runs (tests use few)."""
-    pretrain_distill_steps: int | None = None
-    """Override the distillation steps if pretraining runs (tests use few)."""
-    proxy_path: str | None = None
-    """Folder of a proxy trained by `cmalign reward-model train`; default: the cached one."""
-    grid: int = 1
-    """Compositional digits: N x N grid of 8x8 digits (2, 3, 4), prompt names every cell; scores per cell, averaged."""
 
 
-@dataclass
-class LCMConfig:
-    """The lcm world: diffusers latent consistency models."""
-
-    model: str = "SimianLuo/LCM_Dreamshaper_v7"
-    """Hub id or local folder of a diffusers latent consistency model (or an SD-1.5 base with lora)."""
-    lora: str | None = None
-    """Hub id or folder of an LCM-LoRA (e.g. latent-consistency/lcm-lora-sdv1-5) applied to the model."""
-    lora_mode: Literal["fuse", "stack"] = "fuse"
-    """fuse the LCM-LoRA into the base weights, or stack it under the trained adapter."""
-    guidance_scale: float = 8.0
-    """LCM guidance-embedding scale w (the pipeline embeds w - 1)."""
-    resolution: int = 512
-    """Image side in pixels."""
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Module names the trained LoRA adapter attaches to (attention projections by default)."""
-    heldout_fraction: float = 0.2
-    """Share of prompts held out from training for evaluation."""
-    unet: str | None = None
-    """Hub id or folder of a UNet replacing the model's own (e.g. latent-consistency/lcm-sdxl on SDXL base)."""
-    lora_weight_name: str | None = None
-    """File inside the lora repo/folder when it holds several (e.g. Hyper-SDXL-1step-lora.safetensors)."""
-    scheduler: Literal["lcm", "tcd"] = "lcm"
-    """Chain family: lcm (LCMScheduler) or tcd (TCDScheduler, stochasticity tcd_gamma)."""
-    tcd_gamma: float = 0.3
-    """TCD's gamma (the pipeline's eta) in [0, 1]: 0 deterministic, 1 the consistency chain's noise."""
-    vae_checkpointing: bool = False
-    """Recompute the VAE decoder in the backward pass (saves most decoder memory at 1024 px)."""
 
 
 SECTIONS = {"ppo": PPOConfig, "ddpo": DDPOConfig, "digits": DigitsConfig, "lcm": LCMConfig}
@@ -532,8 +465,8 @@ def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards
     so that a setting of one method (e.g. ppo.minibatches) never refuses another method's run.
     world_cls / method_cls: the classes that will run (default: the config's names in the registries);
     check_rewards=False when a ready reward object replaces reward_weights."""
-    from cmalign.methods import method_class
-    from cmalign.worlds import world_class
+    from cmalign.methods.registry import method_class
+    from cmalign.worlds.registry import world_class
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -576,7 +509,7 @@ def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards
     need(0 <= cfg.final_eval_size <= MAX_BATCH, f"final_eval_size must be >= 0 (and at most {MAX_BATCH}), got {cfg.final_eval_size}")
     need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
     if check_rewards:
-        from cmalign.rewards import check_reward_names
+        from cmalign.rewards.registry import check_reward_names
 
         need(bool(cfg.reward_weights), "reward_weights is empty: name at least one reward")
         need(all(n.strip() for n in cfg.reward_weights), "reward_weights has an empty reward name")

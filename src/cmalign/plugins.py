@@ -90,9 +90,14 @@ class Registry:
 class ClassRegistry(Registry):
     """A registry whose entries are subclasses of `base` (worlds, methods)."""
 
-    def __init__(self, kind: str, group: str, builtins: Callable[[], None], base: type):
+    def __init__(self, kind: str, group: str, builtins: Callable[[], None], base: str):
         super().__init__(kind, group, builtins)
-        self.base = base
+        self._base = base  # "module:Class", resolved on first use so that the registry module stays light
+
+    @property
+    def base(self) -> type:
+        module_name, _, attr = self._base.partition(":")
+        return getattr(importlib.import_module(module_name), attr)
 
     def register_class(self, name: str, cls: type | None = None, *, replace: bool = False):
         """register_class(name, cls), or @register_class(name) as a decorator."""

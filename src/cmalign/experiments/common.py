@@ -83,22 +83,23 @@ def train_runs(cells: dict, jobs: int = 1) -> dict:
 def build_cached_models(configs: list[TrainConfig]) -> None:
     """Build what the digits runs take from the cache (base model, proxy, classifier) here, once per
     distinct world, rather than in several workers at the same time."""
-    from cmalign.rewards import build_weighted, reward_context
+    from cmalign.rewards.registry import build_weighted, reward_context
     from cmalign.worlds.digits.classifier import load_classifier
-    from cmalign.worlds import build_world, digits_pretrain_config
+    from cmalign.training.build import build_world
+    from cmalign.worlds.digits.pretrain import pretrain_config_for
     from cmalign.worlds.digits import cache as digits_base
 
-    worlds = {(repr(digits_pretrain_config(c)), c.digits.proxy_pairs, repr(sorted(c.reward_weights.items()))): c
+    worlds = {(repr(pretrain_config_for(c)), c.digits.proxy_pairs, repr(sorted(c.reward_weights.items()))): c
               for c in configs if c.world == "digits"}
     for cfg in worlds.values():
-        digits_base.locate(digits_pretrain_config(cfg), True, False)
+        digits_base.locate(pretrain_config_for(cfg), True, False)
         build_weighted(cfg.reward_weights, reward_context(build_world(cfg, "cpu"), cfg, "cpu"))
         load_classifier(cfg.digits.resolution)
 
 
 def rough_cost(cfg: TrainConfig) -> int:
     """Pixels x network calls per chain x updates: enough to order runs by length."""
-    from cmalign.methods import method_class
+    from cmalign.methods.registry import method_class
 
     return cfg.digits.resolution ** 2 * method_class(cfg.method).chain_length(cfg) * cfg.steps
 

@@ -33,7 +33,7 @@ def peak_rss_mb() -> float:
 def state_bytes_per_rank(cfg, ranks: int) -> dict:
     """The training state rank 0 holds under FSDP2's dim-0 sharding (padded), counted from the network's shapes:
     float32 weights + gradients + 2 AdamW moments of the policy, float32 weights of the frozen reference."""
-    from cmalign.worlds import build_world
+    from cmalign.training.build import build_world
 
     net = build_world(cfg, "cpu", lora=False).network
     local = sum(math.ceil(p.shape[0] / ranks) * (p.numel() // max(p.shape[0], 1)) if p.dim() else p.numel()

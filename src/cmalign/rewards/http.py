@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from cmalign.errors import UserError
-from cmalign.rewards.registry import Reward, RewardContext, register
+from cmalign.rewards.base import Reward, RewardContext, reward_factory
 
 MAX_TIMEOUT, MAX_RETRIES = 600.0, 10
 
@@ -88,7 +88,7 @@ def _number(options: dict, key: str, default, kind):
         raise UserError(f"reward http: option {key} must be a number, got {options[key]!r}") from None
 
 
-@register("http", worlds=None, differentiable=False)
+@reward_factory(differentiable=False)
 def http_reward(ctx: RewardContext) -> Reward:
     """Scores from a user's server: --reward-paths http=http://127.0.0.1:8000/score."""
     options = dict(ctx.options.get("http", {}))

@@ -1,10 +1,5 @@
 """Reward registry and weighted sums of rewards.
 
-A reward maps images (B, C, H, W), nominally in [0, 1], and their prompts to one float score per
-image. Any callable of that signature is a reward; its optional `differentiable` attribute (default
-True) says whether its gradient with respect to the images is meaningful (ROCM needs it) and
-`eval_only` marks scores that must never become a training signal (the digits gold).
-
 A name in `reward_weights` resolves to a registered reward (built-in or `register_reward`), an entry
 point of the group `cmalign.rewards`, or a `package.module:attribute` import path. What it names may
 be a reward callable (a plain function works), a Reward subclass (instantiated, with the
@@ -15,34 +10,13 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from cmalign.errors import UserError
 from cmalign.plugins import Registry
-
-
-class Reward:
-    """Base class of rewards (optional: any callable with this signature is a reward)."""
-
-    name: str = "reward"
-    differentiable: bool = True
-    eval_only: bool = False
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
-
-
-@dataclass
-class RewardContext:
-    """What a factory may need: the world it scores for, the training config, per-reward options."""
-
-    world: Any
-    config: Any = None
-    options: dict[str, dict] = field(default_factory=dict)
-    device: torch.device = torch.device("cpu")
+from cmalign.rewards.base import Reward, RewardContext, RewardSpec
 
 
 def split_option_key(key: str) -> tuple[str, str]:
@@ -71,38 +45,27 @@ def reward_context(world, cfg, device=None) -> RewardContext:
     return RewardContext(world, cfg, options, torch.device(device) if device else world.device)
 
 
-@dataclass
-class RewardSpec:
-    """A registry entry: factory(ctx) -> reward, the worlds it scores (None: any) and its flags, known
-    before anything heavy loads."""
-
-    factory: Callable[[RewardContext], Any]
-    worlds: tuple[str, ...] | None = None
-    differentiable: bool = True
-    eval_only: bool = False
+# name -> "module:attribute" of its RewardSpec, imported on first use
+BUILTIN_REWARDS = {
+    "proxy": "cmalign.worlds.digits.rewards:proxy_reward",
+    "classifier": "cmalign.worlds.digits.rewards:classifier_reward",
+    "gold": "cmalign.worlds.digits.rewards:gold_reward",
+    "heldout_proxy": "cmalign.worlds.digits.rewards:heldout_proxy_reward",
+    "rating": "cmalign.worlds.digits.rating:rating_reward",
+    "http": "cmalign.rewards.http:http_reward",
+    **{name: f"cmalign.rewards.text_to_image.factories:{attr}" for name, attr in (
+        ("clip_score", "clip_score"), ("pickscore", "pickscore"), ("hpsv2", "hpsv2"), ("hpsv2_1", "hpsv2_1"),
+        ("aesthetic", "aesthetic"), ("image_reward", "image_reward_"), ("jpeg_compressibility", "jpeg_compressibility"),
+        ("jpeg_incompressibility", "jpeg_incompressibility"))},
+}
 
 
 def _builtins() -> None:
-    from cmalign.worlds.digits import rewards as digits_rewards
-    from cmalign.rewards import http as http_reward  # noqa: F401  (register the digits rewards and the remote one)
-
-    try:
-        from cmalign.rewards.text_to_image import factories as lcm_rewards  # noqa: F401  (registers the text-to-image rewards)
-    except ImportError:
-        pass
+    for name, where in BUILTIN_REWARDS.items():
+        REWARDS.register(name, where)
 
 
 REWARDS = Registry("reward", "cmalign.rewards", _builtins)
-
-
-def register(name: str, worlds: tuple[str, ...] | None = None, differentiable: bool = True, eval_only: bool = False):
-    """Decorator of the built-ins: register a factory(ctx) under `name` for the given worlds."""
-
-    def wrap(factory):
-        REWARDS.register(name, RewardSpec(factory, worlds, differentiable, eval_only), replace=True)
-        return factory
-
-    return wrap
 
 
 def register_reward(name: str, reward: Any = None, *, worlds: tuple[str, ...] | None = None,

@@ -32,10 +32,12 @@ from cmalign.config import TrainConfig, config_diff, to_dict, to_yaml, validate,
 from cmalign.training.distributed import Shard
 from cmalign.errors import UserError
 from cmalign.training.evaluation import diversity, evaluate, save_grid, summarize
-from cmalign.methods import Batch, Method, method_class
+from cmalign.methods.base import Batch, Method
+from cmalign.methods.registry import method_class
 from cmalign.prompts import read_prompt_file, training_prompts
-from cmalign.rewards import as_training_reward, build_weighted, reward_context, reward_label
-from cmalign.worlds import World, world_class
+from cmalign.rewards.registry import as_training_reward, build_weighted, reward_context, reward_label
+from cmalign.worlds.base import World
+from cmalign.worlds.registry import world_class
 
 EVAL_SEED_OFFSET = 10_000  # the fixed evaluation noise
 FINAL_SEED_OFFSET = 20_000  # fresh held-out noise for the final base-vs-tuned comparison

@@ -1,58 +1,18 @@
-"""Model worlds behind one interface (see base.World), found by name in a registry that users
-extend (register_world, entry points `cmalign.worlds`, package.module:attribute)."""
+"""Model worlds behind one interface (base.World): one package per world (digits/, lcm/), found by
+name in the registry (registry.py) that users extend."""
 
 from __future__ import annotations
 
-from cmalign.plugins import ClassRegistry
-from cmalign.worlds.base import World, adapters_disabled
+import importlib
+
+# the public names, imported on first use so that `import cmalign.worlds` (and config reading) stays light
+_WHERE = {"World": "cmalign.worlds.base", "adapters_disabled": "cmalign.worlds.base",
+          "WORLDS": "cmalign.worlds.registry", "register_world": "cmalign.worlds.registry",
+          "world_class": "cmalign.worlds.registry", "world_names": "cmalign.worlds.registry"}
+__all__ = sorted(_WHERE)
 
 
-def _builtins() -> None:
-    # imported on first use: the lcm world pulls in diffusers and transformers
-    WORLDS.register("digits", "cmalign.worlds.digits.world:DigitsWorld")
-    WORLDS.register("lcm", "cmalign.worlds.lcm.unet:LCMWorld")
-
-
-WORLDS = ClassRegistry("world", "cmalign.worlds", _builtins, World)
-
-
-def register_world(name: str, cls: type[World] | None = None, *, replace: bool = False):
-    """Register a World subclass under `name` (also usable as @register_world("name"))."""
-    return WORLDS.register_class(name, cls, replace=replace)
-
-
-def world_class(name: str) -> type[World]:
-    return WORLDS.get_class(name)
-
-
-def world_names() -> list[str]:
-    return WORLDS.names()
-
-
-def digits_pretrain_config(cfg):
-    from cmalign.worlds.digits.pretrain import PretrainConfig
-
-    d = cfg.digits
-    overrides = {}
-    if d.pretrain_teacher_steps is not None:
-        overrides["teacher_steps"] = d.pretrain_teacher_steps
-    if d.pretrain_distill_steps is not None:
-        overrides["distill_steps"] = d.pretrain_distill_steps
-    if getattr(d, "grid", 1) > 1:  # compositional digits: the grid's own recipe (worlds/digits_grid.py)
-        from cmalign.worlds.digits.grid import grid_pretrain_config
-
-        return grid_pretrain_config(d.grid, d.model_size, **overrides)
-    return PretrainConfig(resolution=d.resolution, model_size=d.model_size, **overrides)
-
-
-def build_world(cfg, device="cpu", lora: bool = True) -> World:
-    """The world named by cfg.world, sampling the chain cfg.method asks for, with a fresh
-    (zero-effect) adapter, or none if lora=False."""
-    from cmalign.methods import method_class
-
-    transition = method_class(cfg.method).transition(cfg)
-    return world_class(cfg.world).from_config(cfg, device, lora=lora, transition=transition)
-
-
-__all__ = ["World", "WORLDS", "adapters_disabled", "build_world", "digits_pretrain_config", "register_world",
-           "world_class", "world_names"]
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'cmalign.worlds' has no attribute {name!r}")

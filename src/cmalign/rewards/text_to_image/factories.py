@@ -14,7 +14,7 @@ from cmalign.rewards.text_to_image import clip as clip_rewards
 from cmalign.rewards.text_to_image import image_reward
 from cmalign.rewards.text_to_image import jpeg
 from cmalign.rewards.text_to_image.preprocess import reward_dtype
-from cmalign.rewards.registry import Reward, RewardContext, register
+from cmalign.rewards.base import Reward, RewardContext, reward_factory
 
 
 def _build(name: str, loader: Callable[..., Reward], ctx: RewardContext, **fixed) -> Reward:
@@ -27,49 +27,49 @@ def _build(name: str, loader: Callable[..., Reward], ctx: RewardContext, **fixed
     return loader(device=ctx.device, dtype=reward_dtype(ctx.config), **fixed, **options)
 
 
-@register("clip_score", worlds=("lcm",))
+@reward_factory(worlds=("lcm",))
 def clip_score(ctx: RewardContext) -> Reward:
     """Cosine similarity of CLIP ViT-L/14 image and prompt embeddings."""
     return _build("clip_score", clip_rewards.clip_score, ctx)
 
 
-@register("pickscore", worlds=("lcm",))
+@reward_factory(worlds=("lcm",))
 def pickscore(ctx: RewardContext) -> Reward:
     """PickScore_v1: CLIP ViT-H/14 fine-tuned on Pick-a-Pic preferences (logit-scaled cosine)."""
     return _build("pickscore", clip_rewards.pickscore, ctx)
 
 
-@register("hpsv2", worlds=("lcm",))
+@reward_factory(worlds=("lcm",))
 def hpsv2(ctx: RewardContext) -> Reward:
     """Human Preference Score v2."""
     return _build("hpsv2", clip_rewards.hpsv2, ctx, version="v2")
 
 
-@register("hpsv2_1", worlds=("lcm",))
+@reward_factory(worlds=("lcm",))
 def hpsv2_1(ctx: RewardContext) -> Reward:
     """Human Preference Score v2.1."""
     return _build("hpsv2_1", clip_rewards.hpsv2, ctx, version="v2.1")
 
 
-@register("aesthetic", worlds=("lcm",))
+@reward_factory(worlds=("lcm",))
 def aesthetic(ctx: RewardContext) -> Reward:
     """LAION aesthetic predictor v2 on CLIP ViT-L/14 (DDPO's aesthetic task)."""
     return _build("aesthetic", clip_rewards.aesthetic, ctx)
 
 
-@register("image_reward", worlds=("lcm",))
+@reward_factory(worlds=("lcm",))
 def image_reward_(ctx: RewardContext) -> Reward:
     """ImageReward v1.0 (BLIP-based)."""
     return _build("image_reward", image_reward.image_reward, ctx)
 
 
-@register("jpeg_compressibility", worlds=("lcm",), differentiable=False)
+@reward_factory(worlds=("lcm",), differentiable=False)
 def jpeg_compressibility(ctx: RewardContext) -> Reward:
     """Minus the JPEG size in kB (not differentiable)."""
     return jpeg.JpegSize("jpeg_compressibility", -1.0)
 
 
-@register("jpeg_incompressibility", worlds=("lcm",), differentiable=False)
+@reward_factory(worlds=("lcm",), differentiable=False)
 def jpeg_incompressibility(ctx: RewardContext) -> Reward:
     """The JPEG size in kB (not differentiable)."""
     return jpeg.JpegSize("jpeg_incompressibility", 1.0)

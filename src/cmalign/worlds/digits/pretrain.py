@@ -171,3 +171,18 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> tuple[torch.nn.Modul
     teacher, stats = train_teacher(cfg, progress)
     consistency, more = distill_consistency(cfg, teacher, progress)
     return teacher, consistency, {**stats, **more, "config": asdict(cfg)}
+
+
+def pretrain_config_for(cfg) -> "PretrainConfig":
+    """The base-model recipe a TrainConfig's digits section asks for (the grid's own for N > 1)."""
+    d = cfg.digits
+    overrides = {}
+    if d.pretrain_teacher_steps is not None:
+        overrides["teacher_steps"] = d.pretrain_teacher_steps
+    if d.pretrain_distill_steps is not None:
+        overrides["distill_steps"] = d.pretrain_distill_steps
+    if d.grid > 1:
+        from cmalign.worlds.digits.grid import grid_pretrain_config
+
+        return grid_pretrain_config(d.grid, d.model_size, **overrides)
+    return PretrainConfig(resolution=d.resolution, model_size=d.model_size, **overrides)

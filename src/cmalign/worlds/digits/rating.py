@@ -26,7 +26,7 @@ from cmalign.errors import UserError
 from cmalign.worlds.digits.data import NUM_CLASSES, class_prompt, parse_prompt
 from cmalign.worlds.digits.proxy import PROXY_FILE, load_proxy
 from cmalign.worlds.digits.rewards import consistency_world, proxy_folder
-from cmalign.rewards.registry import Reward, RewardContext, register
+from cmalign.rewards.base import Reward, RewardContext, reward_factory
 
 QUANTILES = (0.2, 0.4, 0.6, 0.8)
 SAMPLES_PER_CLASS = 200
@@ -94,7 +94,7 @@ def load_thresholds(path: Path) -> torch.Tensor:
     return values
 
 
-@register("rating", worlds=("digits",), differentiable=False)
+@reward_factory(worlds=("digits",), differentiable=False)
 def rating_reward(ctx: RewardContext) -> Reward:
     """The proxy quantised to 1..5 stars (see the module docstring)."""
     if getattr(ctx.world, "grid", 1) > 1:

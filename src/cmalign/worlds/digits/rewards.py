@@ -9,7 +9,7 @@ from cmalign.worlds.digits.classifier import load_classifier
 from cmalign.worlds.digits.gold import gold_score
 from cmalign.worlds.digits.proxy import build_default_proxy, load_proxy
 from cmalign.errors import UserError
-from cmalign.rewards.registry import Reward, RewardContext, register
+from cmalign.rewards.base import Reward, RewardContext, reward_factory
 
 
 class ModuleReward(Reward):
@@ -48,7 +48,7 @@ def consistency_world(ctx: RewardContext):
     if getattr(world, "transition", None) is not None and cfg is not None:
         import dataclasses
 
-        from cmalign.worlds import build_world
+        from cmalign.training.build import build_world
 
         world = build_world(dataclasses.replace(cfg, method="rocm"), lora=False)
     return world
@@ -63,7 +63,7 @@ def proxy_folder(ctx: RewardContext):
     return path
 
 
-@register("proxy", worlds=("digits",))
+@reward_factory(worlds=("digits",))
 def proxy_reward(ctx: RewardContext) -> Reward:
     """Bradley–Terry proxy: a user's folder (options proxy.path) or the cached default one."""
     return ModuleReward("proxy", _per_cell(load_proxy(proxy_folder(ctx)), ctx.world), ctx.device)
@@ -82,14 +82,14 @@ def _per_cell(module, world):
     return PerCell(module, grid)
 
 
-@register("classifier", worlds=("digits",))
+@reward_factory(worlds=("digits",))
 def classifier_reward(ctx: RewardContext) -> Reward:
     if getattr(ctx.world, "grid", 1) > 1:  # per cell, averaged: the 8x8 classifier on each cell
         return ModuleReward("classifier", _per_cell(ClassifierLogProb(load_classifier(8)), ctx.world), ctx.device)
     return ModuleReward("classifier", ClassifierLogProb(load_classifier(ctx.world.resolution)), ctx.device)
 
 
-@register("gold", worlds=("digits",), differentiable=False, eval_only=True)
+@reward_factory(worlds=("digits",), differentiable=False, eval_only=True)
 def gold_reward(ctx: RewardContext) -> Reward:
     return GoldReward()
 
@@ -108,15 +108,13 @@ def heldout_proxy_model(pretrain, num_pairs: int, device="cpu") -> torch.nn.Modu
     return load_proxy(build_default_proxy(world, num_pairs, seed=HELDOUT_PROXY_SEED)).to(device)
 
 
-@register("heldout_proxy", worlds=("digits",), eval_only=True)
+@reward_factory(worlds=("digits",), eval_only=True)
 def heldout_proxy_reward(ctx: RewardContext) -> Reward:
     """The held-out judge as a named reward (evaluation only: training on it would defeat its purpose)."""
-    from cmalign.worlds import digits_pretrain_config
+    from cmalign.worlds.digits.pretrain import pretrain_config_for
 
     cfg = ctx.config
     if cfg is None:
         raise UserError("heldout_proxy needs the run's config (its base model and digits.proxy_pairs)")
-    return ModuleReward("heldout_proxy", heldout_proxy_model(digits_pretrain_config(cfg), cfg.digits.proxy_pairs), ctx.device)
+    return ModuleReward("heldout_proxy", heldout_proxy_model(pretrain_config_for(cfg), cfg.digits.proxy_pairs), ctx.device)
 
-
-from cmalign.worlds.digits import rating as digits_rating  # noqa: E402,F401  (registers `rating`, which builds on the proxy above)

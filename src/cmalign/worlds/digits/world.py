@@ -38,22 +38,22 @@ class DigitsWorld(World):
     def from_config(cls, cfg, device="cpu", lora: bool = True, transition=None) -> "DigitsWorld":
         """The distilled consistency model, or with a DDIM transition (ddpo) the DDPM teacher it came from."""
         from cmalign.chain import DDIMTransition
-        from cmalign.worlds import digits_pretrain_config
+        from cmalign.worlds.digits.pretrain import pretrain_config_for
 
         if transition is not None and not isinstance(transition, DDIMTransition):
             raise UserError(f"the digits world cannot sample a {type(transition).__name__} chain")
         lora_args = dict(lora_rank=cfg.lora_rank if lora else None, lora_alpha=cfg.lora_alpha)
         which = "teacher" if transition is not None else "consistency"
-        world = cls.from_pretrained(digits_pretrain_config(cfg), device, which=which, **lora_args)
+        world = cls.from_pretrained(pretrain_config_for(cfg), device, which=which, **lora_args)
         world.transition = transition
         world.proxy_pairs = cfg.digits.proxy_pairs  # the held-out judge is trained on as many pairs
         return world
 
     @classmethod
     def prepare(cls, cfg, progress: bool = True) -> None:
-        from cmalign.worlds import digits_pretrain_config
+        from cmalign.worlds.digits.pretrain import pretrain_config_for
 
-        digits_base.locate(digits_pretrain_config(cfg), True, progress)
+        digits_base.locate(pretrain_config_for(cfg), True, progress)
 
     @classmethod
     def from_pretrained(cls, pretrain: PretrainConfig, device="cpu", which: str = "consistency", **lora) -> "DigitsWorld":

@@ -1,0 +1,36 @@
+"""Settings of the lcm world: the `lcm` config section (`--lcm.FIELD`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class LCMConfig:
+    """The lcm world: diffusers latent consistency models."""
+
+    model: str = "SimianLuo/LCM_Dreamshaper_v7"
+    """Hub id or local folder of a diffusers latent consistency model (or an SD-1.5 base with lora)."""
+    lora: str | None = None
+    """Hub id or folder of an LCM-LoRA (e.g. latent-consistency/lcm-lora-sdv1-5) applied to the model."""
+    lora_mode: Literal["fuse", "stack"] = "fuse"
+    """fuse the LCM-LoRA into the base weights, or stack it under the trained adapter."""
+    guidance_scale: float = 8.0
+    """LCM guidance-embedding scale w (the pipeline embeds w - 1)."""
+    resolution: int = 512
+    """Image side in pixels."""
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Module names the trained LoRA adapter attaches to (attention projections by default)."""
+    heldout_fraction: float = 0.2
+    """Share of prompts held out from training for evaluation."""
+    unet: str | None = None
+    """Hub id or folder of a UNet replacing the model's own (e.g. latent-consistency/lcm-sdxl on SDXL base)."""
+    lora_weight_name: str | None = None
+    """File inside the lora repo/folder when it holds several (e.g. Hyper-SDXL-1step-lora.safetensors)."""
+    scheduler: Literal["lcm", "tcd"] = "lcm"
+    """Chain family: lcm (LCMScheduler) or tcd (TCDScheduler, stochasticity tcd_gamma)."""
+    tcd_gamma: float = 0.3
+    """TCD's gamma (the pipeline's eta) in [0, 1]: 0 deterministic, 1 the consistency chain's noise."""
+    vae_checkpointing: bool = False
+    """Recompute the VAE decoder in the backward pass (saves most decoder memory at 1024 px)."""
