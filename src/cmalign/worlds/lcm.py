@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..hub import hub_errors, is_local, offline
 from ..precision import WEIGHT_DTYPES
 from ..prompts import bundled_prompts, read_prompt_file, split_prompts
-from .base import World, adapters_disabled
+from .base import World, adapters_disabled, model_class
 from .tcd import TCDTransition
 
 __all__ = ["LCMWorld", "PromptConditioning", "read_prompt_file", "load_components", "model_family"]
@@ -442,7 +442,7 @@ def check_lora_loads_completely(pipeline_class, network: torch.nn.Module, adapte
     state_dict, alphas, metadata = pipeline_class.lora_state_dict(
         path.parent, weight_name=path.name, return_lora_metadata=True)
     with torch.device("meta"):
-        shadow = type(network).from_config(network.config)
+        shadow = model_class(network).from_config(network.config)  # not DDP's generated subclass
     try:
         pipeline_class.load_lora_into_unet(state_dict, alphas, shadow, adapter_name="check", metadata=metadata,
                                            low_cpu_mem_usage=True)

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from ..errors import UserError
 from ..hub import hub_errors, offline
 from ..precision import WEIGHT_DTYPES
+from .base import model_class
 from .lcm import DEFAULT_LORA_TARGETS, OUR_ADAPTER, PEFT_ADAPTER_FILE, LCMWorld, lora_layout
 
 __all__ = ["PixArtLCMWorld", "PixArtConditioning", "load_pixart_components", "check_peft_adapter_loads_completely"]
@@ -251,7 +252,7 @@ def check_peft_adapter_loads_completely(network: torch.nn.Module, adapter: str, 
     `adapter` land there, with the same shapes and scales. (PeftModel.from_pretrained only warns about keys it
     cannot place; the values are checked against a real load in tests/test_lcm_dit.py.)"""
     with torch.device("meta"):
-        shadow = type(network).from_config(network.config)
+        shadow = model_class(network).from_config(network.config)  # not DDP's generated subclass
     try:
         config = LoraConfig.from_pretrained(str(directory))
         with warnings.catch_warnings():
