@@ -237,14 +237,13 @@ class LCMWorld(World):
     @torch.no_grad()
     def _text_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states, pooled or None) per prompt, by the pipeline's own encode_prompt."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
+        # one prompt per encoder call: a batch's float rounding depends on its size and company, so a prompt
+        # cached from another batch than in an earlier run (a resumed run's cold cache) would differ in the last bits
+        for p in dict.fromkeys(p for p in prompts if p not in self._text_cache):
             with self._autocast():
-                out = self.pipeline.encode_prompt(prompt=missing, device=self.device, num_images_per_prompt=1,
+                out = self.pipeline.encode_prompt(prompt=[p], device=self.device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
-            states, pooled = out[0], (out[2] if self.family == "sdxl" else None)
-            for i, p in enumerate(missing):
-                self._text_cache[p] = (states[i], None if pooled is None else pooled[i])
+            self._text_cache[p] = (out[0][0], out[2][0] if self.family == "sdxl" else None)
         states = torch.stack([self._text_cache[p][0] for p in prompts])
         pooled = None if self.family == "sd" else torch.stack([self._text_cache[p][1] for p in prompts])
         return states, pooled

@@ -159,16 +159,15 @@ class PixArtLCMWorld(LCMWorld):
     @torch.no_grad()
     def _text_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 hidden states, attention mask) per prompt by the pipeline's own encode_prompt. Every prompt is
-        padded to max_sequence_length, so encoding one at a time or in a batch gives the same states."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
+        padded to max_sequence_length; encoded one at a time all the same, so that a prompt's cached states do not
+        depend on which other prompts missed the cache with it (a batch's float rounding does: exact resume)."""
+        for p in dict.fromkeys(p for p in prompts if p not in self._text_cache):
             autocast = self.text_dtype != torch.float32
             with torch.autocast(self.device.type, dtype=self.text_dtype, enabled=autocast):
                 states, mask, _, _ = self.pipeline.encode_prompt(
-                    missing, do_classifier_free_guidance=False, num_images_per_prompt=1, device=self.device,
+                    [p], do_classifier_free_guidance=False, num_images_per_prompt=1, device=self.device,
                     clean_caption=False, max_sequence_length=self.max_sequence_length)
-            for i, p in enumerate(missing):
-                self._text_cache[p] = (states[i], mask[i])
+            self._text_cache[p] = (states[0], mask[0])
         return (torch.stack([self._text_cache[p][0] for p in prompts]),
                 torch.stack([self._text_cache[p][1] for p in prompts]))
 
