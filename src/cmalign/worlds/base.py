@@ -27,6 +27,13 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
+def model_class(module: torch.nn.Module) -> type:
+    """The module's own class: torch's composable `replicate` (DDP in place) and `fully_shard` swap a module's
+    class for a generated subclass (DDPUNet2DConditionModel ...) whose __new__ builds the ORIGINAL class without
+    running __init__, so `type(module).from_config(...)` would return a half-built module."""
+    return next(c for c in type(module).__mro__ if not c.__module__.startswith("torch.distributed."))
+
+
 class World(ABC):
     """A consistency model in the LCM parameterisation with a trainable adapter.
 

@@ -66,14 +66,15 @@ class CLIPEmbedder:
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         if self.tokenizer is None:
             raise UserError("this CLIP model was loaded without a tokenizer")
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text))
-        if missing:
+        # One prompt per call: a batch's float rounding depends on its size and company, so an embedding cached
+        # from another batch than in an earlier run (a resumed run's cold cache) would differ in the last bits.
+        for p in dict.fromkeys(p for p in prompts if p not in self._text):
             # Padding to the longest (PickScore) or to 77 (open_clip) gives the same features: the causal
             # mask keeps padding out of the end-of-text state that CLIP pools.
-            tokens = self.tokenizer(missing, padding="max_length", max_length=self.max_length, truncation=True,
+            tokens = self.tokenizer([p], padding="max_length", max_length=self.max_length, truncation=True,
                                     return_tensors="pt").to(self.device)
             features = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-            self._text.update(zip(missing, F.normalize(features.pooler_output.float(), dim=-1)))
+            self._text[p] = F.normalize(features.pooler_output.float(), dim=-1)[0]
         return torch.stack([self._text[p] for p in prompts])
 
     def cosine(self, images01: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -37,6 +37,7 @@ from cmalign.errors import UserError
 from cmalign.hub import hub_errors, offline
 from cmalign.precision import WEIGHT_DTYPES
 from cmalign.worlds.lcm.unet import DEFAULT_LORA_TARGETS, OUR_ADAPTER, PEFT_ADAPTER_FILE, LCMWorld, lora_layout
+from cmalign.worlds.base import model_class
 
 __all__ = ["PixArtLCMWorld", "PixArtConditioning", "load_pixart_components", "check_peft_adapter_loads_completely"]
 
@@ -158,16 +159,15 @@ class PixArtLCMWorld(LCMWorld):
     @torch.no_grad()
     def _text_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 hidden states, attention mask) per prompt by the pipeline's own encode_prompt. Every prompt is
-        padded to max_sequence_length, so encoding one at a time or in a batch gives the same states."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
+        padded to max_sequence_length; encoded one at a time all the same, so that a prompt's cached states do not
+        depend on which other prompts missed the cache with it (a batch's float rounding does: exact resume)."""
+        for p in dict.fromkeys(p for p in prompts if p not in self._text_cache):
             autocast = self.text_dtype != torch.float32
             with torch.autocast(self.device.type, dtype=self.text_dtype, enabled=autocast):
                 states, mask, _, _ = self.pipeline.encode_prompt(
-                    missing, do_classifier_free_guidance=False, num_images_per_prompt=1, device=self.device,
+                    [p], do_classifier_free_guidance=False, num_images_per_prompt=1, device=self.device,
                     clean_caption=False, max_sequence_length=self.max_sequence_length)
-            for i, p in enumerate(missing):
-                self._text_cache[p] = (states[i], mask[i])
+            self._text_cache[p] = (states[0], mask[0])
         return (torch.stack([self._text_cache[p][0] for p in prompts]),
                 torch.stack([self._text_cache[p][1] for p in prompts]))
 
@@ -251,7 +251,7 @@ def check_peft_adapter_loads_completely(network: torch.nn.Module, adapter: str, 
     `adapter` land there, with the same shapes and scales. (PeftModel.from_pretrained only warns about keys it
     cannot place; the values are checked against a real load in tests/test_lcm_dit.py.)"""
     with torch.device("meta"):
-        shadow = type(network).from_config(network.config)
+        shadow = model_class(network).from_config(network.config)  # not DDP's generated subclass
     try:
         config = LoraConfig.from_pretrained(str(directory))
         with warnings.catch_warnings():

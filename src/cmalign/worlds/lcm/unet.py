@@ -36,7 +36,7 @@ from cmalign.errors import UserError
 from cmalign.hub import hub_errors, is_local, offline
 from cmalign.precision import WEIGHT_DTYPES
 from cmalign.prompts import bundled_prompts, read_prompt_file, split_prompts
-from cmalign.worlds.base import World, adapters_disabled
+from cmalign.worlds.base import World, adapters_disabled, model_class
 from cmalign.worlds.lcm.tcd import TCDTransition
 
 __all__ = ["LCMWorld", "PromptConditioning", "read_prompt_file", "load_components", "model_family"]
@@ -237,14 +237,13 @@ class LCMWorld(World):
     @torch.no_grad()
     def _text_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states, pooled or None) per prompt, by the pipeline's own encode_prompt."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
+        # one prompt per encoder call: a batch's float rounding depends on its size and company, so a prompt
+        # cached from another batch than in an earlier run (a resumed run's cold cache) would differ in the last bits
+        for p in dict.fromkeys(p for p in prompts if p not in self._text_cache):
             with self._autocast():
-                out = self.pipeline.encode_prompt(prompt=missing, device=self.device, num_images_per_prompt=1,
+                out = self.pipeline.encode_prompt(prompt=[p], device=self.device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
-            states, pooled = out[0], (out[2] if self.family == "sdxl" else None)
-            for i, p in enumerate(missing):
-                self._text_cache[p] = (states[i], None if pooled is None else pooled[i])
+            self._text_cache[p] = (out[0][0], out[2][0] if self.family == "sdxl" else None)
         states = torch.stack([self._text_cache[p][0] for p in prompts])
         pooled = None if self.family == "sd" else torch.stack([self._text_cache[p][1] for p in prompts])
         return states, pooled
@@ -442,7 +441,7 @@ def check_lora_loads_completely(pipeline_class, network: torch.nn.Module, adapte
     state_dict, alphas, metadata = pipeline_class.lora_state_dict(
         path.parent, weight_name=path.name, return_lora_metadata=True)
     with torch.device("meta"):
-        shadow = type(network).from_config(network.config)
+        shadow = model_class(network).from_config(network.config)  # not DDP's generated subclass
     try:
         pipeline_class.load_lora_into_unet(state_dict, alphas, shadow, adapter_name="check", metadata=metadata,
                                            low_cpu_mem_usage=True)

@@ -1,0 +1,123 @@
+"""Whole lcm runs on a tiny SD-1.5 LCM folder: data-parallel LoRA on 2 gloo ranks (export after DDP's
+in-place `replicate`), and exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import LatentConsistencyModelPipeline
+from safetensors.torch import load_file
+
+from cmalign.cli import main
+from cmalign.worlds.lcm.unet import PEFT_ADAPTER_FILE
+from lcm_fixtures import RESOLUTION, save_tiny_pipeline, tiny_clip
+from test_reliability import ENV, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red cat", "a dog", "a cow"]
+
+
+def lcm_args(model: Path, clip: Path, run: Path, *extra: str) -> list[str]:
+    return ["train", "--world", "lcm", "--lcm-model", str(model), "--resolution", str(RESOLUTION), "--guidance-scale", "8",
+            "--prompts", *PROMPTS, "--eval-prompts", "a bird", "--reward-weights", "clip_score=1.0",
+            "--reward-paths", f"clip_score={clip}", "--lora-rank", "4", "--lora-alpha", "4", "--num-steps", "2",
+            "--eval-every", "100", "--eval-size", "1", "--grid-every", "100", "--report-to", "none", "--device", "cpu",
+            "--threads", "1", "--output-dir", str(run), *extra]
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / PEFT_ADAPTER_FILE)
+
+
+def test_two_ranks_export_a_lora_the_stock_pipeline_loads_and_match_one_process(tmp_path, monkeypatch):
+    """DDP's in-place replicate swaps the UNet's class for a generated DDPUNet2DConditionModel whose __new__
+    builds a bare UNet2DConditionModel without __init__: the export check must build its weightless copy from
+    the UNet's own class, or every multi-rank checkpoint and final export is refused."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, (clip, _) = save_tiny_pipeline(tmp_path / "fix"), tiny_clip(tmp_path / "clip")
+    # reward and divergence scaled so that every Adam update is in its linear regime (|g| << eps): the adapters
+    # then differ by the ranks' float rounding only, and a wrong gradient average (a sum, one rank's) shows
+    common = ("--steps", "3", "--checkpoint-every", "2", "--lr", "0.05", "--reward-scale", "1e-6", "--beta", "1e-6")
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+           "-m", "cmalign", *lcm_args(model, clip, two, "--batch-size", "1", "--final-eval-size", "1", *common)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "HF_HUB_OFFLINE": "1"}, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "adapter parameters identical across 2 ranks" in proc.stdout
+    assert (two / "checkpoints" / "step_000002").is_dir()  # the checkpoint's export check passed too
+
+    one = tmp_path / "one"
+    assert main(lcm_args(model, clip, one, "--batch-size", "2", "--final-eval-size", "0", *common)) == 0
+    a, b = adapter(one), adapter(two)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max(v.abs().max().item() for k, v in b.items() if ".lora_B." in k) > 1e-3  # it trained, far beyond 1e-5
+
+    # the export loads whole into the stock pipeline and reproduces `cmalign sample`
+    assert main(["sample", "--run", str(two), "--prompts", "a red cat", "a dog", "--num-per-prompt", "1",
+                 "--seed", "5", "--out", str(tmp_path / "samples")]) == 0
+    ours = torch.from_numpy(np.load(tmp_path / "samples" / "samples.npz")["images"])
+    pipe = LatentConsistencyModelPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(two / "adapter")
+    landed = {n.replace(".default_0.", "."): p for n, p in pipe.unet.named_parameters() if ".lora_" in n}
+    assert len(landed) == len(b) and all(torch.equal(landed[k.removeprefix("base_model.model.")], v) for k, v in b.items())
+    with torch.no_grad():
+        stock = pipe(["a red cat", "a dog"], num_inference_steps=2, guidance_scale=8.0, height=RESOLUTION, width=RESOLUTION,
+                     generator=torch.Generator().manual_seed(5), output_type="pt").images
+    assert (ours - stock).abs().max() < 1e-5
+
+
+def metrics_without_clock(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
+
+
+def test_resume_from_an_intermediate_checkpoint_is_bit_identical(tmp_path, monkeypatch):
+    """A resumed process starts with cold prompt caches (the lcm world's text states, the CLIP reward's text
+    embeddings) and fills them from other batches than the uninterrupted run did; a prompt's cached value must
+    not depend on the batch it was first encoded in, or the run drifts in the last bits from the first step after
+    the resume (here: the reward of step 3)."""
+    from cmalign.rewards import clip_rewards
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, (clip, _) = save_tiny_pipeline(tmp_path / "fix"), tiny_clip(tmp_path / "clip")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ("--batch-size", "2", "--steps", "6", "--checkpoint-every", "2", "--keep-checkpoints", "5",
+              "--final-eval-size", "0", "--eval-every", "3", "--beta", "0.1", "--lr", "0.05")
+    monkeypatch.setattr(clip_rewards, "_EMBEDDERS", {})  # each run a fresh process: no warm reward model
+    assert main(lcm_args(model, clip, full, *common)) == 0
+    shutil.copytree(full, resumed)
+    monkeypatch.setattr(clip_rewards, "_EMBEDDERS", {})
+    assert main(lcm_args(model, clip, resumed, *common, "--resume", str(resumed / "checkpoints" / "step_000002"))) == 0
+    a, b = adapter(full), adapter(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    assert (full / "adapter" / PEFT_ADAPTER_FILE).read_bytes() == (resumed / "adapter" / PEFT_ADAPTER_FILE).read_bytes()
+    assert metrics_without_clock(resumed) == metrics_without_clock(full)
+    assert [r["step"] for r in metrics_without_clock(resumed)] == list(range(7))
+
+
+def test_a_prompt_encodes_alike_alone_or_in_any_batch(tmp_path):
+    """The cached text states and CLIP text embeddings of a prompt are bit-identical whichever prompts missed
+    the cache with it."""
+    from cmalign.rewards.clip_rewards import CLIPEmbedder, load_clip_tokenizer
+    from lcm_fixtures import tiny_world
+
+    _, clip_model = tiny_clip(tmp_path / "clip")
+    tokenizer = load_clip_tokenizer(str(tmp_path / "clip"), "clip_score", clip_model.config.text_config, "test")
+    world = tiny_world(tmp_path / "world")
+    batched = (world._text_states(PROMPTS)[0], CLIPEmbedder(clip_model, tokenizer, "cpu", torch.float32).text_embeddings(PROMPTS))
+    world._text_cache.clear()
+    embedder = CLIPEmbedder(clip_model, tokenizer, "cpu", torch.float32)
+    for p in reversed(PROMPTS):
+        world._text_states([p]), embedder.text_embeddings([p])
+    alone = (world._text_states(PROMPTS)[0], embedder.text_embeddings(PROMPTS))
+    assert all(torch.equal(x, y) for x, y in zip(batched, alone))
