@@ -108,7 +108,7 @@ def test_resume_from_an_intermediate_checkpoint_is_bit_identical(tmp_path, monke
 def test_a_prompt_encodes_alike_alone_or_in_any_batch(tmp_path):
     """The cached text states and CLIP text embeddings of a prompt are bit-identical whichever prompts missed
     the cache with it."""
-    from cmalign.rewards.clip_rewards import CLIPEmbedder, load_clip_tokenizer
+    from cmalign.rewards.text_to_image.clip import CLIPEmbedder, load_clip_tokenizer
     from lcm_fixtures import tiny_world
 
     _, clip_model = tiny_clip(tmp_path / "clip")
