@@ -65,9 +65,9 @@ def test_config_sections_aliases_and_typed_yaml():
     with pytest.raises(UserError, match="draft .* no divergence"):
         validate(tiny_config(method="draft", beta=3.0))
     # a PPO setting does not refuse a ROCM run
-    validate(tiny_config(method="rocm", batch_size=1, ppo_minibatches=2))
+    validate(tiny_config(method="rocm", batch_size=1, **{"ppo.minibatches": 2}))
     with pytest.raises(UserError, match="ppo.minibatches"):
-        validate(tiny_config(method="rlcm", batch_size=1, ppo_minibatches=2))
+        validate(tiny_config(method="rlcm", batch_size=1, **{"ppo.minibatches": 2}))
     for bad, words in [(dict(beta=float("inf")), "beta must be finite"), (dict(reward_scale=float("nan")), "reward_scale must be finite"),
                        (dict(reward_weights={"proxy": float("nan")}), "reward_weights must be finite"),
                        (dict(threads=-1), "threads must be >= 1"), (dict(weight_decay=-0.1), "weight_decay"),

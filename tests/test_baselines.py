@@ -22,7 +22,7 @@ PROMPTS = ["a handwritten three", "a handwritten seven"] * 4
 
 
 def digits_method(method: str, **overrides):
-    cfg = tiny_config(method=method, ddpo_steps=5, **overrides)
+    cfg = tiny_config(method=method, **{"ddpo.steps": 5}, **overrides)
     from cmalign.config import validate
 
     validate(cfg)
@@ -41,7 +41,7 @@ def test_gaussian_logprob_matches_torch_normal():
 
 @pytest.mark.parametrize("method", ["rlcm", "ddpo"])
 def test_rollout_logprobs_are_the_chain_gaussians_and_ratio_is_one_before_update(method):
-    cfg, world, pg = digits_method(method, ppo_minibatches=1)
+    cfg, world, pg = digits_method(method, **{"ppo.minibatches": 1})
     cond, states, old, rewards, images = pg.rollout(Batch(PROMPTS, torch.Generator().manual_seed(1)))
     k_steps = pg.num_steps  # ddpo: its DDIM chain's ddpo.steps
     assert old.shape == (len(PROMPTS), k_steps - 1) and len(states) == k_steps  # the final step is no action
@@ -94,7 +94,7 @@ def test_per_prompt_stats_use_batch_until_the_buffer_fills():
 
 
 def test_ddim_transition_matches_diffusers_ddim_eta_one():
-    cfg = tiny_config(method="ddpo", ddpo_steps=20)
+    cfg = tiny_config(method="ddpo", **{"ddpo.steps": 20})
     world = build_world(dataclasses.replace(cfg, num_steps=20))
     ts = world.timesteps(20)
     assert ts[:3] == [999, 949, 899] and ts[-1] == 49
@@ -156,7 +156,7 @@ def test_dpok_adds_the_per_step_divergence_and_k1_is_refused():
 def test_d3po_pairs_share_prompt_and_start_and_its_loss_is_log2_before_any_update():
     import math
 
-    cfg, world, d3po = digits_method("d3po", beta=50.0, ppo_epochs=1, ppo_minibatches=1)
+    cfg, world, d3po = digits_method("d3po", beta=50.0, **{"ppo.epochs": 1}, **{"ppo.minibatches": 1})
     prompts = d3po.batch_prompts(PROMPTS)
     assert prompts[:4] == prompts[4:] == PROMPTS[:4]
     cond, states, logp, ref_logp, rewards, _ = d3po.rollout(Batch(prompts, torch.Generator().manual_seed(1)))
@@ -200,8 +200,8 @@ def test_baselines_step_on_the_tiny_lcm_world(tmp_path, method):
     world = tiny_world(tmp_path / "world", lora_rank=4, lora_alpha=4.0)
     clip_folder, _ = tiny_clip(tmp_path / "clip")
     reward = build_reward("clip_score", RewardContext(world=world, options={"clip_score": {"path": str(clip_folder)}}))
-    cfg = TrainConfig(world="lcm", method=method, num_steps=2, beta=0.5, batch_size=2, ppo_epochs=1, ppo_minibatches=2,
-                      stat_buffer=0)
+    cfg = TrainConfig(world="lcm", method=method, num_steps=2, beta=0.5, batch_size=2, **{"ppo.epochs": 1}, **{"ppo.minibatches": 2},
+                      **{"ppo.stat_buffer": 0})
     impl = build_method(cfg, world, reward)
     opt = torch.optim.SGD(world.trainable_parameters(), lr=1e-3)
 

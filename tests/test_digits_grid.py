@@ -18,7 +18,7 @@ from cmalign.worlds.digits.grid import GridUNet, cell_labels, default_grid_promp
 from cmalign.worlds.digits.pretrain import PretrainConfig
 from helpers import tiny_config
 
-TINY_GRID = dict(digits_grid=2, pretrain_teacher_steps=20, pretrain_distill_steps=10, proxy_pairs=80, batch_size=4,
+TINY_GRID = dict(**{"digits.grid": 2}, **{"digits.pretrain_teacher_steps": 20}, **{"digits.pretrain_distill_steps": 10}, **{"digits.proxy_pairs": 80}, batch_size=4,
                  eval_size=10, final_eval_size=10)
 
 
@@ -101,14 +101,14 @@ def test_plain_digits_keep_their_cache_keys_and_grids_get_their_own():
     # the shipped 8x8 and 16x16 models are found by these keys: adding `grid` must not change them
     assert base_key(PretrainConfig()) == "r8-base-52696be79b3d"
     assert base_key(PretrainConfig(resolution=16, teacher_steps=1500, distill_steps=600)) == "r16-base-d1e080eff9c8"
-    cfg2 = pretrain_config_for(TrainConfig(digits_grid=2))
+    cfg2 = pretrain_config_for(TrainConfig(**{"digits.grid": 2}))
     assert cfg2.grid == 2 and cfg2.resolution == 8 and cfg2.batch_size == 32
     assert base_key(cfg2).startswith("grid2-base-") and base_key(cfg2) != base_key(replace(cfg2, grid=3))
 
 
 def test_grid_config_refusals(capsys):
-    for kwargs, why in [(dict(digits_grid=5), "digits.grid must be 1, 2, 3 or 4"),
-                        (dict(digits_grid=2, digits_resolution=16), "resolution must stay 8")]:
+    for kwargs, why in [(dict(**{"digits.grid": 5}), "digits.grid must be 1, 2, 3 or 4"),
+                        (dict(**{"digits.grid": 2}, **{"digits.resolution": 16}), "resolution must stay 8")]:
         with pytest.raises(UserError, match=why):
             validate(TrainConfig(**kwargs))
     from cmalign.cli import main
@@ -169,7 +169,7 @@ def test_grid_base_models_ship_with_the_package(monkeypatch, tmp_path, n):
     from cmalign.worlds.digits import cache as digits_base
 
     monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "empty-cache"))
-    cfg = pretrain_config_for(TrainConfig(digits_grid=n))
+    cfg = pretrain_config_for(TrainConfig(**{"digits.grid": n}))
     folder = digits_base.locate(cfg, allow_pretrain=False)
     assert folder == digits_base.shipped_dir(cfg)
     info = json.loads((folder / "manifest.json").read_text())

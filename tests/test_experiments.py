@@ -50,7 +50,7 @@ def test_the_scaling_experiments_16x16_base_model_ships_with_the_package(monkeyp
     from cmalign.worlds.digits import cache as digits_base
 
     monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "empty-cache"))
-    cfg = pretrain_config_for(TrainConfig(digits_resolution=16, **PRETRAIN_16))
+    cfg = pretrain_config_for(TrainConfig(**{"digits.resolution": 16}, **PRETRAIN_16))
     folder = digits_base.locate(cfg, allow_pretrain=False)
     assert folder == digits_base.shipped_dir(cfg)
     info = json.loads((folder / "manifest.json").read_text())

@@ -202,7 +202,7 @@ def test_a_non_finite_loss_on_one_rank_skips_the_update_on_both(tmp_path):
 
 def test_full_finetune_refusals(monkeypatch):
     with pytest.raises(UserError, match="stacked one would stay frozen"):
-        validate(tiny_config(world="lcm", finetune="full", lcm_lora="x", lcm_lora_mode="stack"), check_rewards=False)
+        validate(tiny_config(world="lcm", finetune="full", **{"lcm.lora": "x"}, **{"lcm.lora_mode": "stack"}), check_rewards=False)
     with pytest.raises(UserError, match="reference_offload"):
         validate(tiny_config(reference_offload=True))
     with pytest.raises(UserError, match="divergence_fraction"):

@@ -185,7 +185,7 @@ def test_jpeg_compressibility_trains_with_hybrid_rocm_on_the_tiny_lcm_pipeline(t
     from cmalign.training.trainer import train
     from lcm_fixtures import RESOLUTION, save_tiny_pipeline
 
-    cfg = TrainConfig(world="lcm", lcm_model=str(save_tiny_pipeline(tmp_path)), resolution=RESOLUTION, lora_rank=4,
+    cfg = TrainConfig(world="lcm", **{"lcm.model": str(save_tiny_pipeline(tmp_path))}, **{"lcm.resolution": RESOLUTION}, lora_rank=4,
                       lora_alpha=4.0, reward_weights={"jpeg_compressibility": 1.0}, num_steps=2, beta=0.1, batch_size=2,
                       steps=2, lr=1e-2, eval_every=2, eval_size=2, grid_every=1000, final_eval_size=0, checkpoint_every=0,
                       report_to="none", prompts=["a red cat"], eval_prompts=["a red cat"], output_dir=str(tmp_path / "run"))

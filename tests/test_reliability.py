@@ -90,7 +90,7 @@ PROMPTS = ["a handwritten seven", "a handwritten one"]
 def resume_config(method: str, run: Path, **changes):
     base = dict(method=method, output_dir=str(run), steps=STEPS, batch_size=2, eval_every=2, grid_every=4, eval_size=2,
                 final_eval_size=0, checkpoint_every=1, keep_checkpoints=2, lr=1e-2, ema_decay=0.8, prompts=PROMPTS,
-                stat_min_count=2, ddpo_steps=3, beta=0.0 if method == "draft" else 6.0)
+                **{"ppo.stat_min_count": 2}, **{"ddpo.steps": 3}, beta=0.0 if method == "draft" else 6.0)
     return tiny_config(**{**base, **changes})
 
 
@@ -224,7 +224,7 @@ def test_sigterm_checkpoints_the_current_step_prints_the_resume_command_and_resu
     # no periodic checkpoints: the only one is the one SIGTERM asks for
     args = ["train", *TINY_ARGS, "--steps", str(STEPS), "--batch-size", "2", "--eval-every", "2", "--grid-every", "4",
             "--eval-size", "2", "--final-eval-size", "0", "--checkpoint-every", "0", "--keep-checkpoints", "2",
-            "--lr", "1e-2", "--ema-decay", "0.8", "--prompts", *cfg.prompts, "--stat-min-count", "2", "--ddpo-steps", "3",
+            "--lr", "1e-2", "--ema-decay", "0.8", "--prompts", *cfg.prompts, "--ppo.stat-min-count", "2", "--ddpo.steps", "3",
             "--output-dir", str(run)]
     proc = fork_cli(args, log)
     deadline = time.time() + 120

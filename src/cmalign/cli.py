@@ -6,17 +6,20 @@ Bad input ends with one line `cmalign: error: ...` and exit code 2, never a trac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import tyro
 
+from cmalign.config.train import DeprecatedName
 from cmalign.errors import UserError
 from cmalign.training.run_dir import Preempted, ensure_writable_dir, ensure_writable_file, writing
 
@@ -68,36 +71,71 @@ def parse(cls, args: list[str], prog: str, default=None):
 
 
 # --- train -----------------------------------------------------------------------------------------
-def train_arguments(args: list[str]):
-    """(config, overwrite, resume) of a `cmalign train` command line, parsed but not run."""
-    from cmalign.config import TrainConfig, cli_aliases, load_preset
+def _named(args: list[str], flag: str) -> str | None:
+    """The value of --flag VALUE / --flag=VALUE in a command line (the last one wins, as in parsing)."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
 
+
+def _split_train_args(args: list[str]):
+    """(preset, config_file, overwrite, resume, the rest) of a `cmalign train` command line."""
     preset, config_file, overwrite, resume, rest = None, None, False, None, []
     it = iter(args)
     for a in it:
-        if a in ("--preset", "--config"):
-            value = next(it, None)
-            if value is None:
-                raise UserError(f"{a} needs a value")
-            preset, config_file = (value, config_file) if a == "--preset" else (preset, value)
-        elif a.startswith("--preset=") or a.startswith("--config="):
-            key, value = a[2:].split("=", 1)
-            preset, config_file = (value, config_file) if key == "preset" else (preset, value)
+        key, eq, inline = a.partition("=")
+        if key in ("--preset", "--config"):
+            value = inline if eq else next(it, None)
+            if not value:
+                raise UserError(f"{key} needs a value")
+            preset, config_file = (value, config_file) if key == "--preset" else (preset, value)
         elif a == "--overwrite":
             overwrite = True
-        elif a == "--resume" or a.startswith("--resume="):
-            resume = a.split("=", 1)[1] if "=" in a else next(it, None)
+        elif key == "--resume":
+            resume = inline if eq else next(it, None)
             if not resume:
                 raise UserError("--resume needs a value: latest or a checkpoint directory")
         else:
             rest.append(a)
+    return preset, config_file, overwrite, resume, rest
+
+
+def _train_flags(base):
+    """A dataclass of TrainConfig's common fields and one nested dataclass per section (`--lcm.model`), as tyro
+    parses it, and its instance holding base's values."""
+    from cmalign.config.train import TrainConfig, common_field_names
+
+    flags = dataclasses.make_dataclass(
+        "TrainFlags", [(name, type(s), dataclasses.field(default_factory=type(s))) for name, s in base.sections.items()],
+        bases=(TrainConfig,))
+    default = flags(**{k: getattr(base, k) for k in common_field_names()}, sections={}, **base.sections)
+    return flags, default
+
+
+def train_arguments(args: list[str]):
+    """(config, overwrite, resume) of a `cmalign train` command line, parsed but not run."""
+    from cmalign.config.io import add_owner_sections, cli_aliases, load_preset
+    from cmalign.config.train import TrainConfig, common_field_names
+
+    preset, config_file, overwrite, resume, rest = _split_train_args(args)
     base = TrainConfig()
     if preset:
         base = load_preset(preset)
     if config_file:
         base = load_preset(config_file, base)
-    cfg = parse(TrainConfig, cli_aliases(rest), "cmalign train [--preset NAME] [--config FILE] [--overwrite] [--resume latest|PATH]",
-                default=base)
+    rest = cli_aliases(rest)
+    # the sections of a plug-in world or method named on the command line become flags
+    add_owner_sections(_named(rest, "--world") or base.world, _named(rest, "--method") or base.method)
+    base = TrainConfig(**{k: getattr(base, k) for k in common_field_names()}, sections=base.sections)
+    flags, default = _train_flags(base)
+    parsed = parse(flags, rest, "cmalign train [--preset NAME] [--config FILE] [--overwrite] [--resume latest|PATH]",
+                   default=default)
+    cfg = TrainConfig(**{k: getattr(parsed, k) for k in common_field_names()},
+                      sections={name: getattr(parsed, name) for name in base.sections})
     return cfg, overwrite, resume
 
 
@@ -162,7 +200,7 @@ def _world_for(args: SampleArgs):
             raise UserError(f"{run} holds no finished adapter (adapter/ is missing): the run did not finish")
         cfg = load_preset(str(run / "config.yaml"))
     else:
-        cfg = TrainConfig(world=args.world, digits_grid=args.digits_grid)
+        cfg = with_changes(TrainConfig(world=args.world), **{"digits.grid": args.digits_grid})
         if args.digits_grid != 1:
             from cmalign.config import validate
 
@@ -294,7 +332,7 @@ class RewardModelArgs:
 
 
 def cmd_reward_model(args: list[str]) -> int:
-    from cmalign.config import TrainConfig
+    from cmalign.config import TrainConfig, with_changes
     from cmalign.rewards.bradley_terry import PreferencePairs
     from cmalign.worlds.digits.proxy import fit_proxy, make_gold_pairs, save_proxy
     from cmalign.training.build import build_world
@@ -312,7 +350,7 @@ def cmd_reward_model(args: list[str]) -> int:
     else:
         if a.num_pairs < 10:
             raise UserError(f"num_pairs must be >= 10, got {a.num_pairs}")
-        world = build_world(TrainConfig(digits_resolution=a.resolution), lora=False)
+        world = build_world(with_changes(TrainConfig(), **{"digits.resolution": a.resolution}), lora=False)
         pairs, _ = make_gold_pairs(world, a.num_pairs, seed=a.seed)
         source = f"{a.num_pairs} gold-labelled base-model pairs"
     if pairs.images_a.shape[1:] != (1, a.resolution, a.resolution):
@@ -321,7 +359,7 @@ def cmd_reward_model(args: list[str]) -> int:
     with writing("the reward model into", out):
         save_proxy(model, out, {"source": source, "num_pairs": len(pairs), "seed": a.seed, "stats": stats})
     print(f"cmalign: reward model in {out} (held-out pair accuracy {stats['val_accuracy']:.3f}); "
-          f"use it with `cmalign train --proxy-path {out}`")
+          f"use it with `cmalign train --digits.proxy-path {out}`")
     return 0
 
 
@@ -368,8 +406,19 @@ def usage() -> str:
     )
 
 
+def _quiet_libraries() -> None:
+    """One line per refusal: the libraries' own notices (torchvision fallbacks, hub deprecations) are not the
+    user's concern, and cmalign's own warnings (deprecated flags) print as `cmalign: warning: ...`."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", category=DeprecatedName)
+    warnings.showwarning = lambda message, category, *args, **kwargs: print(f"cmalign: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries()
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0

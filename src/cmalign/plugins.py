@@ -63,6 +63,12 @@ class Registry:
 
         return put if obj is None else put(obj)
 
+    def is_builtin(self, name: str) -> bool:
+        """A built-in entry (a "cmalign." import path registered by the package itself)."""
+        self._load()
+        entry = self._items.get(name)
+        return isinstance(entry, str) and entry.startswith("cmalign.") or getattr(entry, "__module__", "").startswith("cmalign.")
+
     def names(self) -> list[str]:
         self._load()
         return sorted(self._items)

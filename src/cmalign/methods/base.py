@@ -41,6 +41,8 @@ class Batch:
 
 class Method(ABC):
     name: str = "method"
+    config_sections: dict[str, type] = {}  # section name -> settings dataclass this method owns (config/sections.py)
+    per_step_divergence: bool = False  # True: the objective has the per-step divergence term that divergence_steps subsamples
     needs_differentiable_reward: bool = False  # True: refuse a reward without a gradient (draft)
     # True: non-differentiable reward terms are estimated through the chain's step log-probabilities
     # (rocm's hybrid estimator), which needs at least one stochastic step (K >= 2)

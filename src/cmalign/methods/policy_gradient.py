@@ -31,6 +31,7 @@ from cmalign.chain import DDIMTransition, index_cond, run_chain, step_divergence
 from cmalign.divergences import plan_from_config
 from cmalign.errors import UserError
 from cmalign.methods.base import Batch, Method
+from cmalign.methods.policy_gradient_config import DDPOConfig, PPOConfig
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -83,7 +84,8 @@ class PerPromptStats:
 
 
 class PolicyGradient(Method):
-    name = "rlcm"
+    name = "policy_gradient"
+    config_sections = {"ppo": PPOConfig}
     needs_differentiable_reward = False
 
     @classmethod
@@ -183,6 +185,7 @@ class Ddpo(PolicyGradient):
     model (the digits world: the DDPM teacher) with a chain.DDIMTransition."""
 
     name = "ddpo"
+    config_sections = {"ppo": PPOConfig, "ddpo": DDPOConfig}
 
     @classmethod
     def transition(cls, cfg):
@@ -200,6 +203,7 @@ class Ddpo(PolicyGradient):
 
 class Dpok(PolicyGradient):
     name = "dpok"
+    per_step_divergence = True
 
     def __init__(self, cfg, world, reward):
         super().__init__(cfg, world, reward, kl_weight=cfg.beta)

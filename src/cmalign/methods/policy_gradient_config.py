@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cmalign.errors import UserError
+
 
 @dataclass
 class PPOConfig:
@@ -25,6 +27,12 @@ class PPOConfig:
     stat_min_count: int = 16
     """Rewards a prompt needs in its buffer before its own statistics replace the batch's."""
 
+    def check(self) -> None:
+        if not (self.clip > 0 and self.epochs >= 1 and self.minibatches >= 1):
+            raise UserError("ppo.clip must be > 0, ppo.epochs and ppo.minibatches >= 1")
+        if not (self.adv_clip > 0 and self.stat_buffer >= 0 and self.stat_min_count >= 1):
+            raise UserError("ppo.adv_clip must be > 0, ppo.stat_buffer >= 0, ppo.stat_min_count >= 1")
+
 
 @dataclass
 class DDPOConfig:
@@ -34,3 +42,7 @@ class DDPOConfig:
     """DDIM steps of the ddpo chain (its K; num_steps is the consistency chain's)."""
     eta: float = 1.0
     """DDIM eta of the ddpo chain (1: DDPM-like stochastic steps, as DDPO)."""
+
+    def check(self) -> None:
+        if not (2 <= self.steps <= 1000 and self.eta >= 0):
+            raise UserError("ddpo.steps must be in [2, 1000] and ddpo.eta >= 0")

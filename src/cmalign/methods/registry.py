@@ -4,6 +4,7 @@ the entry-point group `cmalign.methods` or a package.module:Class path."""
 
 from __future__ import annotations
 
+from cmalign.config.train import add_sections
 from cmalign.plugins import ClassRegistry
 
 
@@ -22,7 +23,10 @@ def register_method(name: str, cls=None, *, replace: bool = False):
 
 
 def method_class(name: str) -> type:
-    return METHODS.get_class(name)
+    """The class registered as name; its config sections become known."""
+    cls = METHODS.get_class(name)
+    add_sections(cls)
+    return cls
 
 
 def method_names() -> list[str]:

@@ -34,6 +34,7 @@ def clamp_images(images: torch.Tensor, mode: str) -> torch.Tensor:
 
 class Rocm(Method):
     name = "rocm"
+    per_step_divergence = True
     needs_differentiable_reward = False  # non-differentiable terms: the hybrid estimator (methods/hybrid.py)
     score_function_rewards = True
 

@@ -31,17 +31,15 @@ def check_trackers(report_to: str) -> None:
             raise UserError(f"report_to {name} needs the {name} package, which is not installed (pip install {name})")
 
 
-def init_run_trackers(accelerator, run_dir, cfg, start_step: int) -> None:
+def init_run_trackers(accelerator, run_dir, report_to: str, hparams: dict, start_step: int) -> None:
     """Trackers of project "cmalign": tensorboard events under RUN/tensorboard/ (a resumed run continues
     from its step), a W&B run named after the run directory. The accelerator's logging_dir is
-    RUN/tensorboard (see trainer)."""
-    from cmalign.config import flat_items, to_dict
-
-    names = trackers(cfg.report_to)
+    RUN/tensorboard (see trainer). hparams: the run's config as {"section.field": value}."""
+    names = trackers(report_to)
     if not names:
         return
     # trackers take flat scalars for hyper-parameters; lists and mappings as text
-    hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat_items(to_dict(cfg)).items()}
+    hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
     init_kwargs = {"wandb": {"name": run_dir.name}}
     if start_step:
         init_kwargs["tensorboard"] = {"purge_step": start_step + 1}

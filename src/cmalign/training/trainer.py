@@ -28,7 +28,7 @@ from cmalign.training import report
 from cmalign.training import tracking
 from cmalign.training.run_dir import Preempted, RunLock, StopSignals, atomic_dir, clear_run_artefacts, writing
 from cmalign.chain import ChainNoise
-from cmalign.config import TrainConfig, config_diff, to_dict, to_yaml, validate, with_changes
+from cmalign.config import TrainConfig, config_diff, flat_items, to_dict, to_yaml, validate, with_changes
 from cmalign.training.distributed import Shard
 from cmalign.errors import UserError
 from cmalign.training.evaluation import diversity, evaluate, save_grid, summarize
@@ -337,7 +337,7 @@ class Trainer:
             print(f"cmalign: {nproc} process(es) x batch {cfg.batch_size} per process = global batch "
                   f"{nproc * cfg.batch_size}; {cfg.steps} steps = {cfg.steps * nproc * cfg.batch_size} samples"
                   + (f"; resuming from {self.resume_from} (step {start_step})" if self.resume_from else ""), flush=True)
-        tracking.init_run_trackers(self.accelerator, self.run_dir, cfg, start_step)
+        tracking.init_run_trackers(self.accelerator, self.run_dir, cfg.report_to, flat_items(to_dict(cfg)), start_step)
         self.eval_set = self._eval_set(cfg.eval_size, EVAL_SEED_OFFSET)
         if start_step == 0 and (self.main or self.collective):  # sharded: every rank takes part in the forwards
             row = {"step": 0, **self.evaluate_fixed()}

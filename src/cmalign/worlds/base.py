@@ -45,6 +45,7 @@ class World(ABC):
     """
 
     name: str
+    config_sections: dict[str, type] = {}  # section name -> settings dataclass this world owns (config/sections.py)
     prediction_type: str
     alphas_cumprod: torch.Tensor
     latent_shape: tuple[int, int, int]

@@ -4,6 +4,7 @@ entry-point group `cmalign.worlds` or a package.module:Class path."""
 
 from __future__ import annotations
 
+from cmalign.config.train import add_sections
 from cmalign.plugins import ClassRegistry
 
 
@@ -21,7 +22,10 @@ def register_world(name: str, cls=None, *, replace: bool = False):
 
 
 def world_class(name: str) -> type:
-    return WORLDS.get_class(name)
+    """The class registered as name; its config sections become known."""
+    cls = WORLDS.get_class(name)
+    add_sections(cls)
+    return cls
 
 
 def world_names() -> list[str]:

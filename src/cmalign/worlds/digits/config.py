@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from cmalign.errors import UserError
+
 
 @dataclass
 class DigitsConfig:
@@ -24,3 +26,17 @@ class DigitsConfig:
     """Folder of a proxy trained by `cmalign reward-model train`; default: the cached one."""
     grid: int = 1
     """Compositional digits: N x N grid of 8x8 digits (2, 3, 4), prompt names every cell; scores per cell, averaged."""
+
+    def check(self) -> None:
+        if self.resolution not in (8, 16):
+            raise UserError(f"digits.resolution must be 8 or 16, got {self.resolution}")
+        if self.grid not in (1, 2, 3, 4):
+            raise UserError(f"digits.grid must be 1, 2, 3 or 4, got {self.grid}")
+        if self.grid != 1 and self.resolution != 8:
+            raise UserError(f"digits.grid {self.grid} is a grid of 8x8 digits: digits.resolution must stay 8, got {self.resolution}")
+        if self.proxy_pairs < 10:
+            raise UserError(f"digits.proxy_pairs must be >= 10, got {self.proxy_pairs}")
+        for name in ("pretrain_teacher_steps", "pretrain_distill_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"digits.{name} must be >= 1, got {value}")

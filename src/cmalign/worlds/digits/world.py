@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from cmalign.worlds.digits.config import DigitsConfig
 from cmalign import schedule
 from cmalign.errors import UserError
 from cmalign.worlds.digits import cache as digits_base
@@ -20,6 +21,7 @@ ADAPTER_FILE = "adapter.safetensors"
 
 class DigitsWorld(World):
     name = "digits"
+    config_sections = {"digits": DigitsConfig}
     prediction_type = PREDICTION_TYPE
 
     def __init__(self, network: torch.nn.Module, resolution: int = 8, device: str | torch.device = "cpu",

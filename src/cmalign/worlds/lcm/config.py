@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cmalign.errors import UserError
+
 
 @dataclass
 class LCMConfig:
@@ -34,3 +36,11 @@ class LCMConfig:
     """TCD's gamma (the pipeline's eta) in [0, 1]: 0 deterministic, 1 the consistency chain's noise."""
     vae_checkpointing: bool = False
     """Recompute the VAE decoder in the backward pass (saves most decoder memory at 1024 px)."""
+
+    def check(self) -> None:
+        if not (self.resolution >= 8 and self.resolution % 8 == 0):
+            raise UserError(f"lcm.resolution must be a positive multiple of 8, got {self.resolution}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise UserError(f"lcm.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not self.lora_targets:
+            raise UserError("lcm.lora_targets is empty")

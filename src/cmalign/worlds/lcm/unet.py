@@ -32,6 +32,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
+from cmalign.worlds.lcm.config import LCMConfig
 from cmalign.errors import UserError
 from cmalign.hub import hub_errors, is_local, offline
 from cmalign.precision import WEIGHT_DTYPES
@@ -71,6 +72,7 @@ class PromptConditioning:
 
 class LCMWorld(World):
     name = "lcm"
+    config_sections = {"lcm": LCMConfig}
     grad_checkpointing_default = True  # DESIGN §2: 512 px chains are memory-bound
 
     def __init__(

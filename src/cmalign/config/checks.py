@@ -1,0 +1,111 @@
+"""Refuse impossible settings with one clear line each (UserError); a config is never changed.
+
+Common fields are checked here; each section checks its own values (its `check()`), and the world's and
+the method's classes add what only they know (`check_config`), so that a setting of one method (e.g.
+ppo.minibatches) never refuses another method's run.
+"""
+
+from __future__ import annotations
+
+from cmalign.config.train import DIVERGENCE_NAMES, TrainConfig
+from cmalign.config.types import check_fields
+from cmalign.errors import UserError
+from cmalign.methods.registry import method_class
+from cmalign.rewards.registry import check_reward_names
+from cmalign.training.full_finetune import check_config as check_finetune
+from cmalign.training.tracking import check_trackers
+from cmalign.worlds.registry import world_class
+
+MAX_BATCH = 1 << 16  # beyond this no world here can allocate a chain; refuse before an allocator trace
+
+
+def need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    if not isinstance(cfg, TrainConfig):
+        raise UserError(f"expected a TrainConfig, got {type(cfg).__name__}")
+    check_fields(cfg, TrainConfig, skip=("sections",))
+    for name, section in cfg.sections.items():
+        check_fields(section, type(section), f"{name}.")
+
+
+def _check_chain_and_objective(cfg: TrainConfig, method_cls) -> None:
+    need(cfg.divergence in DIVERGENCE_NAMES, f"unknown divergence {cfg.divergence!r}; expected one of {', '.join(DIVERGENCE_NAMES)}")
+    need(cfg.beta >= 0, f"beta must be >= 0, got {cfg.beta}")
+    need(cfg.num_steps >= 1, f"num_steps (K) must be >= 1, got {cfg.num_steps}")
+    need(cfg.num_steps <= 50, f"num_steps (K) must be <= 50 (the LCM grid), got {cfg.num_steps}")
+    if cfg.backprop_steps is not None:
+        need(1 <= cfg.backprop_steps <= cfg.num_steps, f"backprop_steps must be in [1, K={cfg.num_steps}], got {cfg.backprop_steps}")
+    need(cfg.reward_scale > 0, f"reward_scale must be > 0, got {cfg.reward_scale}")
+    need(cfg.js_samples >= 1, f"js_samples must be >= 1, got {cfg.js_samples}")
+    if cfg.divergence_steps != "all" or cfg.divergence_fraction != 1.0:
+        k = method_cls.chain_length(cfg)
+        terms = k - (cfg.final_step == "skip")
+        need(cfg.divergence_steps == "all" or 1 <= cfg.divergence_steps <= terms,
+             f"divergence_steps must be all or in [1, {terms}] (the regularised steps of K={k}, "
+             f"final_step {cfg.final_step}), got {cfg.divergence_steps}")
+        need(0 < cfg.divergence_fraction <= 1, f"divergence_fraction must be in (0, 1], got {cfg.divergence_fraction}")
+        need(cfg.beta > 0, "divergence_steps / divergence_fraction subsample the divergence term, which beta = 0 switches off")
+        need(method_cls.per_step_divergence,
+             f"divergence_steps / divergence_fraction subsample a per-step divergence term, which {cfg.method} does not have (rocm, dpok)")
+
+
+def _check_optimisation(cfg: TrainConfig) -> None:
+    need(1 <= cfg.batch_size <= MAX_BATCH, f"batch_size must be >= 1 (and at most {MAX_BATCH}), got {cfg.batch_size}")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
+    need(cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {cfg.grad_clip}")
+    need(cfg.lora_rank >= 1, f"lora_rank must be >= 1, got {cfg.lora_rank}")
+    need(cfg.lora_alpha > 0, f"lora_alpha must be > 0, got {cfg.lora_alpha}")
+    if cfg.max_train_seconds is not None:
+        need(cfg.max_train_seconds > 0, f"max_train_seconds must be > 0, got {cfg.max_train_seconds}")
+
+
+def _check_rewards(cfg: TrainConfig, world_cls, method_cls) -> None:
+    need(bool(cfg.reward_weights), "reward_weights is empty: name at least one reward")
+    need(all(n.strip() for n in cfg.reward_weights), "reward_weights has an empty reward name")
+    check_reward_names(cfg, world_cls, method_cls)  # before any model is built or pretrained
+
+
+def _check_run(cfg: TrainConfig) -> None:
+    """Evaluation, logging, prompts and reliability."""
+    need(cfg.eval_every >= 1 and cfg.grid_every >= 1, "eval_every and grid_every must be >= 1")
+    need(1 <= cfg.eval_size <= MAX_BATCH, f"eval_size must be >= 1 (and at most {MAX_BATCH}), got {cfg.eval_size}")
+    need(0 <= cfg.final_eval_size <= MAX_BATCH, f"final_eval_size must be >= 0 (and at most {MAX_BATCH}), got {cfg.final_eval_size}")
+    need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {cfg.checkpoint_every}")
+    need(cfg.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    need(cfg.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {cfg.max_bad_steps}")
+    if cfg.ema_decay is not None:
+        need(0 < cfg.ema_decay < 1, f"ema_decay must be in (0, 1), got {cfg.ema_decay}")
+    need(cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.eval_prompts is not None:
+        need(len(cfg.eval_prompts) > 0 and all(p.strip() for p in cfg.eval_prompts), "eval_prompts must be non-empty strings")
+    if cfg.prompts is not None:
+        need(len(cfg.prompts) > 0 and all(p.strip() for p in cfg.prompts), "prompts must be non-empty strings")
+    check_trackers(cfg.report_to)
+
+
+def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards: bool = True) -> TrainConfig:
+    """cfg, checked. world_cls / method_cls: the classes that will run (default: the config's names in the
+    registries); check_rewards=False when a ready reward object replaces reward_weights."""
+    _check_types(cfg)
+    world_cls = world_cls or world_class(cfg.world)
+    method_cls = method_cls or method_class(cfg.method)
+    _check_chain_and_objective(cfg, method_cls)
+    _check_optimisation(cfg)
+    if check_rewards:
+        _check_rewards(cfg, world_cls, method_cls)
+    _check_run(cfg)
+    # every section's own ranges, whichever world and method run (a bad value is bad input either way)
+    for section in cfg.sections.values():
+        if hasattr(section, "check"):
+            section.check()
+    check_finetune(cfg)
+    world_cls.check_config(cfg)
+    method_cls.check_config(cfg)
+    return cfg
