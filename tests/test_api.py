@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 import cmalign
@@ -130,11 +131,30 @@ def test_user_reward_by_import_path_from_the_cli_and_python(user_module, tmp_pat
 
 
 PLUGIN_WORLD = '''
+from dataclasses import dataclass
+
 from cmalign.worlds.digits.world import DigitsWorld
 
+
+@dataclass
+class ShiftedConfig:
+    offset: float = 0.0
+    """How far the plug-in shifts (a setting only this world has)."""
+
+
 class ShiftedDigits(DigitsWorld):
-    """The digits world under another name: a third-party world is any cmalign.World."""
+    """The digits world under another name: a third-party world is any cmalign.World, with its own settings."""
     name = "shifted"
+    config_sections = {"shifted": ShiftedConfig}
+
+    @classmethod
+    def from_config(cls, cfg, *args, **kwargs):
+        world = super().from_config(cfg, *args, **kwargs)
+        world.offset = cfg.shifted.offset
+        return world
+
+    def step_metrics(self, images01, prompts):
+        return {**super().step_metrics(images01, prompts), "shift_offset": self.offset}
 '''
 
 PLUGIN_METHOD = '''
@@ -178,11 +198,25 @@ def test_third_party_world_method_and_reward_through_entry_points(tmp_path):
     _install_plugin_package(site)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "cmalign", "train", *TINY_ARGS, "--steps", "2", "--world", "shifted", "--method", "reward-only",
-           "--reward-weights", "inkpp=1.0", "--output-dir", str(run)]
+           "--reward-weights", "inkpp=1.0", "--shifted.offset", "0.5", "--output-dir", str(run)]
     proc = subprocess.run(cmd, env=_env(site), capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["plugin"] == 1.0 and "eval_gold" in rows[-1]  # the method's step ran; the world's gold is scored
+    assert rows[-1]["shift_offset"] == 0.5  # the plug-in world's own setting, set from the command line, reached it
+    assert yaml.safe_load((run / "config.yaml").read_text())["shifted"] == {"offset": 0.5}
+    # its flag is documented by its field docstring, and a wrong type is one line
+    help_text = subprocess.run([sys.executable, "-m", "cmalign", "train", "--world", "shifted", "--help"], env=_env(site),
+                               capture_output=True, text=True, timeout=120, cwd=tmp_path).stdout
+    assert "--shifted.offset" in help_text and "a setting only this" in help_text
+    bad = subprocess.run(cmd[:-2] + ["--shifted.offset", "far", "--output-dir", str(tmp_path / "bad")], env=_env(site),
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("cmalign: error:") and len(bad.stderr.strip().splitlines()) == 1
+    # and from YAML
+    (tmp_path / "cfg.yaml").write_text("world: shifted\nshifted: {offset: 2}\n")
+    code = "from cmalign.config import load_preset; c = load_preset('cfg.yaml'); print(c.shifted.offset)"
+    out = subprocess.run([sys.executable, "-c", code], env=_env(site), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.stdout.strip() == "2.0", out.stderr[-1000:]
 
 
 

@@ -67,7 +67,8 @@ class Registry:
         """A built-in entry (a "cmalign." import path registered by the package itself)."""
         self._load()
         entry = self._items.get(name)
-        return isinstance(entry, str) and entry.startswith("cmalign.") or getattr(entry, "__module__", "").startswith("cmalign.")
+        where = entry if isinstance(entry, str) else entry.__module__ if isinstance(entry, type) else ""
+        return where.startswith("cmalign.")
 
     def names(self) -> list[str]:
         self._load()
