@@ -16,7 +16,7 @@ from diffusers import LatentConsistencyModelPipeline
 from safetensors.torch import load_file
 
 from cmalign.cli import main
-from cmalign.worlds.lcm.unet import PEFT_ADAPTER_FILE
+from cmalign.worlds.lcm.lora import PEFT_ADAPTER_FILE
 from lcm_fixtures import RESOLUTION, save_tiny_pipeline, tiny_clip
 from test_reliability import ENV, free_port
 

@@ -17,7 +17,8 @@ from cmalign.errors import UserError
 from cmalign.prompts import bundled_prompts, read_prompt_file, split_prompts
 from cmalign.rewards.registry import RewardContext, build_reward
 from cmalign.training.build import build_world
-from cmalign.worlds.lcm.unet import OUR_ADAPTER, LCMWorld
+from cmalign.worlds.lcm.lora import OUR_ADAPTER
+from cmalign.worlds.lcm.unet import LCMWorld
 from lcm_fixtures import (
     RESOLUTION, perturb_lora_b, save_tiny_pipeline, stock_pipeline, tiny_clip, tiny_components, tiny_world,
     write_random_lora,
@@ -159,9 +160,9 @@ def test_from_config_loads_a_local_pipeline_folder(tmp_path):
 
 def test_lcm_lora_fused_or_stacked_gives_one_model_and_one_reference(tmp_path):
     cfg = lcm_config(lcm_model=str(save_tiny_pipeline(tmp_path)), lcm_lora=str(write_random_lora(tmp_path)))
-    fused = LCMWorld.from_config(cfg)
-    stacked = LCMWorld.from_config(dataclasses.replace(cfg, lcm_lora_mode="stack"))
-    plain = LCMWorld.from_config(dataclasses.replace(cfg, lcm_lora=None))
+    fused = build_world(cfg)
+    stacked = build_world(dataclasses.replace(cfg, lcm_lora_mode="stack"))
+    plain = build_world(dataclasses.replace(cfg, lcm_lora=None))
     trainable = [n for n, p in stacked.network.named_parameters() if p.requires_grad]
     assert trainable and all(f".{OUR_ADAPTER}." in n for n in trainable)
     with torch.no_grad():
@@ -214,7 +215,7 @@ def test_unreachable_hub_id_is_one_user_error_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError) as info:
-        LCMWorld.from_config(lcm_config(lcm_model="cmalign-tests/no-such-lcm"))
+        build_world(lcm_config(lcm_model="cmalign-tests/no-such-lcm"))
     message = str(info.value)
     assert "cmalign-tests/no-such-lcm" in message and "HF_HUB_OFFLINE=1" in message and "\n" not in message
 
