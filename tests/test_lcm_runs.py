@@ -29,7 +29,7 @@ def lcm_args(model: Path, clip: Path, run: Path, *extra: str) -> list[str]:
             "--prompts", *PROMPTS, "--eval-prompts", "a bird", "--reward-weights", "clip_score=1.0",
             "--reward-paths", f"clip_score={clip}", "--lora-rank", "4", "--lora-alpha", "4", "--num-steps", "2",
             "--eval-every", "100", "--eval-size", "1", "--grid-every", "100", "--report-to", "none", "--device", "cpu",
-            "--threads", "1", "--output-dir", str(run), *extra]
+            "--threads", "1", "--mixed-precision", "no", "--output-dir", str(run), *extra]
 
 
 def adapter(run: Path) -> dict[str, torch.Tensor]:

@@ -104,17 +104,23 @@ def test_rocm_step_trains_only_lora_through_vae_and_every_unet_call(tmp_path, mo
     assert torch.allclose(checkpointed_loss, loss)
     assert all(torch.allclose(checkpointed_grads[n], g, rtol=1e-4, atol=1e-7) for n, g in grads.items())
 
+    # A normalised step of length eps down the gradient must realise at least half of the first-order decrease
+    # eps |g|. The loss carries float32 rounding noise of ~1e-4 (the random UNet amplifies it to the latents'
+    # scale, and any change of the weights changes the rounding): eps = 0.2 puts the predicted decrease (~1e-3)
+    # well above it, while the curvature of the divergence term still leaves ~80% of it (a 1e-3 step's
+    # decrease is below the noise, so `new_loss < loss` there was a coin toss).
     norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+    eps = 0.2
     with torch.no_grad():
         for name, param in trainable.items():
-            param -= 1e-3 * grads[name] / norm  # a short normalised gradient step
+            param -= eps * grads[name] / norm
     after = {n: p.detach() for n, p in world.network.named_parameters()}
     assert all(torch.equal(before[n], after[n]) for n in before if n not in trainable)
     assert all(not torch.equal(before[n], after[n]) for n in trainable)
     with torch.no_grad():
         traj = rollout(world, num_steps, with_reference=True)
         new_loss = -reward(world.decode(traj.x0), PROMPTS).mean() + beta * step_divergences(traj).sum(1).mean()
-    assert new_loss < loss
+    assert loss - new_loss > 0.5 * eps * norm, (float(loss - new_loss), float(eps * norm))
 
 
 def test_exported_lora_loads_in_stock_pipeline_and_resumes(tmp_path):

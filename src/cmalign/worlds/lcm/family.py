@@ -172,6 +172,9 @@ def identify(lcm) -> ModelInfo:
     model, unet, lora = lcm.model, optional_ref(lcm.unet), optional_ref(lcm.lora)
     index = _read_index(model)
     family, unet_config = _family_of(model, index, unet)
+    if family == "pixart" and lora:
+        raise UserError(f"{model} is a PixArt pipeline: --lcm.unet and --lcm.lora apply to the UNet families only "
+                        "(diffusers has no PixArt LoRA loader)")
     kind, distilled_by = _kind(index, family, unet_config, lora)
     return ModelInfo(family, kind, distilled_by, _native_resolution(model, family, unet_config))
 
