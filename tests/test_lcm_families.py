@@ -194,7 +194,7 @@ def test_family_comes_from_model_index_and_unsupported_ones_are_refused_before_w
 
 def test_a_deterministic_chain_is_refused_by_the_methods_that_need_a_stochastic_one():
     """The world reports its chain (TCD gamma 0: deterministic); the methods and the reward check refuse it."""
-    tcd0 = dict(world="lcm", scheduler="tcd", tcd_gamma=0.0, reward_weights={"pickscore": 1.0})
+    tcd0 = {"world": "lcm", "lcm.scheduler": "tcd", "lcm.tcd_gamma": 0.0, "reward_weights": {"pickscore": 1.0}}
     for method in ("rlcm", "dpok", "d3po"):
         with pytest.raises(UserError, match=f"{method} needs the chain's step log-probabilities.*TCD with tcd_gamma 0"):
             validate(TrainConfig(method=method, **tcd0))
@@ -202,7 +202,7 @@ def test_a_deterministic_chain_is_refused_by_the_methods_that_need_a_stochastic_
         validate(TrainConfig(**dict(tcd0, reward_weights={"pickscore": 1.0, "jpeg_compressibility": 0.1})))
     validate(TrainConfig(**tcd0))
     validate(TrainConfig(method="draft", beta=0.0, **tcd0))
-    validate(TrainConfig(method="rlcm", **dict(tcd0, tcd_gamma=0.3)))
+    validate(TrainConfig(method="rlcm", **dict(tcd0, **{"lcm.tcd_gamma": 0.3})))
 
 
 def test_vae_decoder_checkpointing_leaves_gradients_unchanged():
@@ -374,8 +374,8 @@ def test_none_clears_an_optional_path_from_flags_yaml_and_python():
     cfg = train_arguments(["--world", "lcm", "--lcm.lora", "none", "--lcm.unet", "null", "--lcm.lora-weight-name", "None"])[0]
     assert (cfg.lcm.lora, cfg.lcm.unet, cfg.lcm.lora_weight_name) == (None, None, None)
     for value in (None, "none", "NULL"):
-        assert from_mapping({"lcm": {"lora": value}}, TrainConfig(lcm_lora="x/y")).lcm.lora is None
-    assert TrainConfig(lcm_lora="none").lcm.lora is None and TrainConfig(lcm_lora="x/none").lcm.lora == "x/none"
+        assert from_mapping({"lcm": {"lora": value}}, TrainConfig(**{"lcm.lora": "x/y"})).lcm.lora is None
+    assert TrainConfig(**{"lcm.lora": "none"}).lcm.lora is None and TrainConfig(**{"lcm.lora": "x/none"}).lcm.lora == "x/none"
 
 
 def test_family_defaults_are_one_table_for_the_world_hook_and_the_presets(tmp_path):
@@ -398,7 +398,7 @@ def test_family_defaults_are_one_table_for_the_world_hook_and_the_presets(tmp_pa
         "lcm.scheduler": "tcd", "lcm.tcd_gamma": 0.3, "lcm.guidance_scale": 0.0, "lcm.resolution": 1024,
         "lcm.vae_checkpointing": True, "batch_size": 2}
     assert family_defaults(LCMConfig(model="cmalign-tests/unknown")) == COMMON  # unreadable, unknown: common only
-    cfg = TrainConfig(world="lcm", lcm_model=plain, lcm_lora="latent-consistency/lcm-lora-sdv1-5")
+    cfg = TrainConfig(world="lcm", **{"lcm.model": plain, "lcm.lora": "latent-consistency/lcm-lora-sdv1-5"})
     hook = world_class("lcm").default_settings(cfg)
     assert hook == lora
     validate(with_changes(cfg, **hook), check_rewards=False)  # every key is a field, every value valid

@@ -86,7 +86,7 @@ def test_resume_from_an_intermediate_checkpoint_is_bit_identical(tmp_path, monke
     embeddings) and fills them from other batches than the uninterrupted run did; a prompt's cached value must
     not depend on the batch it was first encoded in, or the run drifts in the last bits from the first step after
     the resume (here: the reward of step 3)."""
-    from cmalign.rewards import clip_rewards
+    from cmalign.rewards.text_to_image import clip as clip_rewards
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, (clip, _) = save_tiny_pipeline(tmp_path / "fix"), tiny_clip(tmp_path / "clip")
