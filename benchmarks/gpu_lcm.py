@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
+import sys
 import tempfile
 import time
 from datetime import date
@@ -32,7 +33,11 @@ import torch
 
 from cmalign.chain import ChainNoise, run_chain, step_divergences
 from cmalign.worlds.lcm.unet import LCMWorld
-from cmalign.worlds.lcm.testing import random_components
+
+# the random-weight components are test fixtures (tests/lcm_fixtures.py), not part of the installed library:
+# this benchmark runs from a checkout, beside them
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from lcm_fixtures import random_components, world_kwargs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["a photo of a cat", "a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen"]
@@ -46,8 +51,8 @@ DESCRIPTIONS = {"tiny": "tiny configs, 32 px", "tiny-sdxl": "tiny SDXL-class con
 
 def build_world(size: str, device: torch.device, mixed_precision: str, folder: Path) -> LCMWorld:
     components = random_components(folder, size, seed=0, device=device)
-    return LCMWorld(**components, device=device, resolution=RESOLUTIONS[size], guidance_scale=8.0,
-                    mixed_precision=mixed_precision, lora_rank=8, lora_alpha=8.0)
+    return LCMWorld(**components, **world_kwargs(device=device, resolution=RESOLUTIONS[size], guidance_scale=8.0,
+                                                 mixed_precision=mixed_precision, lora_rank=8, lora_alpha=8.0))
 
 
 def rocm_step(world: LCMWorld, optimizer, batch: int, num_steps: int, divergence_grad: str, checkpointing: bool,

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BertTokenizer, CLIPConfig, CLIPModel
 
-from cmalign.worlds.lcm.testing import byte_level_clip_tokenizer
-from lcm_fixtures import linear_head_tensors, write_image_reward, write_open_clip_checkpoint
+from lcm_fixtures import byte_level_clip_tokenizer, linear_head_tensors, write_image_reward, write_open_clip_checkpoint
 
 OPENAI_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 OPENAI_STD = np.array([0.26862954, 0.26130258, 0.27577711])

@@ -21,10 +21,11 @@ from cmalign.chain import ChainNoise, run_chain
 from cmalign.cli import main
 from cmalign.config import TrainConfig
 from cmalign.errors import UserError
-from cmalign.worlds.lcm.unet import OUR_ADAPTER, PEFT_ADAPTER_FILE, LCMWorld, model_family
-from cmalign.worlds.lcm.testing import TINY_VAE, lcm_scheduler
-from cmalign.worlds.lcm.pixart import PixArtLCMWorld, check_peft_adapter_loads_completely
-from lcm_fixtures import perturb_lora_b, tiny_clip
+from cmalign.training.build import build_world
+from cmalign.worlds.lcm.family import model_family
+from cmalign.worlds.lcm.lora import OUR_ADAPTER, PEFT_ADAPTER_FILE, check_peft_adapter_loads_completely
+from cmalign.worlds.lcm.pixart import PixArtLCMWorld
+from lcm_fixtures import TINY_VAE, lcm_scheduler, perturb_lora_b, tiny_clip, world_kwargs
 
 PROMPTS = ["a red cat", "a dog on the grass"]
 WORDS = ["a", "red", "cat", "dog", "on", "the", "grass", "photo", "of", "blue"]
@@ -93,7 +94,7 @@ def test_pixart_lcm_chain_from_a_saved_folder_equals_the_stock_pipeline(tmp_path
     model = save_pixart(tmp_path, **transformer)
     assert model_family(str(model)) == "pixart"
     native = transformer.get("sample_size", TINY_TRANSFORMER["sample_size"]) * 2  # the tiny VAE downsamples by 2
-    world = LCMWorld.from_config(cfg_for(model, guidance_scale=guidance, resolution=native))
+    world = build_world(cfg_for(model, guidance_scale=guidance, resolution=native))
     assert isinstance(world, PixArtLCMWorld) and world.learned_sigma
     assert world.classifier_free == (guidance > 1) and (world._micro is not None) == bool(transformer)
     resolution = world.resolution
@@ -112,9 +113,9 @@ def test_pixart_family_is_read_from_model_index_and_unet_lora_tcd_are_refused(tm
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     assert model_family(str(folder)) == "pixart"  # from the index alone, before any weights
     with pytest.raises(UserError, match="--lcm.unet applies to the UNet families"):
-        LCMWorld.from_config(cfg_for(folder, lcm_unet=str(tmp_path / "some_unet")))
+        build_world(cfg_for(folder, lcm_unet=str(tmp_path / "some_unet")))
     with pytest.raises(UserError, match="--lcm.unet and --lcm.lora apply to the UNet families"):
-        LCMWorld.from_config(cfg_for(folder, lcm_lora=str(tmp_path / "some_lora")))
+        build_world(cfg_for(folder, lcm_lora=str(tmp_path / "some_lora")))
     sigma = tmp_path / "sigma"
     sigma.mkdir()
     (sigma / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
@@ -122,11 +123,11 @@ def test_pixart_family_is_read_from_model_index_and_unet_lora_tcd_are_refused(tm
         model_family(str(sigma))
     components = pixart_components(tmp_path / "build")
     with pytest.raises(UserError, match="lcm.scheduler tcd is not supported for PixArt"):
-        PixArtLCMWorld(**components, chain_scheduler="tcd")
+        PixArtLCMWorld(**components, **world_kwargs(chain_scheduler="tcd"))
     with pytest.raises(UserError, match="resolution must be a multiple of 4"):
-        PixArtLCMWorld(**components, resolution=34, lora_rank=None)
+        PixArtLCMWorld(**components, **world_kwargs(resolution=34, lora_rank=None))
     with pytest.raises(UserError, match="the T5 tokenizer has 4 tokens for a text encoder of 40"):
-        PixArtLCMWorld(**dict(components, tokenizer=T5Tokenizer(extra_ids=0)), lora_rank=None)  # an unconverted one
+        PixArtLCMWorld(**dict(components, tokenizer=T5Tokenizer(extra_ids=0)), **world_kwargs(lora_rank=None))  # an unconverted one
 
 
 def test_cli_trains_lora_on_the_transformer_and_the_export_loads_into_the_stock_pipeline(tmp_path, monkeypatch):
@@ -140,7 +141,7 @@ def test_cli_trains_lora_on_the_transformer_and_the_export_loads_into_the_stock_
     run = tmp_path / "run"
     tiny = ["--lora-rank", "4", "--lora-alpha", "8", "--num-steps", "2", "--batch-size", "1", "--steps", "2",
             "--eval-every", "100", "--eval-size", "1", "--final-eval-size", "1", "--grid-every", "100",
-            "--checkpoint-every", "100", "--report-to", "none", "--device", "cpu", "--threads", "1"]
+            "--checkpoint-every", "100", "--report-to", "none", "--device", "cpu", "--threads", "1", "--mixed-precision", "no"]
     code = main(["train", "--world", "lcm", "--lcm-model", str(model), "--resolution", "32", "--guidance-scale", "0",
                  "--prompts", "a red cat", "--eval-prompts", "a dog", "--reward-weights", "clip_score=1.0",
                  "--reward-paths", f"clip_score={clip}", "--beta", "0.1", "--lr", "0.05", "--output-dir", str(run),
@@ -169,10 +170,10 @@ def test_cli_trains_lora_on_the_transformer_and_the_export_loads_into_the_stock_
 
 
 def test_an_export_that_would_not_land_is_refused_and_a_resumed_adapter_is_the_same(tmp_path):
-    world = PixArtLCMWorld(**pixart_components(tmp_path / "build"), lora_rank=4, lora_alpha=8.0)
+    world = PixArtLCMWorld(**pixart_components(tmp_path / "build"), **world_kwargs(lora_rank=4, lora_alpha=8.0, guidance_scale=0.0))
     perturb_lora_b(world.network, OUR_ADAPTER, std=0.05)
     world.save_adapter(tmp_path / "adapter")
-    again = PixArtLCMWorld(**pixart_components(tmp_path / "build"), lora_rank=None)
+    again = PixArtLCMWorld(**pixart_components(tmp_path / "build"), **world_kwargs(lora_rank=None, guidance_scale=0.0))
     again.load_adapter(tmp_path / "adapter")
     assert all(torch.equal(a, b) for a, b in zip(world.adapter_state_dict().values(), again.adapter_state_dict().values()))
     # peft's bare key names (without base_model.model.) would not land through PeftModel.from_pretrained

@@ -10,7 +10,8 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from safetensors.torch import load_file
 
 from cmalign.errors import UserError
-from cmalign.worlds.lcm.unet import DIFFUSERS_LORA_FILE, OUR_ADAPTER, LCMWorld, check_lora_loads_completely
+from cmalign.worlds.lcm.lora import DIFFUSERS_LORA_FILE, OUR_ADAPTER, check_lora_loads_completely
+from cmalign.worlds.lcm.unet import LCMWorld
 from lcm_fixtures import perturb_lora_b, stock_pipeline, tiny_components, tiny_world
 from test_lcm_world import rollout, stock_call
 

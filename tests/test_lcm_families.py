@@ -19,11 +19,13 @@ from safetensors.torch import load_file
 
 from cmalign.chain import step_divergences
 from cmalign.cli import main
-from cmalign.config import TrainConfig
+from cmalign.config import TrainConfig, validate
 from cmalign.errors import UserError
-from cmalign.worlds.lcm.unet import DIFFUSERS_LORA_FILE, OUR_ADAPTER, LCMWorld, model_family
-from cmalign.worlds.lcm.testing import TINY_VAE, random_components
-from lcm_fixtures import RESOLUTION, perturb_lora_b, stock_pipeline, tiny_clip
+from cmalign.training.build import build_world
+from cmalign.worlds.lcm.family import model_family
+from cmalign.worlds.lcm.lora import DIFFUSERS_LORA_FILE, OUR_ADAPTER
+from cmalign.worlds.lcm.unet import LCMWorld
+from lcm_fixtures import TINY_VAE, RESOLUTION, perturb_lora_b, random_components, stock_pipeline, tiny_clip, world_kwargs
 from test_lcm_export import lora_param_count
 from test_lcm_world import PROMPTS, rollout
 
@@ -78,7 +80,7 @@ SSD_1B_LIKE = {"reverse_transformer_layers_per_block": ((1, 3), (1, 1))}
 def test_sdxl_chain_from_a_saved_folder_equals_the_stock_sdxl_pipeline(tmp_path, unet, guidance):
     model = save_sdxl_pipeline(tmp_path, **unet)
     assert model_family(str(model)) == "sdxl"
-    world = LCMWorld.from_config(cfg_for(model, guidance_scale=guidance))
+    world = build_world(cfg_for(model, guidance_scale=guidance))
     assert world.family == "sdxl" and world.classifier_free == (unet is NO_W)
     pipe = StableDiffusionXLPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
@@ -89,8 +91,8 @@ def test_sdxl_chain_from_a_saved_folder_equals_the_stock_sdxl_pipeline(tmp_path,
 @pytest.mark.parametrize("family, gamma", [("sd", 0.0), ("sd", 0.3), ("sdxl", 1.0)])
 def test_tcd_chain_equals_the_stock_pipeline_with_tcd_scheduler(tmp_path, family, gamma):
     size = "tiny" if family == "sd" else "tiny-sdxl"
-    world = LCMWorld(**random_components(tmp_path / "a", size, **NO_W), resolution=RESOLUTION, guidance_scale=1.5,
-                     lora_rank=4, chain_scheduler="tcd", tcd_gamma=gamma)
+    world = LCMWorld(**random_components(tmp_path / "a", size, **NO_W),
+                     **world_kwargs(guidance_scale=1.5, lora_rank=4, chain_scheduler="tcd", tcd_gamma=gamma))
     stock = random_components(tmp_path / "b", size, **NO_W)
     if family == "sd":
         stock["scheduler"] = TCDScheduler.from_config(stock["scheduler"].config)
@@ -126,8 +128,8 @@ def test_sdxl_lora_export_lands_in_the_stock_sdxl_pipeline_and_lcm_lora_fuses_or
     targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "ff.net.2"]
     cfg = cfg_for(model, guidance_scale=1.0, lcm_lora=str(tmp_path / "lcm_lora"), lora_targets=targets,
                   lcm_lora_weight_name="Hyper-like-2steps-lora.safetensors")
-    fused = LCMWorld.from_config(cfg)
-    stacked = LCMWorld.from_config(_stacked(cfg))
+    fused = build_world(cfg)
+    stacked = build_world(_stacked(cfg))
     perturb_lora_b(fused.network, OUR_ADAPTER, std=0.05)
     fused.save_adapter(tmp_path / "adapter")
     stacked.load_adapter(tmp_path / "adapter")
@@ -163,12 +165,12 @@ def test_family_comes_from_model_index_and_unsupported_ones_are_refused_before_w
     sana.mkdir()
     (sana / "model_index.json").write_text(json.dumps({"_class_name": "SanaSprintPipeline"}))
     with pytest.raises(UserError, match="SanaSprintPipeline pipeline; the lcm world runs"):
-        LCMWorld.from_config(cfg_for(sana))  # no weights exist there: refused before any load
+        build_world(cfg_for(sana))  # no weights exist there: refused before any load
     unet_only = tmp_path / "lcm-sdxl"
     unet_only.mkdir()
     (unet_only / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(UserError, match="--lcm.unet"):
-        LCMWorld.from_config(cfg_for(unet_only))
+        build_world(cfg_for(unet_only))
     # the same for a hub id (here a stand-in: no model_index.json, a UNet config.json)
     def no_index(*args, **kwargs):
         raise OSError("model_index.json not found")
@@ -187,13 +189,20 @@ def test_family_comes_from_model_index_and_unsupported_ones_are_refused_before_w
     with pytest.raises(UserError, match="SDXL-class UNet .* sd family"):
         model_family(str(sd), unet=str(sdxl_unet))
     with pytest.raises(UserError, match="tcd_gamma must be in"):
-        LCMWorld.check_config(cfg_for(sd, tcd_gamma=1.5))
-    with pytest.raises(UserError, match="deterministic"):
-        LCMWorld.check_config(TrainConfig(world="lcm", method="rlcm", scheduler="tcd", tcd_gamma=0.0))
-    with pytest.raises(UserError, match="jpeg_compressibility is not differentiable"):  # rocm's score-function term
-        LCMWorld.check_config(TrainConfig(world="lcm", scheduler="tcd", tcd_gamma=0.0,
-                                          reward_weights={"pickscore": 1.0, "jpeg_compressibility": 0.1}))
-    LCMWorld.check_config(TrainConfig(world="lcm", scheduler="tcd", tcd_gamma=0.0, reward_weights={"pickscore": 1.0}))
+        validate(cfg_for(sd, tcd_gamma=1.5), check_rewards=False)
+
+
+def test_a_deterministic_chain_is_refused_by_the_methods_that_need_a_stochastic_one():
+    """The world reports its chain (TCD gamma 0: deterministic); the methods and the reward check refuse it."""
+    tcd0 = {"world": "lcm", "lcm.scheduler": "tcd", "lcm.tcd_gamma": 0.0, "reward_weights": {"pickscore": 1.0}}
+    for method in ("rlcm", "dpok", "d3po"):
+        with pytest.raises(UserError, match=f"{method} needs the chain's step log-probabilities.*TCD with tcd_gamma 0"):
+            validate(TrainConfig(method=method, **tcd0))
+    with pytest.raises(UserError, match=r"jpeg_compressibility \(not differentiable\).*deterministic"):  # rocm's estimator
+        validate(TrainConfig(**dict(tcd0, reward_weights={"pickscore": 1.0, "jpeg_compressibility": 0.1})))
+    validate(TrainConfig(**tcd0))
+    validate(TrainConfig(method="draft", beta=0.0, **tcd0))
+    validate(TrainConfig(method="rlcm", **dict(tcd0, **{"lcm.tcd_gamma": 0.3})))
 
 
 def test_vae_decoder_checkpointing_leaves_gradients_unchanged():
@@ -227,7 +236,7 @@ def test_cli_trains_on_a_tiny_folder_and_samples_equal_the_stock_pipeline(tmp_pa
     run = tmp_path / "run"
     tiny = ["--lora-rank", "4", "--lora-alpha", "4", "--num-steps", "2", "--batch-size", "1", "--steps", "2",
             "--eval-every", "100", "--eval-size", "1", "--final-eval-size", "1", "--grid-every", "100",
-            "--checkpoint-every", "100", "--report-to", "none", "--device", "cpu", "--threads", "1"]
+            "--checkpoint-every", "100", "--report-to", "none", "--device", "cpu", "--threads", "1", "--mixed-precision", "no"]
     code = main(["train", "--world", "lcm", "--lcm-model", str(model), "--resolution", str(RESOLUTION),
                  "--guidance-scale", str(guidance), "--scheduler", scheduler, "--tcd-gamma", "0.3",
                  "--lcm.vae-checkpointing", "--prompts", "a red cat", "--eval-prompts", "a dog",
@@ -296,3 +305,110 @@ def test_every_command_of_docs_models_parses():
     cfg = train_arguments(shlex.split(hyper)[2:])[0]
     assert (cfg.lcm.lora_weight_name, cfg.lcm.tcd_gamma, cfg.num_steps, cfg.lcm.scheduler) == (
         "Hyper-SDXL-1step-lora.safetensors", 1.0, 1, "tcd")
+
+
+# --- the model's family and kind from its configs, refusal of plain bases, per-family defaults -----------------
+def config_only_pipeline(folder, pipeline="StableDiffusionPipeline", scheduler="PNDMScheduler", **unet):
+    """A pipeline folder with configs and no weights: what family.py reads (anything more would fail to load)."""
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "scheduler": ["diffusers", scheduler],
+                                                         "unet": ["diffusers", "UNet2DConditionModel"]}))
+    for name, config in (("unet", {"_class_name": "UNet2DConditionModel", "sample_size": 64, **unet}),
+                         ("vae", {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]})):
+        (folder / name).mkdir()
+        (folder / name / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_identify_reads_family_and_distillation_from_configs(tmp_path):
+    from cmalign.worlds.lcm.config import LCMConfig
+    from cmalign.worlds.lcm.family import identify
+
+    sdxl = {"addition_embed_type": "text_time", "sample_size": 128}
+    cases = {  # folder settings, lora -> (family, kind, native resolution)
+        "dreamshaper": (dict(pipeline="LatentConsistencyModelPipeline", scheduler="LCMScheduler", time_cond_proj_dim=256),
+                        None, ("sd", "lcm-unet", 512)),
+        "sd15": ({}, None, ("sd", None, 512)),
+        "sd15+lcm-lora": ({}, "latent-consistency/lcm-lora-sdv1-5", ("sd", "lcm-lora", 512)),
+        "sd15+tcd-lora": ({}, "h1t/TCD-SD15-LoRA", ("sd", "tcd-lora", 512)),
+        "fused-lcm-lora": (dict(scheduler="LCMScheduler"), None, ("sd", "lcm-lora", 512)),
+        "fused-tcd-lora": (dict(scheduler="TCDScheduler"), None, ("sd", "tcd-lora", 512)),
+        "sdxl": (dict(pipeline="StableDiffusionXLPipeline", scheduler="EulerDiscreteScheduler", **sdxl), None,
+                 ("sdxl", None, 1024)),
+        "lcm-sdxl": (dict(pipeline="StableDiffusionXLPipeline", time_cond_proj_dim=256, **sdxl), None,
+                     ("sdxl", "lcm-unet", 1024)),
+    }
+    for name, (folder, lora, want) in cases.items():
+        info = identify(LCMConfig(model=str(config_only_pipeline(tmp_path / name, **folder)), lora=lora))
+        assert (info.family, info.kind, info.native_resolution) == want, name
+        assert (info.distilled_by is None) == (info.kind is None), name
+
+
+def test_a_plain_base_is_refused_in_one_line_before_any_weights_load(tmp_path, capsys):
+    """SD-1.5 without an LCM UNet, LCM-LoRA or LCM scheduler: exit 2, one `cmalign: error:` line naming what to add
+    (the folder holds no weights at all: the refusal comes from its configs)."""
+    plain = config_only_pipeline(tmp_path / "sd15")
+    clip, _ = tiny_clip(tmp_path / "clip")
+    base = ["train", "--world", "lcm", "--lcm.model", str(plain), "--reward-weights", "clip_score=1.0", "--reward-paths",
+            f"clip_score={clip}", "--report-to", "none", "--device", "cpu", "--output-dir", str(tmp_path / "run")]
+    for extra in ([], ["--lcm.lora", "none"]):  # `none` clears the LoRA (and is not a LoRA named "none")
+        capsys.readouterr()
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("cmalign: error: ") and "Traceback" not in err, err
+        assert "plain SD-1.5-class model" in err and "--lcm.lora latent-consistency/lcm-lora-sdv1-5" in err
+        assert "--preset sd15-lcm-lora" in err and "--lcm.allow-non-distilled" in err
+        assert not (tmp_path / "run").exists()
+    # with the override (research on purpose) it goes on to load weights, which this folder lacks
+    from cmalign.config import with_changes
+
+    with pytest.raises(UserError) as info:
+        build_world(with_changes(cfg_for(plain), **{"lcm.allow_non_distilled": True}))
+    assert "is a plain" not in str(info.value)
+
+
+def test_none_clears_an_optional_path_from_flags_yaml_and_python():
+    from cmalign.cli import train_arguments
+    from cmalign.config import from_mapping
+
+    cfg = train_arguments(["--world", "lcm", "--lcm.lora", "none", "--lcm.unet", "null", "--lcm.lora-weight-name", "None"])[0]
+    assert (cfg.lcm.lora, cfg.lcm.unet, cfg.lcm.lora_weight_name) == (None, None, None)
+    for value in (None, "none", "NULL"):
+        assert from_mapping({"lcm": {"lora": value}}, TrainConfig(**{"lcm.lora": "x/y"})).lcm.lora is None
+    assert TrainConfig(**{"lcm.lora": "none"}).lcm.lora is None and TrainConfig(**{"lcm.lora": "x/none"}).lcm.lora == "x/none"
+
+
+def test_family_defaults_are_one_table_for_the_world_hook_and_the_presets(tmp_path):
+    from cmalign.config import load_preset, with_changes
+    from cmalign.worlds.lcm.config import LCMConfig
+    from cmalign.worlds.lcm.family import COMMON, family_defaults
+    from cmalign.worlds.registry import world_class
+
+    plain = str(config_only_pipeline(tmp_path / "sd15"))
+    lora = family_defaults(LCMConfig(model=plain, lora="latent-consistency/lcm-lora-sdv1-5"))
+    # an LCM-LoRA runs without CFG (guidance 1), bf16, small batches and evaluations: never the digits world's
+    assert lora == {**COMMON, "batch_size": 4, "lcm.resolution": 512, "lcm.vae_checkpointing": False,
+                    "lcm.guidance_scale": 1.0, "lcm.scheduler": "lcm"}
+    assert lora["mixed_precision"] == "bf16" and lora["beta"] == 0.1 and lora["eval_size"] < 200
+    tcd = family_defaults(LCMConfig(model=str(config_only_pipeline(
+        tmp_path / "sdxl", pipeline="StableDiffusionXLPipeline", addition_embed_type="text_time", sample_size=128)),
+        lora="h1t/TCD-SDXL-LoRA"))
+    assert {k: tcd[k] for k in ("lcm.scheduler", "lcm.tcd_gamma", "lcm.guidance_scale", "lcm.resolution",
+                                "lcm.vae_checkpointing", "batch_size")} == {
+        "lcm.scheduler": "tcd", "lcm.tcd_gamma": 0.3, "lcm.guidance_scale": 0.0, "lcm.resolution": 1024,
+        "lcm.vae_checkpointing": True, "batch_size": 2}
+    assert family_defaults(LCMConfig(model="cmalign-tests/unknown")) == COMMON  # unreadable, unknown: common only
+    cfg = TrainConfig(world="lcm", **{"lcm.model": plain, "lcm.lora": "latent-consistency/lcm-lora-sdv1-5"})
+    hook = world_class("lcm").default_settings(cfg)
+    assert hook == lora
+    validate(with_changes(cfg, **hook), check_rewards=False)  # every key is a field, every value valid
+    # the presets hold the table's values for their models (resolved offline from the known hub ids)
+    for name in ("lcm-dreamshaper-v7", "sd15-lcm-lora", "lcm-sdxl", "sdxl-lcm-lora", "lcm-ssd-1b", "ssd-1b-lcm-lora",
+                 "sdxl-tcd-lora", "pixart-lcm-xl-2-1024"):
+        preset = load_preset(name)
+        defaults = family_defaults(preset.lcm)
+        assert set(defaults) > set(COMMON), name
+        for key, value in defaults.items():
+            section, _, field = key.rpartition(".")
+            got = getattr(getattr(preset, section) if section else preset, field)
+            assert got == value, (name, key, got, value)

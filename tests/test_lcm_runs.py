@@ -16,7 +16,7 @@ from diffusers import LatentConsistencyModelPipeline
 from safetensors.torch import load_file
 
 from cmalign.cli import main
-from cmalign.worlds.lcm.unet import PEFT_ADAPTER_FILE
+from cmalign.worlds.lcm.lora import PEFT_ADAPTER_FILE
 from lcm_fixtures import RESOLUTION, save_tiny_pipeline, tiny_clip
 from test_reliability import ENV, free_port
 
@@ -29,7 +29,7 @@ def lcm_args(model: Path, clip: Path, run: Path, *extra: str) -> list[str]:
             "--prompts", *PROMPTS, "--eval-prompts", "a bird", "--reward-weights", "clip_score=1.0",
             "--reward-paths", f"clip_score={clip}", "--lora-rank", "4", "--lora-alpha", "4", "--num-steps", "2",
             "--eval-every", "100", "--eval-size", "1", "--grid-every", "100", "--report-to", "none", "--device", "cpu",
-            "--threads", "1", "--output-dir", str(run), *extra]
+            "--threads", "1", "--mixed-precision", "no", "--output-dir", str(run), *extra]
 
 
 def adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +86,7 @@ def test_resume_from_an_intermediate_checkpoint_is_bit_identical(tmp_path, monke
     embeddings) and fills them from other batches than the uninterrupted run did; a prompt's cached value must
     not depend on the batch it was first encoded in, or the run drifts in the last bits from the first step after
     the resume (here: the reward of step 3)."""
-    from cmalign.rewards import clip_rewards
+    from cmalign.rewards.text_to_image import clip as clip_rewards
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, (clip, _) = save_tiny_pipeline(tmp_path / "fix"), tiny_clip(tmp_path / "clip")

@@ -17,7 +17,8 @@ from cmalign.errors import UserError
 from cmalign.prompts import bundled_prompts, read_prompt_file, split_prompts
 from cmalign.rewards.registry import RewardContext, build_reward
 from cmalign.training.build import build_world
-from cmalign.worlds.lcm.unet import OUR_ADAPTER, LCMWorld
+from cmalign.worlds.lcm.lora import OUR_ADAPTER
+from cmalign.worlds.lcm.unet import LCMWorld
 from lcm_fixtures import (
     RESOLUTION, perturb_lora_b, save_tiny_pipeline, stock_pipeline, tiny_clip, tiny_components, tiny_world,
     write_random_lora,
@@ -103,17 +104,23 @@ def test_rocm_step_trains_only_lora_through_vae_and_every_unet_call(tmp_path, mo
     assert torch.allclose(checkpointed_loss, loss)
     assert all(torch.allclose(checkpointed_grads[n], g, rtol=1e-4, atol=1e-7) for n, g in grads.items())
 
+    # A normalised step of length eps down the gradient must realise at least half of the first-order decrease
+    # eps |g|. The loss carries float32 rounding noise of ~1e-4 (the random UNet amplifies it to the latents'
+    # scale, and any change of the weights changes the rounding): eps = 0.2 puts the predicted decrease (~1e-3)
+    # well above it, while the curvature of the divergence term still leaves ~80% of it (a 1e-3 step's
+    # decrease is below the noise, so `new_loss < loss` there was a coin toss).
     norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+    eps = 0.2
     with torch.no_grad():
         for name, param in trainable.items():
-            param -= 1e-3 * grads[name] / norm  # a short normalised gradient step
+            param -= eps * grads[name] / norm
     after = {n: p.detach() for n, p in world.network.named_parameters()}
     assert all(torch.equal(before[n], after[n]) for n in before if n not in trainable)
     assert all(not torch.equal(before[n], after[n]) for n in trainable)
     with torch.no_grad():
         traj = rollout(world, num_steps, with_reference=True)
         new_loss = -reward(world.decode(traj.x0), PROMPTS).mean() + beta * step_divergences(traj).sum(1).mean()
-    assert new_loss < loss
+    assert loss - new_loss > 0.5 * eps * norm, (float(loss - new_loss), float(eps * norm))
 
 
 def test_exported_lora_loads_in_stock_pipeline_and_resumes(tmp_path):
@@ -159,9 +166,9 @@ def test_from_config_loads_a_local_pipeline_folder(tmp_path):
 
 def test_lcm_lora_fused_or_stacked_gives_one_model_and_one_reference(tmp_path):
     cfg = lcm_config(lcm_model=str(save_tiny_pipeline(tmp_path)), lcm_lora=str(write_random_lora(tmp_path)))
-    fused = LCMWorld.from_config(cfg)
-    stacked = LCMWorld.from_config(dataclasses.replace(cfg, lcm_lora_mode="stack"))
-    plain = LCMWorld.from_config(dataclasses.replace(cfg, lcm_lora=None))
+    fused = build_world(cfg)
+    stacked = build_world(dataclasses.replace(cfg, lcm_lora_mode="stack"))
+    plain = build_world(dataclasses.replace(cfg, lcm_lora=None))
     trainable = [n for n, p in stacked.network.named_parameters() if p.requires_grad]
     assert trainable and all(f".{OUR_ADAPTER}." in n for n in trainable)
     with torch.no_grad():
@@ -214,7 +221,7 @@ def test_unreachable_hub_id_is_one_user_error_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError) as info:
-        LCMWorld.from_config(lcm_config(lcm_model="cmalign-tests/no-such-lcm"))
+        build_world(lcm_config(lcm_model="cmalign-tests/no-such-lcm"))
     message = str(info.value)
     assert "cmalign-tests/no-such-lcm" in message and "HF_HUB_OFFLINE=1" in message and "\n" not in message
 

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, BertTokenizer, CLIPModel
 from cmalign.errors import UserError
 from cmalign.rewards.registry import RewardContext, build_reward
 from cmalign.rewards.text_to_image.preprocess import CLIP_STD, clip_processor, hps_processor, torchvision_pil
-from cmalign.worlds.lcm.testing import byte_level_clip_tokenizer
+from lcm_fixtures import byte_level_clip_tokenizer
 from reward_fixtures import (TINY_OPEN_CLIP, aesthetic_folder, as_tensor, clip_model, clip_processor_pixels,
                              clip_tokenizer_folder, hf_clip_folder, hps_folder, hps_pixels, image_reward_folders,
                              laion_mlp, open_clip_score, open_clip_tokens, torchvision_pil_pixels, uint8_images)

@@ -108,4 +108,5 @@ def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards
     check_finetune(cfg)
     world_cls.check_config(cfg)
     method_cls.check_config(cfg)
+    method_cls.check_chain(world_cls.chain_transition(cfg))  # e.g. a deterministic TCD chain has no log-probabilities
     return cfg

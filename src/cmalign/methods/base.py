@@ -47,18 +47,28 @@ class Method(ABC):
     # True: non-differentiable reward terms are estimated through the chain's step log-probabilities
     # (rocm's hybrid estimator), which needs at least one stochastic step (K >= 2)
     score_function_rewards: bool = False
+    needs_log_prob: bool = False  # True: the method scores the chain's step log-probabilities (a stochastic chain)
 
     def __init__(self, cfg, world, reward):
         if self.needs_differentiable_reward and not getattr(reward, "differentiable", True):
             raise UserError(
                 f"{self.name} back-propagates through the reward, but {getattr(reward, 'name', 'the reward')} is not "
                 "differentiable; use rocm (its score-function estimator) or a policy-gradient method (rlcm, ddpo)")
+        type(self).check_chain(getattr(world, "transition", None))
         self.cfg, self.world, self.reward = cfg, world, reward
 
     # --- hooks read before the method exists ---------------------------------------------------------
     @classmethod
     def check_config(cls, cfg) -> None:
         """Refuse (UserError) settings this method cannot run; never change cfg."""
+
+    @classmethod
+    def check_chain(cls, transition) -> None:
+        """Refuse (UserError) a chain this method cannot train on: the world's transition (None: the consistency
+        chain), which reports `deterministic` when no step adds noise."""
+        if cls.needs_log_prob and getattr(transition, "deterministic", False):
+            raise UserError(f"{cls.name} needs the chain's step log-probabilities, but the world's chain ({transition}) "
+                            "is deterministic; use a stochastic chain (e.g. lcm.tcd_gamma > 0) or rocm/draft")
 
     @classmethod
     def transition(cls, cfg):

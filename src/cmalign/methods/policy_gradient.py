@@ -87,6 +87,7 @@ class PolicyGradient(Method):
     name = "policy_gradient"
     config_sections = {"ppo": PPOConfig}
     needs_differentiable_reward = False
+    needs_log_prob = True  # PPO ratios (and d3po's DPO terms) of the step log-probabilities
 
     @classmethod
     def check_config(cls, cfg) -> None:

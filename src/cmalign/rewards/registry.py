@@ -143,6 +143,12 @@ def check_reward_names(cfg, world_cls=None, method_cls=None) -> None:
             and method_cls.chain_length(cfg) < 2:
         raise UserError(f"{method_cls.name} estimates the gradient of {', '.join(nondiff)} (not differentiable) through "
                         "the chain's stochastic steps, and K = 1 has none; use num_steps >= 2 or a differentiable reward")
+    transition = world_cls.chain_transition(cfg) if hasattr(world_cls, "chain_transition") else None
+    if method_cls is not None and nondiff and getattr(method_cls, "score_function_rewards", False) \
+            and getattr(transition, "deterministic", False):
+        raise UserError(f"{method_cls.name} estimates the gradient of {', '.join(nondiff)} (not differentiable) through "
+                        f"the chain's stochastic steps, and the world's chain ({transition}) is deterministic; use a "
+                        "stochastic chain (e.g. lcm.tcd_gamma > 0) or a differentiable reward")
     stray = sorted({split_option_key(k)[0] for k in cfg.reward_paths} - set(cfg.reward_weights))
     if stray:
         raise UserError(f"reward_paths names {', '.join(stray)}, which reward_weights does not use "

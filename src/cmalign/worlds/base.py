@@ -70,6 +70,18 @@ class World(ABC):
         """Refuse (UserError) settings this world cannot run; never change cfg."""
 
     @classmethod
+    def default_settings(cls, cfg) -> dict[str, Any]:
+        """{"field" or "section.field": value}: this world's defaults for the model cfg names (e.g. the lcm
+        families' guidance, batch, dtype), for the config layer to apply to the fields a user did not set."""
+        return {}
+
+    @classmethod
+    def chain_transition(cls, cfg):
+        """The per-step update this world will sample for cfg, built without weights (None: the consistency
+        chain); methods check it before any model loads (a `deterministic` one has no step log-probabilities)."""
+        return None
+
+    @classmethod
     def prepare(cls, cfg, progress: bool = True) -> None:
         """Build what the world needs once (e.g. a base-model cache); called before the run is seeded,
         so that whether a cache already existed never changes the run's random numbers."""

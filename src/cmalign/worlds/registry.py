@@ -10,7 +10,7 @@ from cmalign.plugins import ClassRegistry
 
 def _builtins() -> None:
     WORLDS.register("digits", "cmalign.worlds.digits.world:DigitsWorld")
-    WORLDS.register("lcm", "cmalign.worlds.lcm.unet:LCMWorld")
+    WORLDS.register("lcm", "cmalign.worlds.lcm.factory:LCMFamilyWorld")
 
 
 WORLDS = ClassRegistry("world", "cmalign.worlds", _builtins, "cmalign.worlds.base:World")

@@ -36,11 +36,32 @@ class LCMConfig:
     """TCD's gamma (the pipeline's eta) in [0, 1]: 0 deterministic, 1 the consistency chain's noise."""
     vae_checkpointing: bool = False
     """Recompute the VAE decoder in the backward pass (saves most decoder memory at 1024 px)."""
+    allow_non_distilled: bool = False
+    """Run a plain (not few-step distilled) SD-1.5 / SDXL / PixArt-alpha base on purpose (research); refused otherwise."""
+
+    def __post_init__(self):
+        # "none" / "null" on the command line or in YAML clear an optional hub id or path
+        for name in ("lora", "unet", "lora_weight_name"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+                setattr(self, name, None)
 
     def check(self) -> None:
+        """Refuse (one line) values that no lcm model can run; reads no model."""
         if not (self.resolution >= 8 and self.resolution % 8 == 0):
             raise UserError(f"lcm.resolution must be a positive multiple of 8, got {self.resolution}")
         if not 0 <= self.heldout_fraction < 1:
             raise UserError(f"lcm.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if not self.lora_targets:
             raise UserError("lcm.lora_targets is empty")
+        if not 0.0 <= self.tcd_gamma <= 1.0:
+            raise UserError(f"lcm.tcd_gamma must be in [0, 1], got {self.tcd_gamma}")
+        if self.lora_mode not in ("fuse", "stack"):
+            raise UserError(f"lcm.lora_mode must be fuse or stack, got {self.lora_mode!r}")
+        if self.scheduler not in ("lcm", "tcd"):
+            raise UserError(f"lcm.scheduler must be one of lcm, tcd, got {self.scheduler!r}")
+
+
+def check_lcm_section(lcm: LCMConfig) -> None:
+    """The section's own check, for worlds built without config.validate (from_config called directly)."""
+    lcm.check()

@@ -24,26 +24,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import warnings
-
 import torch
-from diffusers import LCMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig, PeftModel, inject_adapter_in_model, set_peft_model_state_dict
-from peft.utils import load_peft_weights
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import save_file
 
 from cmalign.errors import UserError
-from cmalign.hub import hub_errors, offline
-from cmalign.precision import WEIGHT_DTYPES
-from cmalign.worlds.lcm.unet import DEFAULT_LORA_TARGETS, OUR_ADAPTER, PEFT_ADAPTER_FILE, LCMWorld, lora_layout
-from cmalign.worlds.base import model_class
+from cmalign.worlds.lcm.config import LCMConfig
+from cmalign.worlds.lcm.core import LCMWorldBase, refuse_transition
+from cmalign.worlds.lcm.family import optional_ref
+from cmalign.worlds.lcm.loading import load_pixart_components
+from cmalign.worlds.lcm.lora import (
+    OUR_ADAPTER, PEFT_ADAPTER_FILE, PEFT_PREFIX, adapter_spec, check_peft_adapter_loads_completely,
+)
 
-__all__ = ["PixArtLCMWorld", "PixArtConditioning", "load_pixart_components", "check_peft_adapter_loads_completely"]
+__all__ = ["PixArtLCMWorld", "PixArtConditioning"]
 
 MAX_SEQUENCE_LENGTH = 120  # PixArtAlphaPipeline's default (PixArt-alpha was trained with 120 T5 tokens)
 MICRO_CONDITION_SAMPLE_SIZE = 128  # the pipeline passes resolution / aspect_ratio only at this sample_size
-PEFT_PREFIX = "base_model.model."  # PeftModel's key names (PeftModel.save_pretrained / from_pretrained)
 
 
 @dataclass
@@ -58,102 +57,56 @@ class PixArtConditioning:
     aspect_ratio: torch.Tensor | None = None  # (B, 1) h / w
 
 
-class PixArtLCMWorld(LCMWorld):
-    """The lcm world on a PixArt-LCM pipeline; everything but the network call, the text encoding and the
-    adapter's attachment and export is LCMWorld's (decode, timesteps, reference policy, load_adapter)."""
+class PixArtLCMWorld(LCMWorldBase):
+    """The lcm world on a PixArt-LCM pipeline; the shared steps (dtypes, scheduler, geometry, decode, timesteps,
+    reference policy, reading an adapter back) are core.LCMWorldBase's, as for the UNet families."""
 
     family = "pixart"
-    base_adapter = None  # no stacked LCM-LoRA on this family
-    classifier_free = False
 
     def __init__(self, transformer: PixArtTransformer2DModel, vae, text_encoder, tokenizer, scheduler, *,
-                 device: str | torch.device = "cpu", resolution: int | None = None, guidance_scale: float = 0.0,
-                 mixed_precision: str = "no", lora_rank: int | None = 8, lora_alpha: float = 8.0,
-                 lora_targets=DEFAULT_LORA_TARGETS, lora_init: bool | str = True, heldout_fraction: float = 0.2,
-                 chain_scheduler: str = "lcm", vae_checkpointing: bool = False,
-                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, **ignored):
-        if mixed_precision not in WEIGHT_DTYPES:
-            raise UserError(f"mixed_precision must be one of {', '.join(WEIGHT_DTYPES)}, got {mixed_precision!r}")
-        if chain_scheduler != "lcm":
+                 settings: LCMConfig | None = None, device: str | torch.device = "cpu", mixed_precision: str = "no",
+                 adapter: LoraConfig | None = None, max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+        """Wrap already-built components; `settings` as for LCMWorld (default: guidance 0, PixArt-LCM's own)."""
+        settings = settings or LCMConfig(guidance_scale=0.0)
+        if settings.scheduler != "lcm":
             # PixArtAlphaPipeline returns the scheduler's second output at K = 1, which is not TCD's chain output
-            raise UserError(f"lcm.scheduler {chain_scheduler} is not supported for PixArt pipelines (lcm only)")
-        vocab = int(text_encoder.config.vocab_size)
-        if not vocab // 2 <= len(tokenizer) <= vocab:
-            # e.g. a sentencepiece spiece.model that transformers could not convert (no sentencepiece/protobuf)
-            # leaves a near-empty vocabulary: every word would encode to <unk>
-            raise UserError(f"the T5 tokenizer has {len(tokenizer)} tokens for a text encoder of {vocab}: it does not "
-                            "belong to it (a spiece.model needs `pip install sentencepiece protobuf` to be converted)")
-        self.device = torch.device(device)
-        self.weight_dtype = WEIGHT_DTYPES[mixed_precision]
-        self.autocast_dtype = None if self.weight_dtype == torch.float32 else self.weight_dtype
-        self.dtype = torch.float32
-        self.vae_upcast = self.weight_dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+            raise UserError(f"lcm.scheduler {settings.scheduler} is not supported for PixArt pipelines (lcm only)")
+        _check_tokenizer(text_encoder, tokenizer)
+        self._setup(settings, device, mixed_precision, vae)
         # T5 overflows in float16: it stays in float32 then (it runs once per prompt)
         self.text_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype
-        for module, dtype in ((transformer, self.weight_dtype), (text_encoder, self.text_dtype),
-                              (vae, torch.float32 if self.vae_upcast else self.weight_dtype)):
-            module.requires_grad_(False).eval().to(self.device)
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
-        if vae_checkpointing:
+        self._place([(transformer, self.weight_dtype), (text_encoder, self.text_dtype), (vae, self._vae_dtype())])
+        if settings.vae_checkpointing:
             vae.enable_gradient_checkpointing()
-
-        if not isinstance(scheduler, LCMScheduler):
-            scheduler = LCMScheduler.from_config(scheduler.config)
-        if getattr(scheduler.config, "thresholding", False) or getattr(scheduler.config, "clip_sample", False):
-            raise UserError("the lcm scheduler clips or thresholds x0, which the differentiable chain does not do; "
-                            "set clip_sample and thresholding to false in its scheduler config")
-        self.scheduler, self.chain_scheduler, self.transition = scheduler, "lcm", None
+        scheduler = self._use_scheduler(scheduler, "lcm", settings.tcd_gamma)
         self.pipeline = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                             transformer=transformer, scheduler=scheduler)
         self.pipeline.set_progress_bar_config(disable=True)
         self.network, self.vae = transformer, vae
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64).to(self.device)
-        self.prediction_type = scheduler.config.prediction_type
-        self.num_train_timesteps = scheduler.config.num_train_timesteps
-        self.original_inference_steps = scheduler.config.original_inference_steps
-        self.timestep_scaling = float(getattr(scheduler.config, "timestep_scaling", 10.0))
-
-        config = transformer.config
-        scale = self.pipeline.vae_scale_factor
-        self.resolution = resolution or config.sample_size * scale
-        if self.resolution % (scale * config.patch_size):
-            raise UserError(f"resolution must be a multiple of {scale * config.patch_size} (the VAE's downsampling "
-                            f"{scale} times the transformer's patch size {config.patch_size}), got {self.resolution}")
-        side = self.resolution // scale
-        self.latent_shape = (config.in_channels, side, side)
+        config, scale = transformer.config, self.pipeline.vae_scale_factor
+        self._set_geometry(settings.resolution, config, scale * config.patch_size,
+                           f"the VAE's downsampling {scale} times the transformer's patch size {config.patch_size}")
         self.learned_sigma = config.out_channels // 2 == config.in_channels  # as the pipeline tests it
-
-        self.guidance_scale = guidance_scale
-        self.classifier_free = guidance_scale > 1.0  # the pipeline's do_classifier_free_guidance
+        self.classifier_free = self.guidance_scale > 1.0  # the pipeline's do_classifier_free_guidance
         self.max_sequence_length = int(max_sequence_length)
         self._micro = None
         if config.sample_size == MICRO_CONDITION_SAMPLE_SIZE:
             size = float(self.resolution)
             self._micro = (torch.tensor([[size, size]], device=self.device), torch.tensor([[1.0]], device=self.device))
-        self.heldout_fraction = heldout_fraction
-        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._timesteps: dict[int, list[int]] = {}
-        self.has_adapter = False
-        if lora_rank is not None:
-            self._attach_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(lora_targets),
-                                            init_lora_weights=lora_init))
+        if adapter is not None:
+            self._attach_adapter(adapter)
 
     @classmethod
     def from_config(cls, cfg, device="cpu", lora: bool = True, transition=None) -> "PixArtLCMWorld":
-        if transition is not None:
-            raise UserError(f"{cfg.method} needs a diffusion model's DDIM chain; the lcm world samples consistency "
-                            "(lcm, tcd) chains only")
+        refuse_transition(cfg, transition)
         cls.check_config(cfg)
         lcm = cfg.lcm
-        if lcm.unet or lcm.lora:
+        if optional_ref(lcm.unet) or optional_ref(lcm.lora):
             raise UserError(f"{lcm.model} is a PixArt pipeline: --lcm.unet and --lcm.lora apply to the UNet families "
                             "only (diffusers has no PixArt LoRA loader)")
-        return cls(**load_pixart_components(lcm.model), device=device, resolution=lcm.resolution,
-                   guidance_scale=lcm.guidance_scale, mixed_precision=cfg.mixed_precision,
-                   lora_rank=cfg.lora_rank if lora else None, lora_alpha=cfg.lora_alpha, lora_targets=lcm.lora_targets,
-                   heldout_fraction=lcm.heldout_fraction, chain_scheduler=lcm.scheduler,
-                   vae_checkpointing=lcm.vae_checkpointing)
+        adapter = adapter_spec(cfg.lora_rank if lora else None, cfg.lora_alpha, lcm.lora_targets)
+        return cls(**load_pixart_components(lcm.model), settings=lcm, device=device,
+                   mixed_precision=cfg.mixed_precision, adapter=adapter)
 
     # --- prompts and the network ------------------------------------------------------------------------
     @torch.no_grad()
@@ -207,10 +160,7 @@ class PixArtLCMWorld(LCMWorld):
         except ValueError as exc:
             raise UserError(f"cannot attach the LoRA adapter (lora_targets {list(config.target_modules)}): "
                             f"{str(exc).splitlines()[0]}") from None
-        for name, param in self.network.named_parameters():
-            param.requires_grad_(f".{OUR_ADAPTER}." in name)
-        cast_training_params(self.network, torch.float32)
-        self.has_adapter = True
+        self._mark_trainable()
 
     def save_adapter(self, directory: Path) -> None:
         """The peft adapter (adapter_model.safetensors + adapter_config.json) in PeftModel's own key names
@@ -244,46 +194,10 @@ class PixArtLCMWorld(LCMWorld):
         cast_training_params(self.network, torch.float32)
 
 
-def check_peft_adapter_loads_completely(network: torch.nn.Module, adapter: str, directory: Path) -> None:
-    """Load the peft adapter in `directory` the way PeftModel.from_pretrained does (PeftModel on the config
-    from adapter_config.json, then load_peft_weights + set_peft_model_state_dict) into a weightless (meta-device)
-    transformer of `network`'s config, and refuse it (one-line UserError) unless exactly the LoRA tensors of
-    `adapter` land there, with the same shapes and scales. (PeftModel.from_pretrained only warns about keys it
-    cannot place; the values are checked against a real load in tests/test_lcm_dit.py.)"""
-    with torch.device("meta"):
-        shadow = model_class(network).from_config(network.config)  # not DDP's generated subclass
-    try:
-        config = LoraConfig.from_pretrained(str(directory))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loaded = PeftModel(shadow, config, adapter_name="check")
-            result = set_peft_model_state_dict(loaded, load_peft_weights(str(directory), device="cpu"),
-                                               adapter_name="check")
-    except Exception as exc:  # noqa: BLE001 -- any loader failure means a stock pipeline cannot use the files
-        raise UserError(f"the exported adapter in {directory} does not load with PeftModel.from_pretrained "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
-    not_loaded = {k.removeprefix(PEFT_PREFIX).replace(".check.", ".") for k in result.missing_keys}
-    ours, landed = lora_layout(network, adapter), lora_layout(loaded.get_base_model(), "check")
-    landed = {k: v for k, v in landed.items() if k not in not_loaded}
-    missing = sorted(set(ours) - set(landed))
-    wrong = sorted(k for k in set(ours) & set(landed) if ours[k] != landed[k])
-    extra = sorted(set(landed) - set(ours)) + list(result.unexpected_keys)
-    if missing or wrong or extra:
-        example = (missing or wrong or extra)[0]
-        raise UserError(
-            f"the exported adapter in {directory} would load incompletely into a stock PixArtAlphaPipeline's "
-            f"transformer: {len(set(ours) & set(landed)) - len(wrong)} of {len(ours)} tensors land as trained "
-            f"({len(missing)} missing, {len(wrong)} with another shape or scale, {len(extra)} unexpected, "
-            f"e.g. {example}); not exported")
-
-
-def load_pixart_components(model: str) -> dict:
-    """transformer, vae, text encoder, tokenizer and scheduler of a PixArtAlphaPipeline folder or hub id
-    (float32; the world casts them)."""
-    with hub_errors(model, "diffusion model"):
-        pipe = PixArtAlphaPipeline.from_pretrained(model, local_files_only=offline())
-    names = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-    missing = [n for n in names if getattr(pipe, n, None) is None]
-    if missing:
-        raise UserError(f"{model} is not a complete PixArt pipeline (no {', '.join(missing)})")
-    return {n: getattr(pipe, n) for n in names}
+def _check_tokenizer(text_encoder, tokenizer) -> None:
+    vocab = int(text_encoder.config.vocab_size)
+    if not vocab // 2 <= len(tokenizer) <= vocab:
+        # e.g. a sentencepiece spiece.model that transformers could not convert (no sentencepiece/protobuf)
+        # leaves a near-empty vocabulary: every word would encode to <unk>
+        raise UserError(f"the T5 tokenizer has {len(tokenizer)} tokens for a text encoder of {vocab}: it does not "
+                        "belong to it (a spiece.model needs `pip install sentencepiece protobuf` to be converted)")

@@ -22,7 +22,6 @@ import contextlib
 import math
 
 import torch
-from diffusers import TCDScheduler
 
 
 class TCDTransition:
@@ -30,6 +29,14 @@ class TCDTransition:
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"TCD gamma must be in [0, 1], got {gamma}")
         self.gamma = float(gamma)
+
+    @property
+    def deterministic(self) -> bool:
+        """gamma = 0: no step adds noise, so the chain has no step log-probabilities (methods/base.check_chain)."""
+        return self.gamma == 0
+
+    def __str__(self) -> str:
+        return f"TCD with tcd_gamma {self.gamma:g}"
 
     @staticmethod
     def _x0_eps(x, out, a_t: float, prediction_type: str):
@@ -70,6 +77,13 @@ class TCDTransition:
         return float((1 - abar[t_next]).sqrt())
 
     def timesteps(self, world, num_steps):
+        from diffusers import TCDScheduler
+
         scheduler = TCDScheduler.from_config(world.scheduler.config)
         scheduler.set_timesteps(num_steps)
         return [int(t) for t in scheduler.timesteps]
+
+
+def chain_transition(lcm) -> TCDTransition | None:
+    """The per-step update an lcm section asks for: TCD with its gamma, or None (the consistency chain)."""
+    return TCDTransition(lcm.tcd_gamma) if lcm.scheduler == "tcd" else None
