@@ -116,26 +116,39 @@ def _train_flags(base):
     return flags, default
 
 
-def train_arguments(args: list[str]):
-    """(config, overwrite, resume) of a `cmalign train` command line, parsed but not run."""
-    from cmalign.config.io import add_owner_sections, cli_aliases, load_preset
+def _parse_train(preset, config_file, rest: list[str], base):
+    """base < preset < config file < flags, as one TrainConfig."""
+    from cmalign.config.io import add_owner_sections, load_preset
     from cmalign.config.train import TrainConfig, common_field_names
 
-    preset, config_file, overwrite, resume, rest = _split_train_args(args)
-    base = TrainConfig()
     if preset:
-        base = load_preset(preset)
+        base = load_preset(preset, base)
     if config_file:
         base = load_preset(config_file, base)
-    rest = cli_aliases(rest)
     # the sections of a plug-in world or method named on the command line become flags
     add_owner_sections(_named(rest, "--world") or base.world, _named(rest, "--method") or base.method)
     base = TrainConfig(**{k: getattr(base, k) for k in common_field_names()}, sections=base.sections)
     flags, default = _train_flags(base)
     parsed = parse(flags, rest, "cmalign train [--preset NAME] [--config FILE] [--overwrite] [--resume latest|PATH]",
                    default=default)
-    cfg = TrainConfig(**{k: getattr(parsed, k) for k in common_field_names()},
-                      sections={name: getattr(parsed, name) for name in base.sections})
+    return TrainConfig(**{k: getattr(parsed, k) for k in common_field_names()},
+                       sections={name: getattr(parsed, name) for name in base.sections})
+
+
+def train_arguments(args: list[str]):
+    """(config, overwrite, resume) of a `cmalign train` command line, parsed but not run.
+    Precedence: defaults < the world's defaults for its model (World.default_settings: e.g. an lcm family's
+    guidance, batch and dtype) < preset < config file < flags."""
+    from cmalign.config.io import cli_aliases
+    from cmalign.config.train import TrainConfig, with_changes
+    from cmalign.worlds.registry import WORLDS
+
+    preset, config_file, overwrite, resume, rest = _split_train_args(args)
+    rest = cli_aliases(rest)
+    cfg = _parse_train(preset, config_file, rest, TrainConfig())
+    world_defaults = WORLDS.get_class(cfg.world).default_settings(cfg) if cfg.world in WORLDS else {}
+    if world_defaults:  # parse again on top of them, so that what the user set wins
+        cfg = _parse_train(preset, config_file, rest, with_changes(TrainConfig(), **world_defaults))
     return cfg, overwrite, resume
 
 
