@@ -243,3 +243,18 @@ def test_evaluation_scores_kl_and_distance_to_base_and_the_heldout_proxy():
                            3, ddpo_cfg)
     assert "kl_to_base" not in t_scores and "distance_to_base" in t_scores
     torch.testing.assert_close(teacher.heldout_proxy().net[0].weight, world.heldout_proxy().net[0].weight)
+
+
+def test_a_full_rollout_scored_with_a_chain_subsampling_plan_uses_the_drawn_chains_reference(world):
+    """step_divergences on a trajectory whose reference ran on every chain, with a plan that draws some chains:
+    entry (b, k) is weight * D_bk for the drawn chains (their own reference means), 0 for the others."""
+    noise = ChainNoise.draw(B, world.latent_shape, K, torch.Generator().manual_seed(5), dtype=F64)
+    with torch.no_grad():
+        traj = run_chain(world, COND, noise, world.timesteps(K), with_reference=True)
+        full = step_divergences(traj, "kl", "per_dim", "floor")
+        rows = torch.tensor([0, 2])
+        plan = D.ReferencePlan(K, B, tuple(range(K)), rows, weight=3.0)
+        sub = step_divergences(traj, "kl", "per_dim", "floor", plan=plan)
+    expected = torch.zeros_like(full)
+    expected[rows] = 3.0 * full[rows]
+    assert torch.allclose(sub, expected, rtol=1e-12, atol=0)

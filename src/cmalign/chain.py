@@ -15,6 +15,7 @@ the same loop a DDIM(eta) sampler of a diffusion model (DDPO's MDP), for worlds 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from cmalign import divergences as D
+from cmalign.schedule import predicted_x0
 from cmalign.training.distributed import SINGLE, Shard
 
 FINAL_STEP_MODES = ("floor", "skip")
@@ -71,8 +73,6 @@ class DDIMTransition:
         self.eta = eta
 
     def denoise(self, world, x, t, cond, reference):
-        from cmalign.schedule import predicted_x0
-
         with world.reference_policy() if reference else contextlib.nullcontext():
             out = world.model_output(x, t, cond)
         abar_t = world.alphas_cumprod[t].to(device=x.device, dtype=x.dtype)
@@ -132,21 +132,9 @@ def run_chain(
     steps and chains a subsampled regulariser draws (divergences.ReferencePlan); ref_means[k] then holds
     only those rows (None where nothing was called).
     """
-    if divergence_grad not in DIVERGENCE_GRADS:
-        raise ValueError(f"unknown divergence_grad {divergence_grad!r}; expected one of {DIVERGENCE_GRADS}")
     num_steps = len(timesteps)
-    backprop_steps = num_steps if backprop_steps is None else backprop_steps
-    if not 0 <= backprop_steps <= num_steps:
-        raise ValueError(f"backprop_steps must be in [0, K={num_steps}], got {backprop_steps}")
-    abar = world.alphas_cumprod
-    grad_on = torch.is_grad_enabled()
-    transition = getattr(world, "transition", None) or CONSISTENCY
-
-    def call(x, t, reference, c=cond):
-        if grad_checkpointing and grad_on and torch.is_grad_enabled():
-            return checkpoint(transition.denoise, world, x, t, c, reference, use_reentrant=False)
-        return transition.denoise(world, x, t, c, reference)
-
+    backprop_steps = _checked_backprop_steps(num_steps, backprop_steps, divergence_grad)
+    steps = _ChainSteps(world, cond, timesteps, divergence_grad, grad_checkpointing)
     x = noise.initial if states is None else states[0]
     traj = Trajectory(timesteps=list(timesteps), states=[], means=[], sigmas=[], ref_means=[] if with_reference else None,
                       ref_rows=[] if with_reference else None)
@@ -155,51 +143,83 @@ def run_chain(
             if k >= len(states):
                 break
             x = states[k]
-        live = grad_on and k >= num_steps - backprop_steps
-        if not live:
-            x = x.detach()
+        live = steps.grad_on and k >= num_steps - backprop_steps
+        x = x if live else x.detach()
         traj.states.append(x)
         traj.grad_steps.append(live)
         with torch.set_grad_enabled(live):
-            m = call(x, t, reference=False)
-        rows = reference_rows[k] if (with_reference and reference_rows is not None) else None
-        m_ref = x_ref = None
-        if with_reference and (rows is None or rows.numel() > 0):
-            # only the drawn chains pay for a reference call (all of them when rows is None)
-            x_ref, c_ref = (x, cond) if rows is None else (x[rows.to(x.device)], index_cond(cond, rows.to(x.device)))
-            if live and divergence_grad == "full":
-                m_ref = call(x_ref, t, True, c_ref)
-            else:
-                with torch.no_grad():
-                    m_ref = call(x_ref.detach(), t, True, c_ref)
+            m = steps.call(x, t, reference=False)
         if with_reference:
+            rows = reference_rows[k] if reference_rows is not None else None
             traj.ref_rows.append(rows)
-        if k < num_steps - 1:
-            mean, sigma = transition.step(x, m, t, timesteps[k + 1], abar)
-            traj.means.append(mean)
-            if with_reference:
-                traj.ref_means.append(None if m_ref is None else transition.step(x_ref, m_ref, t, timesteps[k + 1], abar)[0])
-            if states is None:
-                x = mean + sigma * noise.steps[k]
-            if sigma == 0 and hasattr(transition, "sigma_floor"):  # a deterministic step (TCD, gamma 0):
-                sigma = transition.sigma_floor(t, timesteps[k + 1], abar)  # regularised like the final step
-        else:
-            sigma = float((1 - abar[t]).sqrt())  # the final-step floor
-            traj.means.append(m)
-            if with_reference:
-                traj.ref_means.append(m_ref)
+            x_ref, m_ref = steps.reference(x, t, rows, live)
+        mean, sigma = steps.policy(k, x, m)
+        traj.means.append(mean)
+        traj.sigmas.append(steps.regularised_sigma(k, sigma))
+        if with_reference:
+            traj.ref_means.append(None if m_ref is None else steps.policy(k, x_ref, m_ref)[0])
+        if k == num_steps - 1:
             traj.x0 = m
-        traj.sigmas.append(sigma)
+        elif states is None:
+            x = mean + sigma * noise.steps[k]
     return traj
+
+
+def _checked_backprop_steps(num_steps: int, backprop_steps: int | None, divergence_grad: str) -> int:
+    if divergence_grad not in DIVERGENCE_GRADS:
+        raise ValueError(f"unknown divergence_grad {divergence_grad!r}; expected one of {DIVERGENCE_GRADS}")
+    backprop_steps = num_steps if backprop_steps is None else backprop_steps
+    if not 0 <= backprop_steps <= num_steps:
+        raise ValueError(f"backprop_steps must be in [0, K={num_steps}], got {backprop_steps}")
+    return backprop_steps
+
+
+class _ChainSteps:
+    """The network calls and per-step Gaussians of one rollout (run_chain's loop body, step by step)."""
+
+    def __init__(self, world, cond, timesteps, divergence_grad: str, grad_checkpointing: bool):
+        self.world, self.cond, self.timesteps = world, cond, timesteps
+        self.divergence_grad, self.grad_checkpointing = divergence_grad, grad_checkpointing
+        self.transition = getattr(world, "transition", None) or CONSISTENCY
+        self.abar = world.alphas_cumprod
+        self.grad_on = torch.is_grad_enabled()
+
+    def call(self, x, t, reference: bool, cond=None):
+        cond = self.cond if cond is None else cond
+        if self.grad_checkpointing and self.grad_on and torch.is_grad_enabled():
+            return checkpoint(self.transition.denoise, self.world, x, t, cond, reference, use_reentrant=False)
+        return self.transition.denoise(self.world, x, t, cond, reference)
+
+    def reference(self, x, t, rows, live: bool):
+        """(x_ref, m_ref) of the chains rows (None: all; empty: no call, m_ref None): only the drawn chains pay
+        for a reference call; on the live state under divergence_grad full, else detached without gradient."""
+        if rows is not None and rows.numel() == 0:
+            return None, None
+        x_ref, c_ref = (x, self.cond) if rows is None else (x[rows.to(x.device)], index_cond(self.cond, rows.to(x.device)))
+        if live and self.divergence_grad == "full":
+            return x_ref, self.call(x_ref, t, True, c_ref)
+        with torch.no_grad():
+            return x_ref, self.call(x_ref.detach(), t, True, c_ref)
+
+    def policy(self, k: int, x, m):
+        """(mean, sigma) of step k's Gaussian; the noiseless final step is N(m_K, (1 - abar_K) I), the floor."""
+        t = self.timesteps[k]
+        if k == len(self.timesteps) - 1:
+            return m, float((1 - self.abar[t]).sqrt())
+        return self.transition.step(x, m, t, self.timesteps[k + 1], self.abar)
+
+    def regularised_sigma(self, k: int, sigma: float) -> float:
+        """The sigma the divergence uses: a deterministic step (TCD at gamma 0) is regularised like the final one."""
+        if sigma == 0 and k < len(self.timesteps) - 1 and hasattr(self.transition, "sigma_floor"):
+            return self.transition.sigma_floor(self.timesteps[k], self.timesteps[k + 1], self.abar)
+        return sigma
 
 
 def index_cond(cond, idx: torch.Tensor):
     """The conditioning of the chains idx (a tensor, or a dataclass of tensors such as the lcm world's)."""
     if isinstance(cond, torch.Tensor):
         return cond[idx]
-    if hasattr(cond, "__dataclass_fields__"):
-        import dataclasses
-
+    if dataclasses.is_dataclass(cond):
         return dataclasses.replace(cond, **{f: index_cond(getattr(cond, f), idx)
                                             for f in cond.__dataclass_fields__ if isinstance(getattr(cond, f), torch.Tensor)})
     raise TypeError(f"cannot index conditioning of type {type(cond).__name__}")
@@ -246,7 +266,7 @@ def step_divergences(
         elif rows is not None and not torch.equal(rows.cpu(), rolled.cpu()):
             raise ValueError("the plan's chains are not the ones the trajectory called the reference on")
         mean = traj.means[k] if rows is None else traj.means[k][rows.to(device)]
-        col = D.divergence(name, _at_least_fp32(mean), _at_least_fp32(traj.ref_means[k]), traj.sigmas[k], reduction, **kwargs)
+        col = D.divergence(name, _at_least_fp32(mean), _at_least_fp32(ref), traj.sigmas[k], reduction, **kwargs)
         if plan is not None:
             col = col * plan.weight
         if rows is not None:  # scatter the drawn chains' terms into the batch (differentiable)
