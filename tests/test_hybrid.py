@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 import torch
 
 from cmalign.chain import ChainNoise, run_chain

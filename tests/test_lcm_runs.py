@@ -4,7 +4,6 @@ in-place `replicate`), and exact resume."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -18,7 +18,6 @@ from cmalign.chain import ChainNoise, run_chain, step_divergences
 from cmalign.config import TrainConfig, validate
 from cmalign.training.distributed import Shard
 from cmalign.errors import UserError
-from cmalign.methods.base import Batch
 from cmalign.methods.policy_gradient import Dpok
 from cmalign.methods.rocm import Rocm
 from cmalign.worlds.digits.world import DigitsWorld

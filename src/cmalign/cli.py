@@ -1,6 +1,8 @@
 """Command line: cmalign train | sample | eval | pretrain | reward-model | experiment.
 
 Bad input ends with one line `cmalign: error: ...` and exit code 2, never a traceback.
+Each command imports what it runs inside its handler, so that `cmalign --help` and a refusal of bad
+flags never pay for torch, diffusers or transformers.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import json
 import math
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,17 +17,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from cmalign.config import TrainConfig  # noqa: E402
 
 # The tiny digits models of the test-suite (pretrained in seconds into the cache on first use).
-QUICK = dict(digits_model_size="tiny", pretrain_teacher_steps=40, pretrain_distill_steps=30, proxy_pairs=200,
-             batch_size=4, steps=2, eval_every=1, grid_every=1000, eval_size=10, final_eval_size=0, ddpo_steps=3)
+QUICK = {"digits.model_size": "tiny", "digits.pretrain_teacher_steps": 40, "digits.pretrain_distill_steps": 30,
+         "digits.proxy_pairs": 200, "batch_size": 4, "steps": 2, "eval_every": 1, "grid_every": 1000, "eval_size": 10,
+         "final_eval_size": 0, "ddpo.steps": 3}
 # The real runs: the default base model and proxy, evaluation of 200 fixed chains every 10 steps.
 FULL = dict(batch_size=32, eval_every=10, grid_every=100, eval_size=200, final_eval_size=0)
 
 
 def make_config(quick: bool, threads: int = 1, **overrides) -> TrainConfig:
-    base = dict(QUICK if quick else FULL)
-    base.update(threads=threads)
-    base.update(overrides)
-    return TrainConfig(**base)
+    """The experiment's base settings with overrides: common fields or "section.field" keys."""
+    return TrainConfig(**{**(QUICK if quick else FULL), "threads": threads, **overrides})
 
 
 def train_run(cfg: TrainConfig, run_dir: Path, keep_result: bool = False):
@@ -234,12 +232,3 @@ def write_report(out: Path, name: str, quick: bool, parts: list[Path], images: l
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start

@@ -152,11 +152,8 @@ def _plane(out: Path, name: str, by_method: dict[str, list[dict]], x: str, xlabe
     return path
 
 
-def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1, jobs: int = 1,
-        lrs=None, variants=None, budget_s: float | None = None) -> Path:
-    steps = steps or (2 if quick else 150)
-    lrs = lrs or ((1e-3,) if quick else LRS)
-    budget_s = budget_s or (60.0 if quick else BUDGET_S)
+def _cells(out: Path, quick: bool, threads: int, steps: int, lrs, variants, budget_s: float) -> dict:
+    """(variant, lr) -> (config, run directory) of every run of the grid."""
     if variants:
         names = list(variants)
     elif quick:
@@ -164,18 +161,11 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
     else:
         names = [n for n in VARIANTS if n not in EXTRA]
     every = {"eval_every": 2} if quick else {"eval_size": EVAL_SIZE}  # quick: the base and the last point only
-    cells = {(name, lr): (make_config(quick, threads, lr=lr, steps=steps, max_train_seconds=budget_s, **every, **VARIANTS[name][0]),
-                          out / "runs" / f"{name}-lr{lr:g}") for name in names for lr in lrs}
-    seeded = seeded_train_runs(cells, seeds, jobs)
-    curves = {key: seed_mean_points(rows) for key, rows in seeded.items()}
-    methods: dict[str, list[dict]] = {}
-    for (name, lr), pts in curves.items():
-        methods.setdefault(VARIANTS[name][0]["method"], []).extend({**p, "variant": name, "lr": lr} for p in pts)
-    # step 0 of the consistency-chain runs: the base consistency model (ddpo's step 0 is its teacher's)
-    starts = [c[0]["gold"] for (name, _), c in curves.items() if VARIANTS[name][0]["method"] != "ddpo"] or \
-        [c[0]["gold"] for c in curves.values()]
-    base_gold = sum(starts) / len(starts)
+    return {(name, lr): (make_config(quick, threads, lr=lr, steps=steps, max_train_seconds=budget_s, **every, **VARIANTS[name][0]),
+                         out / "runs" / f"{name}-lr{lr:g}") for name in names for lr in lrs}
 
+
+def _summary_rows(curves: dict, seeded: dict, seeds: int) -> list[dict]:
     summary = []
     for (name, lr), pts in curves.items():
         finals = [eval_rows(rows)[-1] for rows in seeded[(name, lr)]]
@@ -187,12 +177,11 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
                         "accuracy_final": round(last["accuracy"], 4), "proxy_final": round(last["proxy"], 4),
                         "heldout_proxy_final": round(last["heldout_proxy"], 4), "kl_final": round(last["kl"], 5),
                         "distance_final": round(last["distance"], 4)})
-    t_sum, _ = write_table(out, "summary", summary, f"Every run ({steps} steps or {budget_s:g} train s, lr grid {', '.join(f'{x:g}' for x in lrs)})",
-                           ["kl_final: per-step KL (per_dim, floor) of tuned to base consistency model on the fixed evaluation chains "
-                            "(– for ddpo: its DDIM chain is the teacher's); distance_final: mean L2 distance ([-1, 1] pixels) to the "
-                            "base model's sample from the same noise",
-                            "proxy: the training proxy; heldout_proxy: another proxy (other pairs, other seed) that is never trained on: "
-                            "hacking shows as proxy up with heldout_proxy and gold down"])
+    return summary
+
+
+def _budget_rows(methods: dict) -> tuple[list[dict], list[dict]]:
+    """Best gold within each KL budget and each sample-distance budget, per method."""
     budgets, dist_budgets = [], []
     for method, pts in methods.items():
         row, drow = {"method": method}, {"method": method}
@@ -207,6 +196,34 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
             drow[f"s_dist<={d:g}"] = round(s, 1) if p else None
         budgets.append(row)
         dist_budgets.append(drow)
+    return budgets, dist_budgets
+
+
+def _time_to_gold_rows(methods: dict, targets: list[float]) -> list[dict]:
+    ttg = []
+    for method, pts in methods.items():
+        row = {"method": method}
+        for g, target in zip(GOLD_GAINS, targets):
+            for d in KL_BUDGETS:
+                s = time_to(pts, "kl", d, target)
+                row[f"+{g:g}@kl<={d:g}"] = round(s, 1) if s is not None else None
+        ttg.append(row)
+    return ttg
+
+
+def _write_tables(out: Path, curves: dict, seeded: dict, methods: dict, seeds: int, steps: int, budget_s: float, lrs) -> list:
+    # step 0 of the consistency-chain runs: the base consistency model (ddpo's step 0 is its teacher's)
+    starts = [c[0]["gold"] for (name, _), c in curves.items() if VARIANTS[name][0]["method"] != "ddpo"] or \
+        [c[0]["gold"] for c in curves.values()]
+    base_gold = sum(starts) / len(starts)
+    t_sum, _ = write_table(out, "summary", _summary_rows(curves, seeded, seeds),
+                           f"Every run ({steps} steps or {budget_s:g} train s, lr grid {', '.join(f'{x:g}' for x in lrs)})",
+                           ["kl_final: per-step KL (per_dim, floor) of tuned to base consistency model on the fixed evaluation chains "
+                            "(– for ddpo: its DDIM chain is the teacher's); distance_final: mean L2 distance ([-1, 1] pixels) to the "
+                            "base model's sample from the same noise",
+                            "proxy: the training proxy; heldout_proxy: another proxy (other pairs, other seed) that is never trained on: "
+                            "hacking shows as proxy up with heldout_proxy and gold down"])
+    budgets, dist_budgets = _budget_rows(methods)
     t_b, _ = write_table(out, "budgets", budgets, "Best gold within a KL budget (to the base consistency model), and the train seconds to it",
                          ["gold_kl<=d: the most eval gold (seed mean) at any evaluation point of any run of the method with KL <= d; "
                           "s_kl<=d: the fewest train seconds (evaluation excluded) at which a run is there; at_kl<=d: which run and step",
@@ -216,15 +233,7 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
                          ["distance: mean L2 distance in [-1, 1] pixel space between a tuned sample and the base model's sample from the "
                           "same noise (for ddpo: its base teacher's); for scale, two different samples of one prompt are ~4 apart"])
     targets = [round(base_gold + g, 4) for g in GOLD_GAINS]
-    ttg = []
-    for method, pts in methods.items():
-        row = {"method": method}
-        for g, target in zip(GOLD_GAINS, targets):
-            for d in KL_BUDGETS:
-                s = time_to(pts, "kl", d, target)
-                row[f"+{g:g}@kl<={d:g}"] = round(s, 1) if s is not None else None
-        ttg.append(row)
-    t_t, _ = write_table(out, "time_to_gold", ttg, "Train seconds to gold base + g within KL budget d",
+    t_t, _ = write_table(out, "time_to_gold", _time_to_gold_rows(methods, targets), "Train seconds to gold base + g within KL budget d",
                          [f"targets: base gold {base_gold:.4f} + {', '.join(f'{g:g}' for g in GOLD_GAINS)} = {', '.join(map(str, targets))}",
                           "– : no run of the method got there within the budget"])
     t_r, _ = write_table(out, "ratios", speed_ratios(curves, methods.get("rocm", [])),
@@ -237,8 +246,22 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
     trace = [{"variant": p["variant"], "lr": p["lr"], **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in p.items()
                                                          if k not in ("variant", "lr")}} for pts in methods.values() for p in pts]
     write_table(out, "points", trace, "Every evaluation point (seed mean)")
+    return [t_b, t_t, t_r, t_d, t_sum]
+
+
+def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1, jobs: int = 1,
+        lrs=None, variants=None, budget_s: float | None = None) -> Path:
+    steps = steps or (2 if quick else 150)
+    lrs = lrs or ((1e-3,) if quick else LRS)
+    budget_s = budget_s or (60.0 if quick else BUDGET_S)
+    seeded = seeded_train_runs(_cells(out, quick, threads, steps, lrs, variants, budget_s), seeds, jobs)
+    curves = {key: seed_mean_points(rows) for key, rows in seeded.items()}
+    methods: dict[str, list[dict]] = {}
+    for (name, lr), pts in curves.items():
+        methods.setdefault(VARIANTS[name][0]["method"], []).extend({**p, "variant": name, "lr": lr} for p in pts)
+    tables = _write_tables(out, curves, seeded, methods, seeds, steps, budget_s, lrs)
     imgs = [_plane(out, "gold_vs_kl", methods, "kl", "per-step KL to the base consistency model (sum over steps)"),
             _plane(out, "gold_vs_distance", methods, "distance", "L2 distance to the base sample (same noise)")]
-    return write_report(out, "frontier", quick, [t_b, t_t, t_r, t_d, t_sum], imgs,
+    return write_report(out, "frontier", quick, tables, imgs,
                         ["Each line is a method's Pareto frontier over all its runs (betas / temperatures, learning rates) and "
                          "evaluation points; faint dots are all the points. points.csv holds every point.", ""])

@@ -22,11 +22,12 @@ import math
 from pathlib import Path
 
 from cmalign.experiments.common import first_reaching, make_config, mean_curve, plot, seeded_train_runs, summary, wall, write_report, write_table
+from cmalign.experiments.frontier import peak, seed_mean_points, time_to
 
 SETTINGS = ((8, 2), (8, 4), (8, 8), (16, 4))  # (resolution, K)
 QUICK_SETTINGS = ((8, 2), (16, 2))
 LRS = (1e-4, 1e-3)
-PRETRAIN_16 = dict(pretrain_teacher_steps=1500, pretrain_distill_steps=600)
+PRETRAIN_16 = {"digits.pretrain_teacher_steps": 1500, "digits.pretrain_distill_steps": 600}
 EVAL_SIZE = 100  # fixed evaluation chains every 10 steps (200 elsewhere; with 200 the default took 20.7 min on 2 cores)
 
 
@@ -35,17 +36,64 @@ EVAL_SIZE = 100  # fixed evaluation chains every 10 steps (200 elsewhere; with 2
 # grid step costs several 8x8 steps, and the axis here is N, not K
 GRID_SETTINGS = ((8, 2, 1), (8, 2, 2), (8, 2, 3))
 QUICK_GRID_SETTINGS = ((8, 2, 1), (8, 2, 2))
-QUICK_GRID = dict(pretrain_teacher_steps=20, pretrain_distill_steps=10, proxy_pairs=80)  # the tiny grid models
+QUICK_GRID = {"digits.pretrain_teacher_steps": 20, "digits.pretrain_distill_steps": 10, "digits.proxy_pairs": 80}  # the tiny grid models
 
 
 def _cell_config(quick, threads, method, lr, steps, res, k, grid):
     extra = {} if quick else {"eval_size": EVAL_SIZE}
     if grid > 1:
-        extra.update(digits_grid=grid, **(QUICK_GRID if quick else {}))
+        extra.update({"digits.grid": grid, **(QUICK_GRID if quick else {})})
     elif not quick and res != 8:
         extra.update(PRETRAIN_16)
     return make_config(quick, threads, method=method, beta=3.0 if method == "rocm" else 0.0, lr=lr, steps=steps, num_steps=k,
-                       digits_resolution=res, **extra)
+                       **{"digits.resolution": res}, **extra)
+
+
+def _setting_row(seeded: dict, setting: tuple, lrs, seeds: int, default_lr: float, over_grid: bool) -> tuple[dict, dict]:
+    """The summary row of one (resolution, K, grid) setting, and its seed-mean gold curves by label."""
+    res, k, g = setting
+    mean = {(m, lr): mean_curve(seeded[(res, k, g, m, lr)]) for m in ("rocm", "rlcm") for lr in lrs}
+    side = res * g
+    curves = {f"{method} {side}x{side}{f' (grid {g})' if g > 1 else ''} K={k} lr={lr:g}": ([r["wall_time"] for r in c], [r["gold"] for r in c])
+              for (method, lr), c in mean.items()}
+    tuned_lr = max(lrs, key=lambda lr: max(r["gold"] for r in mean[("rlcm", lr)]))
+    row = {"resolution": res, "K": k, **({"grid": g} if over_grid else {}), "action_dim": side * side if g > 1 else res * res,
+           "seeds": seeds, "gold_start": round(mean[("rocm", default_lr)][0]["gold"], 4)}
+    for label, rlcm_lr in (("default", default_lr), ("tuned", tuned_lr)):
+        # ROCM at the same lr for "default"; at its fastest lr of the grid for "tuned"
+        rocm_lrs = [default_lr] if label == "default" else list(lrs)
+        ratio, target, rlcm_s, rocm_s, rocm_lr = time_ratio(mean[("rlcm", rlcm_lr)], {lr: mean[("rocm", lr)] for lr in rocm_lrs})
+        row.update({f"{label}_rlcm_lr": rlcm_lr, f"{label}_rlcm_best_gold": round(target, 4), f"{label}_rlcm_s": round(rlcm_s, 1),
+                    f"{label}_rocm_lr": rocm_lr, f"{label}_rocm_s": round(rocm_s, 1) if rocm_s is not None else None,
+                    f"{label}_ratio": ratio})
+        if seeds > 1:  # the same ratio seed by seed (each seed's own RLCM target)
+            one = lambda m, lr, s: mean_curve([seeded[(res, k, g, m, lr)][s]])  # noqa: E731
+            per_seed = [time_ratio(one("rlcm", rlcm_lr, s), {lr: one("rocm", lr, s) for lr in rocm_lrs})[0] for s in range(seeds)]
+            row[f"{label}_ratio_per_seed"] = " / ".join("–" if r is None else f"{r:.2f}" for r in per_seed)
+    if over_grid:
+        row.update(_frontier_columns(seeded, setting, lrs, seeds, tuned_lr))
+    for (method, lr), c in mean.items():
+        row[f"{method}_lr{lr:g}_gold_final"] = round(c[-1]["gold"], 4)
+        row[f"{method}_lr{lr:g}_accuracy_final"] = round(c[-1]["accuracy"], 4)
+    for method in ("rocm", "rlcm"):
+        row[f"{method}_s_per_step"] = summary(seeded[(res, k, g, method, default_lr)][0])["s_per_step"]
+    return row, curves
+
+
+def _frontier_columns(seeded: dict, setting: tuple, lrs, seeds: int, tuned_lr: float) -> dict:
+    """The frontier-based ratio: RLCM's best gold at no larger KL to the base model."""
+    res, k, g = setting
+    pts = {(m, lr): seed_mean_points(seeded[(res, k, g, m, lr)]) for m in ("rocm", "rlcm") for lr in lrs}
+    ratio, target, kl = frontier_ratio(pts[("rlcm", tuned_lr)], [pts[("rocm", lr)] for lr in lrs])
+    out = dict(frontier_rlcm_gold=round(target, 4), frontier_rlcm_kl=round(kl, 4) if math.isfinite(kl) else None,
+               frontier_ratio=ratio)
+    if seeds > 1:
+        per_seed = []
+        for s in range(seeds):
+            one_pts = lambda m, lr: seed_mean_points([seeded[(res, k, g, m, lr)][s]])  # noqa: E731
+            per_seed.append(frontier_ratio(one_pts("rlcm", tuned_lr), [one_pts("rocm", lr) for lr in lrs])[0])
+        out["frontier_ratio_per_seed"] = " / ".join("–" if r is None else f"{r:.2f}" for r in per_seed)
+    return out
 
 
 def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1, jobs: int = 1,
@@ -63,44 +111,9 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
     default_lr = min(lrs, key=lambda lr: abs(lr - 1e-4))
     table, curves = [], {}
     for res, k, g in settings:
-        mean = {(m, lr): mean_curve(seeded[(res, k, g, m, lr)]) for m in ("rocm", "rlcm") for lr in lrs}
-        side = res * g
-        for (method, lr), c in mean.items():
-            curves[f"{method} {side}x{side}{f' (grid {g})' if g > 1 else ''} K={k} lr={lr:g}"] = ([r["wall_time"] for r in c],
-                                                                                                 [r["gold"] for r in c])
-        tuned_lr = max(lrs, key=lambda lr: max(r["gold"] for r in mean[("rlcm", lr)]))
-        row = {"resolution": res, "K": k, **({"grid": g} if over_grid else {}), "action_dim": side * side if g > 1 else res * res,
-               "seeds": seeds, "gold_start": round(mean[("rocm", default_lr)][0]["gold"], 4)}
-        for label, rlcm_lr in (("default", default_lr), ("tuned", tuned_lr)):
-            # ROCM at the same lr for "default"; at its fastest lr of the grid for "tuned"
-            rocm_lrs = [default_lr] if label == "default" else list(lrs)
-            ratio, target, rlcm_s, rocm_s, rocm_lr = time_ratio(mean[("rlcm", rlcm_lr)], {lr: mean[("rocm", lr)] for lr in rocm_lrs})
-            row.update({f"{label}_rlcm_lr": rlcm_lr, f"{label}_rlcm_best_gold": round(target, 4), f"{label}_rlcm_s": round(rlcm_s, 1),
-                        f"{label}_rocm_lr": rocm_lr, f"{label}_rocm_s": round(rocm_s, 1) if rocm_s is not None else None,
-                        f"{label}_ratio": ratio})
-            if seeds > 1:  # the same ratio seed by seed (each seed's own RLCM target)
-                one = lambda m, lr, s: mean_curve([seeded[(res, k, g, m, lr)][s]])  # noqa: E731
-                per_seed = [time_ratio(one("rlcm", rlcm_lr, s), {lr: one("rocm", lr, s) for lr in rocm_lrs})[0] for s in range(seeds)]
-                row[f"{label}_ratio_per_seed"] = " / ".join("–" if r is None else f"{r:.2f}" for r in per_seed)
-        if over_grid:  # the frontier-based ratio: RLCM's best gold at no larger KL to the base model
-            from cmalign.experiments.frontier import seed_mean_points
-
-            pts = {(m, lr): seed_mean_points(seeded[(res, k, g, m, lr)]) for m in ("rocm", "rlcm") for lr in lrs}
-            ratio, target, kl = frontier_ratio(pts[("rlcm", tuned_lr)], [pts[("rocm", lr)] for lr in lrs])
-            row.update(frontier_rlcm_gold=round(target, 4), frontier_rlcm_kl=round(kl, 4) if math.isfinite(kl) else None,
-                       frontier_ratio=ratio)
-            if seeds > 1:
-                per_seed = []
-                for s in range(seeds):
-                    one_pts = lambda m, lr: seed_mean_points([seeded[(res, k, g, m, lr)][s]])  # noqa: E731
-                    per_seed.append(frontier_ratio(one_pts("rlcm", tuned_lr), [one_pts("rocm", lr) for lr in lrs])[0])
-                row["frontier_ratio_per_seed"] = " / ".join("–" if r is None else f"{r:.2f}" for r in per_seed)
-        for (method, lr), c in mean.items():
-            row[f"{method}_lr{lr:g}_gold_final"] = round(c[-1]["gold"], 4)
-            row[f"{method}_lr{lr:g}_accuracy_final"] = round(c[-1]["accuracy"], 4)
-        for method in ("rocm", "rlcm"):
-            row[f"{method}_s_per_step"] = summary(seeded[(res, k, g, method, default_lr)][0])["s_per_step"]
+        row, setting_curves = _setting_row(seeded, (res, k, g), lrs, seeds, default_lr, over_grid)
         table.append(row)
+        curves.update(setting_curves)
     axis = "intrinsic dimension (digits grid N x N)" if over_grid else "resolution and K"
     notes = ["X_ratio: ROCM's train seconds to RLCM's best eval gold / RLCM's seconds to it (– never reached), on the seed-mean "
              "curves; default: both at lr 1e-4; tuned: RLCM at its best lr (highest gold), ROCM at its fastest lr",
@@ -129,8 +142,6 @@ def frontier_ratio(rlcm: list[dict], rocm: list[list[dict]]):
     """(ratio, target gold, KL budget) on frontier points (seed_mean_points rows): RLCM's best gold and its KL to the
     base there; ROCM's fewest seconds over its curves to a point with at least that gold and at most that KL, over
     RLCM's seconds (None where ROCM never gets there)."""
-    from cmalign.experiments.frontier import peak, time_to
-
     best, kl, rlcm_s = peak(rlcm, "kl")
     times = [t for c in rocm if (t := time_to(c, "kl", kl, best["gold"])) is not None]
     ratio = round(min(times) / max(rlcm_s, 1e-9), 3) if times else None

@@ -40,7 +40,6 @@ from cmalign.errors import UserError
 
 SHARDS = "shards"  # the DCP folder inside a checkpoint
 MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"
-MODEL_CONFIG = "config.json"
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -70,22 +69,6 @@ def check_config(cfg) -> None:
 
 
 # --- the frozen reference ----------------------------------------------------------------------------
-@contextlib.contextmanager
-def reference_swapped(world):
-    """World.reference_policy() of full fine-tuning: the frozen copy stands in for the network."""
-    ref, own = world.reference_network, world.network
-    offloaded = getattr(world, "_reference_offload_device", None)
-    if offloaded is not None:  # unsharded offload: weights live on the CPU between calls
-        ref.to(offloaded)
-    world.network = ref
-    try:
-        yield
-    finally:
-        world.network = own
-        if offloaded is not None:
-            ref.to("cpu")
-
-
 def block_modules(network: torch.nn.Module) -> list[torch.nn.Module]:
     """The network's blocks, FSDP's wrapping units: the classes named by an accelerate FSDP config
     (fsdp_transformer_layer_cls_to_wrap), else a diffusers UNet's down, mid and up blocks."""
@@ -143,11 +126,8 @@ class FullFinetune:
             shard(reference, cfg, offload=cfg.reference_offload)
         elif cfg.reference_offload and world.device.type != "cpu":
             reference.to("cpu")
-            world._reference_offload_device = world.device
+            world.reference_offload_device = world.device
         world.reference_network = reference
-
-    def optimizer_step(self, trainer, loss: torch.Tensor) -> float:
-        return reduced_optimizer_step(trainer, loss)
 
     # back to plain modules at the end (every rank: a collective)
     def gather(self, ema=None) -> list[torch.nn.Parameter]:
@@ -179,25 +159,23 @@ class FullFinetune:
         return plain.to(self.world.device).requires_grad_(trainable).eval()
 
 
-def reduced_optimizer_step(trainer, loss: torch.Tensor) -> float:
+def reduced_optimizer_step(optimizer, params, loss: torch.Tensor, accelerator, ranks: int, grad_clip: float) -> float:
     """One update when the engine reduces (averages) the gradients in backward (FSDP2's reduce-scatter,
     or DDP's reducer for data-parallel LoRA): the ranks agree only on whether to skip the update. Every
     rank runs backward, also after a non-finite loss, since the reduction is a collective (the poisoned
-    gradients are then dropped on every rank)."""
-    optimizer, params = trainer.optimizer, trainer.params
+    gradients are then dropped on every rank). Returns the gradient norm before clipping, NaN when skipped."""
     optimizer.zero_grad(set_to_none=True)
     local_bad = not bool(torch.isfinite(loss.detach()).all())
-    trainer.accelerator.backward(loss)
+    accelerator.backward(loss)
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    bad = dist.all_reduce_max(float(local_bad or not math.isfinite(norm)), trainer.shard.count, trainer.accelerator.device)
+    bad = dist.all_reduce_max(float(local_bad or not math.isfinite(norm)), ranks, accelerator.device)
     if bad > 0:
         optimizer.zero_grad(set_to_none=True)
-        trainer._step_bad = True
         return float("nan")
-    if trainer.cfg.grad_clip > 0:
-        coef = min(1.0, trainer.cfg.grad_clip / (norm + 1e-6))  # clip_grad_norm_'s rule
+    if grad_clip > 0:
+        coef = min(1.0, grad_clip / (norm + 1e-6))  # clip_grad_norm_'s rule
         for g in grads:
             g.mul_(coef)
     optimizer.step()

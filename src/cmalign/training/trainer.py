@@ -8,6 +8,7 @@ the final adapter (adapter/), final_eval.json, curves (PNG), before_after.png, r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -218,7 +219,7 @@ class Trainer:
         return prompts, self._noise(len(prompts), gen)
 
     def _ema_applied(self):
-        return self.ema.applied() if self.ema is not None else _nothing()
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def evaluate_fixed(self) -> dict:
         """Scores of the fixed evaluation chains (with the EMA when one is kept)."""
@@ -246,7 +247,10 @@ class Trainer:
         """One update of the trainable parameters from `loss`; returns the gradient norm before clipping
         (NaN when the update is skipped). Methods call it once per update they make."""
         if self.engine_reduces:  # FSDP / DDP reduced the gradients in backward: only the bad-step flag is agreed
-            return finetune.reduced_optimizer_step(self, loss)
+            norm = finetune.reduced_optimizer_step(self.optimizer, self.params, loss, self.accelerator, self.shard.count,
+                                                   self.cfg.grad_clip)
+            self._step_bad = self._step_bad or not math.isfinite(norm)
+            return norm
         self.optimizer.zero_grad(set_to_none=True)
         params = self.params
         local_bad = not bool(torch.isfinite(loss.detach()).all())
@@ -509,14 +513,6 @@ class Trainer:
         if rows:
             with writing("the before/after grid", self.run_dir / "before_after.png"):
                 save_grid(torch.cat(rows), self.run_dir / "before_after.png", nrow=ncol)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _method_class_of(method) -> type[Method]:

@@ -137,15 +137,27 @@ class World(ABC):
         )
 
     reference_network: torch.nn.Module | None = None  # full fine-tuning: the frozen copy of the initial network
+    reference_offload_device: torch.device | None = None  # where that copy computes when it rests on the CPU
 
     def reference_policy(self):
         """Context in which the network is the frozen reference (default: every adapter off; under full
         fine-tuning the frozen copy of the initial weights is swapped in, see cmalign.training.full_finetune)."""
         if self.reference_network is not None:
-            from cmalign.training.full_finetune import reference_swapped
-
-            return reference_swapped(self)
+            return self._frozen_copy_swapped_in()
         return adapters_disabled(self.network)
+
+    @contextlib.contextmanager
+    def _frozen_copy_swapped_in(self) -> Iterator[None]:
+        ref, own, offloaded = self.reference_network, self.network, self.reference_offload_device
+        if offloaded is not None:  # unsharded offload: its weights live on the CPU between calls
+            ref.to(offloaded)
+        self.network = ref
+        try:
+            yield
+        finally:
+            self.network = own
+            if offloaded is not None:
+                ref.to("cpu")
 
     # --- adapter ------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
