@@ -346,3 +346,35 @@ def test_unknown_names_raise_value_error():
         D.divergence("js", a, b, 1.0, "per_dim", estimator="quadrature")
     with pytest.raises(ValueError, match="estimator"):
         D.jensen_shannon(a, b, 1.0, "joint", estimator="importance")
+
+
+def test_summed_joint_kl_over_policy_rollouts_is_the_path_kl():
+    """Chain rule of KL on a linear Gaussian chain in d = 2: x_1 ~ N(0, I) for both, x_{k+1} | x_k ~ N(A_k x_k, s_k^2 I)
+    under P and N(B_k x_k, s_k^2 I) under Q. The exact KL of the joint Gaussians over (x_1, x_2, x_3) equals the
+    expectation over P-rollouts of sum_k D.kl(A_k x_k, B_k x_k, s_k, "joint"); per_dim gives it divided by d."""
+    torch.manual_seed(0)
+    d, sig = 2, [0.7, 0.4]
+    A = [torch.tensor([[0.9, 0.2], [-0.1, 0.8]], dtype=torch.float64), torch.tensor([[0.5, 0.0], [0.3, 1.1]], dtype=torch.float64)]
+    B = [torch.tensor([[0.7, 0.1], [0.0, 0.9]], dtype=torch.float64), torch.tensor([[0.6, -0.2], [0.2, 1.0]], dtype=torch.float64)]
+
+    def joint(mats):  # the covariance of (x_1, x_2, x_3): x = L z with z ~ N(0, I_6)
+        eye, zero = torch.eye(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        m1, m2 = mats
+        L = torch.cat([torch.cat([eye, zero, zero], 1),
+                       torch.cat([m1, sig[0] * eye, zero], 1),
+                       torch.cat([m2 @ m1, sig[0] * m2, sig[1] * eye], 1)])
+        return torch.distributions.MultivariateNormal(torch.zeros(3 * d, dtype=torch.float64), scale_tril=torch.linalg.cholesky(L @ L.T))
+
+    exact = float(torch.distributions.kl_divergence(joint(A), joint(B)))
+    n = 200_000
+    x = [torch.randn(n, d, dtype=torch.float64)]
+    total = torch.zeros(n, dtype=torch.float64)
+    per_dim = torch.zeros(n, dtype=torch.float64)
+    for k in range(2):
+        mu_p, mu_q = x[-1] @ A[k].T, x[-1] @ B[k].T
+        total += D.kl(mu_p, mu_q, sig[k], "joint")
+        per_dim += D.kl(mu_p, mu_q, sig[k], "per_dim")
+        x.append(mu_p + sig[k] * torch.randn(n, d, dtype=torch.float64))
+    sem = float(total.std()) / math.sqrt(n)
+    assert abs(float(total.mean()) - exact) < 4 * sem, (float(total.mean()), exact, sem)
+    assert torch.allclose(per_dim, total / d)

@@ -45,7 +45,13 @@ def _reduce(per_coordinate_fn, delta: torch.Tensor, reduction: str) -> torch.Ten
 
 
 def kl(mu_p, mu_q, sigma, reduction: str = "per_dim") -> torch.Tensor:
-    """KL = delta^2 / 2 (symmetric for equal variances); summed over steps it is the path-measure KL."""
+    """KL = delta^2 / 2 (symmetric for equal variances).
+
+    Summed over the steps of a rollout it estimates the KL between the two path measures, by the chain rule
+    KL(P || Q) = E_{x ~ P}[sum_k KL(p_k(. | x_k) || q_k(. | x_k))], under three conditions: reduction "joint"
+    (per_dim divides each term by the dimension d), final_step "skip" (the floor adds a final-step term that
+    is no transition of the path) and in expectation over the policy's states (one rollout is a one-sample
+    estimate; the initial state is shared). tests/test_divergences.py checks the identity on a linear chain."""
     return _reduce(lambda d2: d2 / 2, _scaled_diff(mu_p, mu_q, sigma), reduction)
 
 
