@@ -135,7 +135,9 @@ def run_chain(
     num_steps = len(timesteps)
     backprop_steps = _checked_backprop_steps(num_steps, backprop_steps, divergence_grad)
     steps = _ChainSteps(world, cond, timesteps, divergence_grad, grad_checkpointing)
-    x = noise.initial if states is None else states[0]
+    # a transition with its own x_1 (the distilled samplers': Euler's scaled input) maps the N(0, I) draw
+    initial = getattr(steps.transition, "initial_state", None)
+    x = (noise.initial if initial is None else initial(noise.initial, num_steps)) if states is None else states[0]
     traj = Trajectory(timesteps=list(timesteps), states=[], means=[], sigmas=[], ref_means=[] if with_reference else None,
                       ref_rows=[] if with_reference else None)
     for k, t in enumerate(timesteps):
@@ -205,7 +207,8 @@ class _ChainSteps:
         """(mean, sigma) of step k's Gaussian; the noiseless final step is N(m_K, (1 - abar_K) I), the floor."""
         t = self.timesteps[k]
         if k == len(self.timesteps) - 1:
-            return m, float((1 - self.abar[t]).sqrt())
+            final = getattr(self.transition, "final_sigma", None)  # continuous-time chains (SCM) have no abar[t]
+            return m, float((1 - self.abar[t]).sqrt()) if final is None else final(t, self.abar)
         return self.transition.step(x, m, t, self.timesteps[k + 1], self.abar)
 
     def regularised_sigma(self, k: int, sigma: float) -> float:
