@@ -7,6 +7,8 @@ from typing import Literal
 
 from cmalign.errors import UserError
 
+CHAINS = ("lcm", "tcd", "euler", "euler_ancestral", "ddim_trailing", "scm")  # lcm.scheduler's values
+
 
 @dataclass
 class LCMConfig:
@@ -27,11 +29,15 @@ class LCMConfig:
     heldout_fraction: float = 0.2
     """Share of prompts held out from training for evaluation."""
     unet: str | None = None
-    """Hub id or folder of a UNet replacing the model's own (e.g. latent-consistency/lcm-sdxl on SDXL base)."""
+    """Hub id or folder of a UNet replacing the model's own (e.g. latent-consistency/lcm-sdxl on SDXL base), or a bare
+    UNet state dict (.safetensors: a local file or owner/repo/FILE, e.g. SDXL-Lightning's 4-step UNet), loaded into the
+    model's own UNet config."""
     lora_weight_name: str | None = None
     """File inside the lora repo/folder when it holds several (e.g. Hyper-SDXL-1step-lora.safetensors)."""
-    scheduler: Literal["lcm", "tcd"] = "lcm"
-    """Chain family: lcm (LCMScheduler) or tcd (TCDScheduler, stochasticity tcd_gamma)."""
+    scheduler: Literal["lcm", "tcd", "euler", "euler_ancestral", "ddim_trailing", "scm"] = "lcm"
+    """Chain family: lcm (LCMScheduler), tcd (TCDScheduler, stochasticity tcd_gamma), euler (EulerDiscreteScheduler,
+    trailing; SD-Turbo, SDXL-Lightning), euler_ancestral (SDXL-Turbo), ddim_trailing (DDIM eta 0; Hyper-SD), scm
+    (SANA-Sprint)."""
     tcd_gamma: float = 0.3
     """TCD's gamma (the pipeline's eta) in [0, 1]: 0 deterministic, 1 the consistency chain's noise."""
     vae_checkpointing: bool = False
@@ -58,8 +64,8 @@ class LCMConfig:
             raise UserError(f"lcm.tcd_gamma must be in [0, 1], got {self.tcd_gamma}")
         if self.lora_mode not in ("fuse", "stack"):
             raise UserError(f"lcm.lora_mode must be fuse or stack, got {self.lora_mode!r}")
-        if self.scheduler not in ("lcm", "tcd"):
-            raise UserError(f"lcm.scheduler must be one of lcm, tcd, got {self.scheduler!r}")
+        if self.scheduler not in CHAINS:
+            raise UserError(f"lcm.scheduler must be one of {', '.join(CHAINS)}, got {self.scheduler!r}")
 
 
 def check_lcm_section(lcm: LCMConfig) -> None:

@@ -19,7 +19,8 @@ from cmalign.errors import UserError
 from cmalign.precision import WEIGHT_DTYPES
 from cmalign.prompts import bundled_prompts, split_prompts
 from cmalign.worlds.base import World, adapters_disabled
-from cmalign.worlds.lcm.config import LCMConfig, check_lcm_section
+from cmalign.worlds.lcm.config import CHAINS, LCMConfig, check_lcm_section
+from cmalign.worlds.lcm.distilled import TRANSITIONS, build_transition
 from cmalign.worlds.lcm.lora import OUR_ADAPTER, PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE, only_adapter_active
 from cmalign.worlds.lcm.tcd import TCDTransition, chain_transition
 
@@ -78,9 +79,12 @@ class LCMWorldBase(World):
         return torch.float32 if self.vae_upcast else self.weight_dtype
 
     def _use_scheduler(self, scheduler, chain: str, tcd_gamma: float):
-        """The chain's scheduler (lcm | tcd) from the pipeline's scheduler config, and the chain constants."""
+        """The chain's scheduler (lcm | tcd | a distilled sampler's) from the pipeline's scheduler config, and the
+        chain constants."""
+        if chain in TRANSITIONS:
+            return self._use_distilled(scheduler, chain)
         if chain not in SCHEDULERS:
-            raise UserError(f"lcm.scheduler must be one of {', '.join(SCHEDULERS)}, got {chain!r}")
+            raise UserError(f"lcm.scheduler must be one of {', '.join(CHAINS)}, got {chain!r}")
         scheduler_cls = SCHEDULERS[chain]
         if not isinstance(scheduler, scheduler_cls):
             scheduler = scheduler_cls.from_config(scheduler.config)
@@ -95,6 +99,18 @@ class LCMWorldBase(World):
         self.original_inference_steps = scheduler.config.original_inference_steps
         self.timestep_scaling = float(getattr(scheduler.config, "timestep_scaling", 10.0))
         return scheduler
+
+    def _use_distilled(self, scheduler, chain: str):
+        """A distilled sampler's chain (distilled.py) on the pipeline's scheduler config: its stock scheduler (the
+        transition's own, e.g. EulerDiscreteScheduler with trailing spacing) becomes the world's."""
+        self.transition = build_transition(chain, scheduler.config)
+        self.scheduler, self.chain_scheduler = self.transition.scheduler, chain
+        abar = getattr(self.scheduler, "alphas_cumprod", None)  # SCM (continuous time) has none
+        self.alphas_cumprod = None if abar is None else abar.to(torch.float64).to(self.device)
+        config = self.scheduler.config
+        self.prediction_type = config.prediction_type
+        self.num_train_timesteps = config.get("num_train_timesteps")
+        return self.scheduler
 
     def _set_geometry(self, resolution: int | None, config, multiple: int, why: str) -> None:
         """resolution (default: the network's sample_size in pixels) and the latent shape."""
@@ -132,8 +148,13 @@ class LCMWorldBase(World):
                 image = self.vae.decode(latents).sample
         return (image.float() + 1) / 2
 
-    def timesteps(self, num_steps: int) -> list[int]:
-        """The pipeline scheduler's own grid (its config decides spacing and original steps)."""
+    def timesteps(self, num_steps: int) -> list:
+        """The pipeline scheduler's own grid (its config decides spacing and original steps); a distilled sampler's
+        is its transition's (e.g. trailing whatever the base's config says; SCM's continuous t)."""
+        if num_steps not in self._timesteps and self.chain_scheduler in TRANSITIONS:
+            if num_steps < 1:
+                raise UserError(f"cannot sample with K={num_steps} steps")
+            self._timesteps[num_steps] = self.transition.timesteps(self, num_steps)
         if num_steps not in self._timesteps:
             scheduler = type(self.scheduler).from_config(self.scheduler.config)
             try:

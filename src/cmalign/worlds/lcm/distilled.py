@@ -57,8 +57,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
+
 import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, SCMScheduler
+
+from cmalign.errors import UserError
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
@@ -101,6 +105,11 @@ class _Scheduled:
     @property
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
+
+    def __str__(self) -> str:
+        spacing = self.config.get("timestep_spacing")
+        what = f"{self.scheduler_cls.__name__}" + (f", {spacing} spacing" if spacing else "")
+        return f"{type(self).__name__} ({what}{', deterministic' if self.deterministic else ''})"
 
     def timesteps(self, world, num_steps: int) -> list:
         ts = [float(t) for t in self._fresh(num_steps).timesteps]
@@ -334,3 +343,28 @@ class SCMTransition(_Scheduled):
 
 TRANSITIONS = {"euler": EulerTransition, "euler_ancestral": EulerAncestralTransition,
                "ddim_trailing": DDIMTrailingTransition, "scm": SCMTransition}
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """What a method check needs to know of a distilled chain before any model is read (factory.chain_transition):
+    its name and whether a step adds noise."""
+
+    chain: str
+
+    @property
+    def deterministic(self) -> bool:
+        return TRANSITIONS[self.chain].deterministic
+
+    def __str__(self) -> str:
+        cls = TRANSITIONS[self.chain]
+        return f"{cls.__name__} ({cls.scheduler_cls.__name__}{', deterministic' if cls.deterministic else ''})"
+
+
+def build_transition(chain: str, scheduler_config):
+    """The transition of a distilled chain (a TRANSITIONS key) on a pipeline's scheduler config; a config it
+    cannot reproduce is refused in one line (UserError)."""
+    try:
+        return TRANSITIONS[chain](scheduler_config)
+    except ValueError as exc:
+        raise UserError(f"lcm.scheduler {chain}: {exc}") from None

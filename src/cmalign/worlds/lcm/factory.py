@@ -2,13 +2,14 @@
 only) and builds the world of that family, never a parent class dispatching to its children.
 
 - from_config: identify the model before any weights load, refuse one that is not a few-step model
-  (family.check_distilled), then build unet.LCMWorld (SD-1.5 / SDXL) or pixart.PixArtLCMWorld;
+  (family.check_distilled), then build unet.LCMWorld (SD-1.5 / SD-2.1 / SDXL), pixart.PixArtLCMWorld or
+  sana.SanaSprintWorld;
 - check_config: the lcm section's own ranges (no model is read);
 - default_settings: the family's defaults (family.family_defaults) for the config layer to apply to the
   fields a user did not set;
-- chain_transition: the chain the world will sample, built without weights (TCD with its gamma, or None
-  for the consistency chain), for the method and reward checks (a deterministic TCD chain has no step
-  log-probabilities).
+- chain_transition: the chain the world will sample, built without weights (TCD with its gamma, a distilled
+  sampler's ChainSpec, or None for the consistency chain), for the method and reward checks (a deterministic
+  chain -- TCD gamma 0, Euler, DDIM trailing -- has no step log-probabilities).
 The factory is never instantiated: its from_config returns an instance of the family's class.
 """
 
@@ -23,7 +24,7 @@ from cmalign.worlds.lcm.tcd import chain_transition
 
 # family -> "module:Class" of its world, imported only when that family is built
 FAMILY_WORLDS = {"sd": "cmalign.worlds.lcm.unet:LCMWorld", "sdxl": "cmalign.worlds.lcm.unet:LCMWorld",
-                 "pixart": "cmalign.worlds.lcm.pixart:PixArtLCMWorld"}
+                 "pixart": "cmalign.worlds.lcm.pixart:PixArtLCMWorld", "sana": "cmalign.worlds.lcm.sana:SanaSprintWorld"}
 
 
 def family_world_class(family: str) -> type:
@@ -32,7 +33,7 @@ def family_world_class(family: str) -> type:
 
 
 class LCMFamilyWorld(World):
-    """The lcm world: diffusers latent consistency models (SD-1.5, SDXL, PixArt-LCM), by family."""
+    """The lcm world: diffusers few-step models (LCM, TCD, Turbo, Lightning, Hyper-SD, SANA-Sprint), by family."""
 
     name = "lcm"
     config_sections = {"lcm": LCMConfig}

@@ -1,6 +1,7 @@
 """Our LoRA adapter on a consistency model's network: its spec, the reference policy of a stacked LCM-LoRA,
 and the checks that an exported adapter loads completely into a stock pipeline (diffusers' LoRA loader for
-the UNet families, PeftModel.from_pretrained for PixArt). Shared by unet.py and pixart.py."""
+the UNet families and SANA-Sprint's transformer, PeftModel.from_pretrained for PixArt). Shared by unet.py, sana.py
+and pixart.py."""
 
 from __future__ import annotations
 
@@ -76,18 +77,25 @@ def _compare(ours: dict, landed: dict, extra: list, what: str) -> None:
             f"e.g. {example}); not exported")
 
 
-def check_lora_loads_completely(pipeline_class, network: torch.nn.Module, adapter: str, path: Path) -> None:
+def check_lora_loads_completely(pipeline_class, network: torch.nn.Module, adapter: str, path: Path,
+                                component: str = "unet") -> None:
     """Load a diffusers LoRA file with the stock loader of `pipeline_class` into a weightless (meta-device)
-    UNet of `network`'s config and refuse it (one-line UserError) unless exactly the tensors of `adapter`
-    land there, with the same shapes and scales. Stock loaders only warn about keys they cannot place."""
+    copy of `network` (its `component`: the UNet, or the transformer of SanaSprintPipeline) and refuse it
+    (one-line UserError) unless exactly the tensors of `adapter` land there, with the same shapes and scales.
+    Stock loaders only warn about keys they cannot place."""
     path = Path(path)
-    state_dict, alphas, metadata = pipeline_class.lora_state_dict(
-        path.parent, weight_name=path.name, return_lora_metadata=True)
+    loaded = pipeline_class.lora_state_dict(path.parent, weight_name=path.name, return_lora_metadata=True)
     with torch.device("meta"):
         shadow = model_class(network).from_config(network.config)  # not DDP's generated subclass
     try:
-        pipeline_class.load_lora_into_unet(state_dict, alphas, shadow, adapter_name="check", metadata=metadata,
-                                           low_cpu_mem_usage=True)
+        if component == "unet":
+            state_dict, alphas, metadata = loaded
+            pipeline_class.load_lora_into_unet(state_dict, alphas, shadow, adapter_name="check", metadata=metadata,
+                                               low_cpu_mem_usage=True)
+        else:  # the transformer loaders (SanaLoraLoaderMixin): no network alphas
+            state_dict, metadata = loaded
+            pipeline_class.load_lora_into_transformer(state_dict, shadow, adapter_name="check", metadata=metadata,
+                                                      low_cpu_mem_usage=True)
     except Exception as exc:  # noqa: BLE001 -- any loader failure means a stock pipeline cannot use the file
         raise UserError(f"the exported LoRA {path} does not load into a stock {pipeline_class.__name__} "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None

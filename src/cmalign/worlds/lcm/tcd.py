@@ -84,6 +84,11 @@ class TCDTransition:
         return [int(t) for t in scheduler.timesteps]
 
 
-def chain_transition(lcm) -> TCDTransition | None:
-    """The per-step update an lcm section asks for: TCD with its gamma, or None (the consistency chain)."""
+def chain_transition(lcm):
+    """The per-step update an lcm section asks for, without weights: TCD with its gamma, a distilled sampler's
+    ChainSpec (distilled.py: its name and `deterministic`), or None (the consistency chain)."""
+    if lcm.scheduler in ("euler", "euler_ancestral", "ddim_trailing", "scm"):
+        from cmalign.worlds.lcm.distilled import ChainSpec
+
+        return ChainSpec(lcm.scheduler)
     return TCDTransition(lcm.tcd_gamma) if lcm.scheduler == "tcd" else None

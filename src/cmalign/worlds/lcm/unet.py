@@ -5,7 +5,9 @@ Two UNet families, picked by the pipeline folder's own model_index.json (`_class
   StableDiffusionPipeline base with an LCM-LoRA);
 - sdxl: SDXL-class (StableDiffusionXLPipeline: two text encoders, pooled text embeddings and
   add_time_ids; LCM-SDXL and LCM-SSD-1B UNets, SDXL/SSD-1B bases with an LCM-LoRA or TCD-LoRA).
-Two chain families: lcm (LCMScheduler; chain.ConsistencyTransition) and tcd (TCDScheduler; tcd.TCDTransition).
+Chain families: lcm (LCMScheduler; chain.ConsistencyTransition), tcd (TCDScheduler; tcd.TCDTransition) and the
+distilled samplers (distilled.py): euler (SD-Turbo, SDXL-Lightning), euler_ancestral (SDXL-Turbo), ddim_trailing
+(Hyper-SD), each with the stock scheduler's own grid (trailing) and guidance 0 meaning no CFG pass.
 
 The chain (chain.run_chain) reproduces the stock pipeline driven by that scheduler exactly for the same
 noise; everything the pipeline computes once per call (text embeddings, pooled embeddings and time ids,
@@ -49,7 +51,10 @@ class PromptConditioning:
 
 
 class LCMWorld(LCMWorldBase):
-    """The lcm world on an SD-1.5- or SDXL-class UNet (an LCM UNet, or a base with an LCM-/TCD-LoRA)."""
+    """The lcm world on an SD-1.5- or SDXL-class UNet (an LCM UNet, or a base with an LCM-/TCD-LoRA; SD-Turbo,
+    SDXL-Turbo, SDXL-Lightning, Hyper-SD on their distilled samplers)."""
+
+    lora_component = "unet"  # what the pipeline's LoRA loader puts our adapter on (sana.py: the transformer)
 
     def __init__(self, unet: UNet2DConditionModel, vae, text_encoder, tokenizer, scheduler, *, text_encoder_2=None,
                  tokenizer_2=None, settings: LCMConfig | None = None, device: str | torch.device = "cpu",
@@ -191,13 +196,13 @@ class LCMWorld(LCMWorldBase):
         directory.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().float().contiguous() for k, v in self.adapter_state_dict().items()}
         config = self.adapter_config().to_dict()
-        pipeline_class = type(self.pipeline)
-        pipeline_class.save_lora_weights(
-            directory, unet_lora_layers=weights, weight_name=DIFFUSERS_LORA_FILE,
-            unet_lora_adapter_metadata=config,  # carries lora_alpha: stock loaders would assume alpha = r
-        )
+        pipeline_class, component = type(self.pipeline), self.lora_component
+        pipeline_class.save_lora_weights(  # the metadata carries lora_alpha: stock loaders would assume alpha = r
+            directory, weight_name=DIFFUSERS_LORA_FILE,
+            **{f"{component}_lora_layers": weights, f"{component}_lora_adapter_metadata": config})
         try:
-            check_lora_loads_completely(pipeline_class, self.network, OUR_ADAPTER, directory / DIFFUSERS_LORA_FILE)
+            check_lora_loads_completely(pipeline_class, self.network, OUR_ADAPTER, directory / DIFFUSERS_LORA_FILE,
+                                        component)
         except UserError:
             (directory / DIFFUSERS_LORA_FILE).unlink(missing_ok=True)
             raise
