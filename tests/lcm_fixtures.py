@@ -303,3 +303,106 @@ def write_image_reward(folder: Path, seed: int = 0) -> tuple[Path, BlipVisionMod
     checkpoint.update({f"mlp.{k}": t for k, t in linear_head_tensors((32, 16, 8, 4, 2, 1), seed).items()})
     torch.save({k: t.clone() for k, t in checkpoint.items()}, folder / "ImageReward.pt")
     return folder, vision, text
+
+
+# --- the distilled families (tests/test_distilled_families.py) -------------------------------------------------
+# stabilityai/sd-turbo's and sdxl-turbo's scheduler configs (trailing spacing), SDXL base's (leading, for Lightning)
+TURBO_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                       prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+                       interpolation_type="linear", use_karras_sigmas=False, timestep_spacing="trailing")
+BASE_UNET = {"time_cond_proj_dim": None}  # SD-2.1 / SDXL UNets: no guidance embedding
+
+
+def save_turbo_pipeline(folder: Path, family: str, seed: int = 0) -> Path:
+    """A tiny pipeline folder laid out as stabilityai/sd-turbo (StableDiffusionPipeline, EulerDiscreteScheduler,
+    trailing) or stabilityai/sdxl-turbo (StableDiffusionXLPipeline, EulerAncestralDiscreteScheduler, trailing)."""
+    from diffusers import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline)
+
+    if family == "sd":
+        components = random_components(folder / "build", "tiny", seed=seed, **BASE_UNET)
+        components["scheduler"] = EulerDiscreteScheduler.from_config(TURBO_SCHEDULER)
+        pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        components = random_components(folder / "build", "tiny-sdxl", seed=seed, **BASE_UNET)
+        components["scheduler"] = EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER)
+        pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    pipe.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def save_sdxl_base_and_lightning_unet(folder: Path) -> tuple[Path, Path]:
+    """A tiny SDXL base folder (EulerDiscreteScheduler, leading, as stabilityai/stable-diffusion-xl-base-1.0) and,
+    beside it, a UNet state dict of the same config in ByteDance's file name (sdxl_lightning_4step_unet.safetensors)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    components = random_components(folder / "build", "tiny-sdxl", **BASE_UNET)
+    components["scheduler"] = EulerDiscreteScheduler.from_config(dict(TURBO_SCHEDULER, timestep_spacing="leading"))
+    StableDiffusionXLPipeline(**components, add_watermarker=False).save_pretrained(folder / "base")
+    lightning = random_components(folder / "build2", "tiny-sdxl", seed=5, **BASE_UNET)["unet"]
+    path = folder / "SDXL-Lightning" / "sdxl_lightning_4step_unet.safetensors"
+    path.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in lightning.state_dict().items()}, path)
+    return folder / "base", path
+
+
+def write_hyper_lora(folder: Path, family: str = "sd", seed: int = 3) -> Path:
+    """A diffusers LoRA file for the tiny base UNet in ByteDance/Hyper-SD's file name (Hyper-SD15-2steps-lora)."""
+    size, name = ("tiny", "Hyper-SD15-2steps-lora.safetensors") if family == "sd" else (
+        "tiny-sdxl", "Hyper-SDXL-2steps-lora.safetensors")
+    unet = random_components(folder / "build", size, seed=seed, **BASE_UNET)["unet"]
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), "made")
+    perturb_lora_b(unet, "made", seed=seed)
+    LatentConsistencyModelPipeline.save_lora_weights(folder / "Hyper-SD", weight_name=name,
+                                                     unet_lora_layers=get_peft_model_state_dict(unet, adapter_name="made"))
+    return folder / "Hyper-SD"
+
+
+def gemma_fixture_tokenizer(folder: Path):
+    """A Gemma fast tokenizer in the publisher's layout (tokenizer.json + tokenizer_config.json): a byte-level BPE with
+    no merges (every byte a token) and Gemma's special tokens, so that no sentencepiece model is needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import GemmaTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = GemmaTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+TINY_SANA = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4, num_layers=1,
+                 num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+                 sample_size=16, patch_size=1, qk_norm="rms_norm_across_heads", guidance_embeds=True,
+                 guidance_embeds_scale=0.1)
+TINY_DC_AE = dict(in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                  decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                  decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                  encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+                  upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                  scaling_factor=0.41407)
+
+
+def save_sana_sprint_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A tiny folder laid out as Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers: SanaSprintPipeline with a
+    Gemma-2 text encoder and its fast tokenizer, AutoencoderDC (here 2x), SanaTransformer2DModel with the guidance
+    embedding, SCMScheduler (sigma_data 0.5)."""
+    from diffusers import AutoencoderDC, SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = gemma_fixture_tokenizer(folder / "build" / "tokenizer")
+    torch.manual_seed(seed)
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    pipe = SanaSprintPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=AutoencoderDC(**TINY_DC_AE),
+                              transformer=SanaTransformer2DModel(**TINY_SANA), scheduler=SCMScheduler())
+    pipe.save_pretrained(folder / "model")
+    return folder / "model"
