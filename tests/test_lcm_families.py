@@ -161,11 +161,11 @@ def _stacked(cfg):
 
 
 def test_family_comes_from_model_index_and_unsupported_ones_are_refused_before_weights(tmp_path, monkeypatch):
-    sana = tmp_path / "sana"
-    sana.mkdir()
-    (sana / "model_index.json").write_text(json.dumps({"_class_name": "SanaSprintPipeline"}))
-    with pytest.raises(UserError, match="SanaSprintPipeline pipeline; the lcm world runs"):
-        build_world(cfg_for(sana))  # no weights exist there: refused before any load
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(UserError, match="FluxPipeline pipeline; the lcm world runs"):
+        build_world(cfg_for(flux))  # no weights exist there: refused before any load
     unet_only = tmp_path / "lcm-sdxl"
     unet_only.mkdir()
     (unet_only / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
