@@ -21,7 +21,8 @@ from cmalign.prompts import bundled_prompts, split_prompts
 from cmalign.worlds.base import World, adapters_disabled
 from cmalign.worlds.lcm.config import CHAINS, LCMConfig, check_lcm_section
 from cmalign.worlds.lcm.distilled import TRANSITIONS, build_transition
-from cmalign.worlds.lcm.lora import OUR_ADAPTER, PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE, only_adapter_active
+from cmalign.worlds.lcm.family import optional_ref
+from cmalign.worlds.lcm.lora import OUR_ADAPTER, PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE, adapter_spec, only_adapter_active
 from cmalign.worlds.lcm.tcd import TCDTransition, chain_transition
 
 DEFAULT_PROMPTS = "simple_animals"
@@ -33,6 +34,17 @@ def refuse_transition(cfg, transition) -> None:
     if transition is not None:
         raise UserError(f"{cfg.method} needs a diffusion model's DDIM chain; the lcm world samples consistency "
                         "(lcm, tcd) chains only")
+
+
+def transformer_adapter(cfg, transition, lora: bool, what: str, why: str = ""):
+    """What a transformer world's from_config checks (its own chain; no UNet or LoRA to put on it), and the spec of
+    our adapter (None: lora False or no rank)."""
+    refuse_transition(cfg, transition)
+    check_lcm_section(cfg.lcm)
+    lcm = cfg.lcm
+    if optional_ref(lcm.unet) or optional_ref(lcm.lora):
+        raise UserError(f"{lcm.model} is a {what} pipeline: --lcm.unet and --lcm.lora apply to the UNet families only{why}")
+    return adapter_spec(cfg.lora_rank if lora else None, cfg.lora_alpha, lcm.lora_targets)
 
 
 class LCMWorldBase(World):
@@ -67,6 +79,26 @@ class LCMWorldBase(World):
         self._text_cache: dict = {}
         self._timesteps: dict[int, list[int]] = {}
         self.has_adapter = False
+
+    def _setup_transformer_pipeline(self, pipeline_cls, components: dict, settings: LCMConfig, chain: str, device,
+                                    mixed_precision: str) -> None:
+        """The transformer worlds' shared constructor steps (PixArt, SANA-Sprint): dtypes (the text encoder in float32
+        under float16: T5 and Gemma-2 overflow there; it runs once per prompt), placement, the chain's scheduler, the
+        stock pipeline and the latent geometry (the VAE's downsampling times the patch size)."""
+        transformer, vae = components["transformer"], components["vae"]
+        self._setup(settings, device, mixed_precision, vae)
+        self.text_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype
+        self._place([(transformer, self.weight_dtype), (components["text_encoder"], self.text_dtype),
+                     (vae, self._vae_dtype())])
+        if settings.vae_checkpointing:
+            vae.enable_gradient_checkpointing()
+        scheduler = self._use_scheduler(components["scheduler"], chain, settings.tcd_gamma)
+        self.pipeline = pipeline_cls(**dict(components, scheduler=scheduler))
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.network, self.vae = transformer, vae
+        config, scale = transformer.config, self.pipeline.vae_scale_factor
+        self._set_geometry(settings.resolution, config, scale * config.patch_size,
+                           f"the VAE's downsampling {scale} times the transformer's patch size {config.patch_size}")
 
     def _place(self, modules: list[tuple[torch.nn.Module, torch.dtype]]) -> None:
         """Freeze each module and move it to the device in its dtype."""

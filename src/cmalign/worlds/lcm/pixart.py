@@ -32,11 +32,10 @@ from safetensors.torch import save_file
 
 from cmalign.errors import UserError
 from cmalign.worlds.lcm.config import LCMConfig
-from cmalign.worlds.lcm.core import LCMWorldBase, refuse_transition
-from cmalign.worlds.lcm.family import optional_ref
+from cmalign.worlds.lcm.core import LCMWorldBase, transformer_adapter
 from cmalign.worlds.lcm.loading import load_pixart_components
 from cmalign.worlds.lcm.lora import (
-    OUR_ADAPTER, PEFT_ADAPTER_FILE, PEFT_PREFIX, adapter_spec, check_peft_adapter_loads_completely,
+    OUR_ADAPTER, PEFT_ADAPTER_FILE, PEFT_PREFIX, check_peft_adapter_loads_completely,
 )
 
 __all__ = ["PixArtLCMWorld", "PixArtConditioning"]
@@ -72,20 +71,10 @@ class PixArtLCMWorld(LCMWorldBase):
             # PixArtAlphaPipeline returns the scheduler's second output at K = 1, which is not TCD's chain output
             raise UserError(f"lcm.scheduler {settings.scheduler} is not supported for PixArt pipelines (lcm only)")
         _check_tokenizer(text_encoder, tokenizer)
-        self._setup(settings, device, mixed_precision, vae)
-        # T5 overflows in float16: it stays in float32 then (it runs once per prompt)
-        self.text_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype
-        self._place([(transformer, self.weight_dtype), (text_encoder, self.text_dtype), (vae, self._vae_dtype())])
-        if settings.vae_checkpointing:
-            vae.enable_gradient_checkpointing()
-        scheduler = self._use_scheduler(scheduler, "lcm", settings.tcd_gamma)
-        self.pipeline = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                            transformer=transformer, scheduler=scheduler)
-        self.pipeline.set_progress_bar_config(disable=True)
-        self.network, self.vae = transformer, vae
-        config, scale = transformer.config, self.pipeline.vae_scale_factor
-        self._set_geometry(settings.resolution, config, scale * config.patch_size,
-                           f"the VAE's downsampling {scale} times the transformer's patch size {config.patch_size}")
+        components = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          scheduler=scheduler)
+        self._setup_transformer_pipeline(PixArtAlphaPipeline, components, settings, "lcm", device, mixed_precision)
+        config = transformer.config
         self.learned_sigma = config.out_channels // 2 == config.in_channels  # as the pipeline tests it
         self.classifier_free = self.guidance_scale > 1.0  # the pipeline's do_classifier_free_guidance
         self.max_sequence_length = int(max_sequence_length)
@@ -98,13 +87,8 @@ class PixArtLCMWorld(LCMWorldBase):
 
     @classmethod
     def from_config(cls, cfg, device="cpu", lora: bool = True, transition=None) -> "PixArtLCMWorld":
-        refuse_transition(cfg, transition)
-        cls.check_config(cfg)
+        adapter = transformer_adapter(cfg, transition, lora, "PixArt", " (diffusers has no PixArt LoRA loader)")
         lcm = cfg.lcm
-        if optional_ref(lcm.unet) or optional_ref(lcm.lora):
-            raise UserError(f"{lcm.model} is a PixArt pipeline: --lcm.unet and --lcm.lora apply to the UNet families "
-                            "only (diffusers has no PixArt LoRA loader)")
-        adapter = adapter_spec(cfg.lora_rank if lora else None, cfg.lora_alpha, lcm.lora_targets)
         return cls(**load_pixart_components(lcm.model), settings=lcm, device=device,
                    mixed_precision=cfg.mixed_precision, adapter=adapter)
 

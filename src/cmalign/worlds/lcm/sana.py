@@ -32,10 +32,8 @@ from peft import LoraConfig
 
 from cmalign.errors import UserError
 from cmalign.worlds.lcm.config import LCMConfig
-from cmalign.worlds.lcm.core import refuse_transition
-from cmalign.worlds.lcm.family import optional_ref
+from cmalign.worlds.lcm.core import transformer_adapter
 from cmalign.worlds.lcm.loading import load_sana_components
-from cmalign.worlds.lcm.lora import adapter_spec
 from cmalign.worlds.lcm.unet import LCMWorld
 
 __all__ = ["SanaSprintWorld", "SanaConditioning"]
@@ -72,18 +70,10 @@ class SanaSprintWorld(LCMWorld):
             raise UserError("lcm.vae_checkpointing: SANA's AutoencoderDC has no gradient checkpointing; leave it off")
         if not getattr(transformer.config, "guidance_embeds", False):
             raise UserError("the transformer has no guidance embedding (guidance_embeds): not a SANA-Sprint model")
-        self._setup(settings, device, mixed_precision, vae)
-        # Gemma-2 overflows in float16: it stays in float32 then (it runs once per prompt)
-        self.text_dtype = torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype
-        self._place([(transformer, self.weight_dtype), (text_encoder, self.text_dtype), (vae, self._vae_dtype())])
-        scheduler = self._use_scheduler(scheduler, "scm", settings.tcd_gamma)
-        self.pipeline = SanaSprintPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                           transformer=transformer, scheduler=scheduler)
-        self.pipeline.set_progress_bar_config(disable=True)
-        self.network, self.vae = transformer, vae
-        config, scale = transformer.config, self.pipeline.vae_scale_factor
-        self._set_geometry(settings.resolution, config, scale * config.patch_size,
-                           f"the VAE's downsampling {scale} times the transformer's patch size {config.patch_size}")
+        components = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          scheduler=scheduler)
+        self._setup_transformer_pipeline(SanaSprintPipeline, components, settings, "scm", device, mixed_precision)
+        config = transformer.config
         self.max_sequence_length = int(max_sequence_length)
         self._guidance = (torch.full([1], float(self.guidance_scale), dtype=torch.float32)
                           * float(config.guidance_embeds_scale)).to(self.device)
@@ -93,12 +83,8 @@ class SanaSprintWorld(LCMWorld):
 
     @classmethod
     def from_config(cls, cfg, device="cpu", lora: bool = True, transition=None) -> "SanaSprintWorld":
-        refuse_transition(cfg, transition)
-        cls.check_config(cfg)
+        adapter = transformer_adapter(cfg, transition, lora, "SANA-Sprint")
         lcm = cfg.lcm
-        if optional_ref(lcm.unet) or optional_ref(lcm.lora):
-            raise UserError(f"{lcm.model} is a SANA-Sprint pipeline: --lcm.unet and --lcm.lora apply to the UNet families")
-        adapter = adapter_spec(cfg.lora_rank if lora else None, cfg.lora_alpha, lcm.lora_targets)
         return cls(**load_sana_components(lcm.model), settings=lcm, device=device,
                    mixed_precision=cfg.mixed_precision, adapter=adapter)
 
