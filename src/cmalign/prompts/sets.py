@@ -394,7 +394,9 @@ def _as_list(value: str | Iterable[str] | None, what: str) -> list[str] | None:
     return values
 
 
-def _match(wanted: list[str], present: list[str], known: list[str], what: str, fmt: str, source: str, scope: str = "") -> set[str]:
+def _match(
+    wanted: list[str], present: list[str], known: list[str], what: str, fmt: str, source: str, scope: str = ""
+) -> set[str]:
     """The values among `present` that the wanted ones name (exact, else case-insensitive).
 
     One line if a wanted value is not in the file at all (`known`: all the file's values, listed) or is in
@@ -411,7 +413,9 @@ def _match(wanted: list[str], present: list[str], known: list[str], what: str, f
                 f"{what}s there: {', '.join(present) or '(none)'}"
             )
         else:
-            raise UserError(f"unknown {what} {_one_line(w)} in {fmt} prompts {source}; available: {', '.join(known) or '(none)'}")
+            raise UserError(
+                f"unknown {what} {_one_line(w)} in {fmt} prompts {source}; available: {', '.join(known) or '(none)'}"
+            )
     return chosen
 
 
@@ -445,7 +449,8 @@ def load_prompts(
         path = Path(target).expanduser()
         source = str(path)
         if not path.exists():
-            hint = f" (built-in sets: {', '.join(BUILTIN_SETS)})" if fmt is None and "/" not in target and "." not in target else ""
+            bare = fmt is None and "/" not in target and "." not in target
+            hint = f" (built-in sets: {', '.join(BUILTIN_SETS)})" if bare else ""
             raise UserError(f"prompt file {path} does not exist{hint}")
         if fmt is None:
             fmt, detected = detect_format(path), True
@@ -464,14 +469,18 @@ def load_prompts(
     filters: dict[str, Any] = {}
     if categories is not None:
         if fmt not in _CATEGORY_FORMATS:
-            raise UserError(f"the {fmt} prompts in {source} have no categories; category filters work with {', '.join(_CATEGORY_FORMATS)}")
+            raise UserError(
+                f"the {fmt} prompts in {source} have no categories; category filters work with {', '.join(_CATEGORY_FORMATS)}"
+            )
         known = list(dict.fromkeys(m["category"] for _, m in entries if m.get("category")))
         chosen = _match(categories, known, known, "category", fmt, source)
         entries = [(p, m) for p, m in entries if m.get("category") in chosen]
         filters["category"] = categories
     if challenges is not None:
         if fmt != "parti":
-            raise UserError(f"the {fmt} prompts in {source} have no challenge column; challenge filters work with parti only")
+            raise UserError(
+                f"the {fmt} prompts in {source} have no challenge column; challenge filters work with parti only"
+            )
         present = list(dict.fromkeys(m["challenge"] for _, m in entries if m["challenge"]))
         known = list(dict.fromkeys(m["challenge"] for _, m in all_entries if m["challenge"]))
         scope = f"category {', '.join(categories)}" if categories else "a challenge"
