@@ -317,6 +317,9 @@ def test_detection_by_name_and_content(tmp_path, parti, drawbench, geneval):
     assert detect_format(write(tmp_path / "h", '["a"]')) == "hpsv2"
     assert detect_format(write(tmp_path / "c", PICKAPIC)) == "pickapic"
     assert detect_format(write(tmp_path / "prompts.list", "a kite\na pear\n")) == "txt"
+    assert detect_format(write(tmp_path / "styled", "[cinematic] a kite\n{a, b} pear\n")) == "txt"
+    assert detect_format(write(tmp_path / "braces", "{a, b} pear\n")) == "txt"
+    assert detect_format(write(tmp_path / "h2", '[\n  "a"\n]\n')) == "hpsv2"
     assert load_prompts(str(tmp_path / "p")).prompts == load_prompts(str(parti)).prompts
     # a named format overrides the file name
     named = write(tmp_path / "sheet.txt", DRAWBENCH)

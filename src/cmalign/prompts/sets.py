@@ -319,8 +319,12 @@ def _sniff(head: str) -> str | None:
     if "\t" in first and [f.strip().casefold() for f in first.split("\t")[:3]] == ["prompt", "category", "challenge"]:
         return "parti"
     if stripped.startswith("{"):
-        return "geneval"
-    if stripped.startswith("["):
+        try:
+            if isinstance(json.loads(stripped), dict):
+                return "geneval"
+        except json.JSONDecodeError:
+            pass  # e.g. a plain-text prompt that starts with a brace
+    if stripped == "[" or re.match(r'\[\s*"', stripped):
         return "hpsv2"
     header = next(csv.reader([first]), [])
     if _column(header, "caption") is not None:
