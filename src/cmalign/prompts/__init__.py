@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from cmalign.errors import UserError
+from cmalign.prompts.sets import FORMATS as PROMPT_FORMATS, PromptSet, load_prompts  # noqa: F401  (standard evaluation sets)
 
 BUNDLED = ("simple_animals", "varied")
 
