@@ -170,6 +170,8 @@ class TrainConfig:
     # --- evaluation and logging --------------------------------------------------------------------
     eval_every: int = 25
     """Score the fixed evaluation set (proxy, gold, accuracy) every this many steps."""
+    eval_reward_weights: Annotated[dict[str, float], name_value_pairs(float)] = field(default_factory=dict)
+    """Held-out rewards never in the loss, each scored alone (weight times score) on the fixed evaluation chains and logged as eval_heldout_NAME, e.g. jpeg_incompressibility=1.0."""
     eval_size: int = 200
     """Fixed evaluation chains (prompts x seeds), identical at every evaluation."""
     grid_every: int = 100

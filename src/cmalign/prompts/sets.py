@@ -423,6 +423,36 @@ def _match(
     return chosen
 
 
+def _filtered(entries: list, fmt: str, source: str, categories: list[str] | None,
+              challenges: list[str] | None) -> tuple[list, dict[str, Any]]:
+    """The entries of the named categories and challenges, and the filters applied."""
+    all_entries = entries
+    filters: dict[str, Any] = {}
+    if categories is not None:
+        if fmt not in _CATEGORY_FORMATS:
+            raise UserError(
+                f"the {fmt} prompts in {source} have no categories; category filters work with {', '.join(_CATEGORY_FORMATS)}"
+            )
+        known = list(dict.fromkeys(m["category"] for _, m in entries if m.get("category")))
+        chosen = _match(categories, known, known, "category", fmt, source)
+        entries = [(p, m) for p, m in entries if m.get("category") in chosen]
+        filters["category"] = categories
+    if challenges is not None:
+        if fmt != "parti":
+            raise UserError(
+                f"the {fmt} prompts in {source} have no challenge column; challenge filters work with parti only"
+            )
+        present = list(dict.fromkeys(m["challenge"] for _, m in entries if m["challenge"]))
+        known = list(dict.fromkeys(m["challenge"] for _, m in all_entries if m["challenge"]))
+        scope = f"category {', '.join(categories)}" if categories else "a challenge"
+        chosen = _match(challenges, present, known, "challenge", fmt, source, scope)
+        entries = [(p, m) for p, m in entries if m["challenge"] in chosen]
+        filters["challenge"] = challenges
+    if not entries:  # only reachable if a filter matched values present in no entry; kept as a guard
+        raise UserError(f"no {fmt} prompts in {source} match the filters {filters}")
+    return entries, filters
+
+
 def load_prompts(
     spec: str,
     *,
@@ -468,31 +498,8 @@ def load_prompts(
     if not entries:
         raise UserError(f"prompt file {source} has no prompts; expected {_EXPECTED.get(fmt, _EXPECTED['txt'])}")
     total = len(entries)
-    all_entries = entries
 
-    filters: dict[str, Any] = {}
-    if categories is not None:
-        if fmt not in _CATEGORY_FORMATS:
-            raise UserError(
-                f"the {fmt} prompts in {source} have no categories; category filters work with {', '.join(_CATEGORY_FORMATS)}"
-            )
-        known = list(dict.fromkeys(m["category"] for _, m in entries if m.get("category")))
-        chosen = _match(categories, known, known, "category", fmt, source)
-        entries = [(p, m) for p, m in entries if m.get("category") in chosen]
-        filters["category"] = categories
-    if challenges is not None:
-        if fmt != "parti":
-            raise UserError(
-                f"the {fmt} prompts in {source} have no challenge column; challenge filters work with parti only"
-            )
-        present = list(dict.fromkeys(m["challenge"] for _, m in entries if m["challenge"]))
-        known = list(dict.fromkeys(m["challenge"] for _, m in all_entries if m["challenge"]))
-        scope = f"category {', '.join(categories)}" if categories else "a challenge"
-        chosen = _match(challenges, present, known, "challenge", fmt, source, scope)
-        entries = [(p, m) for p, m in entries if m["challenge"] in chosen]
-        filters["challenge"] = challenges
-    if not entries:  # only reachable if a filter matched values present in no entry; kept as a guard
-        raise UserError(f"no {fmt} prompts in {source} match the filters {filters}")
+    entries, filters = _filtered(entries, fmt, source, categories, challenges)
     if limit is not None:
         entries = entries[:limit]
         filters["limit"] = limit
