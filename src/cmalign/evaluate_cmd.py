@@ -73,6 +73,18 @@ class EvalFlags(PromptArgs):
 
 
 # --- prompts ----------------------------------------------------------------------------------------------
+def prompt_set(a: PromptArgs, world=None) -> tuple[list[str], str, list[int]]:
+    """prompt_list and each prompt's index in its source (the publisher's file: the seeds follow it)."""
+    from cmalign.prompts import load_prompts
+
+    if a.prompt_file:
+        prompts, source = prompt_list(a, world)
+        found = load_prompts(a.prompt_file, category=a.prompt_category, challenge=a.prompt_challenge, limit=a.prompt_limit)
+        return prompts, source, [int(m.get("index", i)) for i, m in enumerate(found.metadata)]
+    prompts, source = prompt_list(a, world)
+    return prompts, source, list(range(len(prompts)))
+
+
 def prompt_list(a: PromptArgs, world=None) -> tuple[list[str], str]:
     """(prompts, where they came from): --prompts, --prompt-file with its filters, or the world's eval prompts."""
     from cmalign.prompts import load_prompts
@@ -290,18 +302,20 @@ def cmd_eval(args: list[str], parse, train_arguments) -> int:
     ks = a.num_steps or [method_class(cfg.method).chain_length(runs[0][1] if runs else cfg)]
     specs, device = model_specs(cfg, runs, device_of(cfg)), device_of(cfg)
     base_world = specs[0].build()
-    prompts, source = prompt_list(a, base_world)
+    prompts, source, indices = prompt_set(a, base_world)
     base_world.check_prompts(prompts)
     specs[0].build = lambda: base_world
     print(f"cmalign: {source}; {len(prompts)} prompts x {a.num_per_prompt} samples, K = {' '.join(map(str, ks))}, "
           f"{len(specs)} model(s)", flush=True)
-    comparison = run_comparison(specs, scored_rewards(cfg), prompts, list(dict.fromkeys(ks)), a.num_per_prompt, a.seed, out)
+    comparison = run_comparison(specs, scored_rewards(cfg), prompts, list(dict.fromkeys(ks)), a.num_per_prompt, a.seed, out,
+                                indices=indices)
     rows = summary_rows(comparison)
     print_table(rows)
     if out is not None:
         meta = {"models": {"base": "base model", **{p.name: str(p) for p, _ in runs}}, "prompts": source,
                 "num_prompts": len(prompts), "num_per_prompt": a.num_per_prompt, "seed": a.seed,
-                "seeds": "sample j of prompt j // num_per_prompt has seed seed + j", "diversity": comparison.diversity}
+                "seeds": "image i of the prompt at index p of its source has seed seed + p * num_per_prompt + i "
+                         "(per_prompt.csv lists each)", "diversity": comparison.diversity}
         write_outputs(out, comparison, rows, meta, to_yaml(cfg))
         print(f"cmalign: wrote {out}/ (summary.json, per_prompt.csv, report.html, images/)")
     return 0

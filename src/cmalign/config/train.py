@@ -157,7 +157,7 @@ class TrainConfig:
     prompts: list[str] | None = None
     """Training prompts; default: the world's own set (all ten digit classes for digits)."""
     prompt_file: str | None = None
-    """A UTF-8 text file with one prompt per line (overrides prompts)."""
+    """[FORMAT:]PATH of a prompt set (parti, drawbench, hpsv2, geneval, pickapic, txt: one per line) or a built-in set (varied, simple_animals); overrides prompts."""
     eval_prompts: list[str] | None = None
     """Prompts of the fixed evaluation set (e.g. held-out digit classes); default: the world's evaluation split."""
 

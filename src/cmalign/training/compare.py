@@ -125,12 +125,16 @@ def score_model(comparison: Comparison, spec: ModelSpec, make_rewards, ks: list[
 
 
 def run_comparison(models: list[ModelSpec], make_rewards, prompts: list[str], ks: list[int], num_per_prompt: int,
-                   seed: int, out: Path | None, progress: bool = True) -> Comparison:
-    """Score every model at every K on the same prompts; sample j (prompt j // num_per_prompt) has seed seed + j."""
+                   seed: int, out: Path | None, progress: bool = True, indices: list[int] | None = None) -> Comparison:
+    """Score every model at every K on the same prompts and noise: image i of the prompt at position `index` in its
+    source file (default: its position here) has the seed seed + index * num_per_prompt + i, so a filtered or
+    limited run draws the same images as the full one."""
     from tqdm.auto import tqdm
 
     n = len(prompts) * num_per_prompt
-    comparison = Comparison(list(prompts), num_per_prompt, [seed + j for j in range(n)])
+    indices = list(range(len(prompts))) if indices is None else indices
+    comparison = Comparison(list(prompts), num_per_prompt, [seed + idx * num_per_prompt + i for idx in indices
+                                                            for i in range(num_per_prompt)])
     taken: set[str] = set()
     with tqdm(total=n * len(ks) * len(models), desc="cmalign eval", disable=not progress) as bar:
         for spec in models:

@@ -110,8 +110,7 @@ def eval_report(out: Path, rows: list[dict], comparison, config_text: str = "", 
         cells = [(f"{model}, K={k}", paths[p * n]) for model, by_k in comparison.images.items()
                  for k, paths in by_k.items() if paths]
         entries.append((prompt, sorted(cells, key=lambda c: int(c[0].rsplit("K=", 1)[1]))))
-    seeds = f"seeds {comparison.seeds[0]}..{comparison.seeds[-1]}" if comparison.seeds else ""
-    body = [f"<p>{len(comparison.prompts)} prompts × {n} samples per prompt, {esc(seeds)} (sample j of prompt j // {n}); "
+    body = [f"<p>{len(comparison.prompts)} prompts × {n} samples per prompt, each image from its own seed (per_prompt.csv); "
             "intervals: bootstrap over prompts; deltas paired on the same prompt and noise.</p>",
             "<h2>Scores</h2>", summary_table(rows), *side_by_side(entries), *config_section(config_text)]
     return write_html(out / "report.html", page(title, body))
