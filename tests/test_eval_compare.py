@@ -80,7 +80,7 @@ def test_training_logs_heldout_rewards_images_and_an_html_report(lcm_run):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    events = EventAccumulator(str(run / "tensorboard" / "cmalign"), size_guidance={"images": 0}).Reload()
     assert "samples" in events.Tags()["images"] and len(events.Images("samples")) == 3  # steps 0, 1, 2
     assert "eval_heldout_jpeg_incompressibility" in events.Tags()["scalars"]
 

@@ -169,17 +169,13 @@ def split_args(args: list[str], own: tuple[str, ...]) -> tuple[list[str], list[s
 
 
 def _without(args: list[str], keys: tuple[str, ...]) -> list[str]:
-    """args without the flags `keys` (--key VALUE or --key=VALUE)."""
-    out, skip = [], False
+    """args without the flags `keys` and their values (--key V [V ...] or --key=V)."""
+    out, dropping = [], False
     for a in args:
-        if skip:
-            skip = False
-            continue
-        key = a.split("=", 1)[0]
-        if key in keys:
-            skip = "=" not in a
-            continue
-        out.append(a)
+        if a.startswith("--"):
+            dropping = a.split("=", 1)[0] in keys
+        if not dropping:
+            out.append(a)
     return out
 
 
