@@ -287,7 +287,7 @@ def cmd_eval(args: list[str], parse, train_arguments) -> int:
     from cmalign.worlds.registry import world_class
 
     mine, rest = split_args(args, EVAL_FLAGS + ("-h", "--help"))
-    a = parse(EvalFlags, mine, "cmalign eval [train's model flags: --preset, --world, --lcm.model, --resolution, "
+    a = parse(EvalFlags, mine, "cmalign eval [model flags of cmalign train: --preset, --world, --lcm.model, --resolution, "
                                "--reward-weights, --reward-paths, ...]")
     check_eval_args(a)
     cfg, runs, overwrite = model_configs(a, rest, train_arguments)
