@@ -37,12 +37,14 @@ def test_train_sample_eval(trained_run, tmp_path, capsys):
     assert list(data["prompts"]) == ["a handwritten seven"] * 3 + ["2"] * 3
     assert len(list(out.glob("0*.png"))) == 6 and (out / "grid.png").is_file()
 
-    report = tmp_path / "eval.json"
+    report = tmp_path / "eval"
     code, stdout, _ = run_cli(capsys, "eval", "--run", str(trained_run), "--num-per-prompt", "4", "--out", str(report))
     assert code == 0
-    metrics = json.loads(report.read_text())["metrics"]
-    assert {"reward", "gold", "accuracy", "ink", "nn", "diversity"} <= set(metrics)
-    assert metrics["gold"]["n"] == 40
+    summary = json.loads((report / "summary.json").read_text())
+    rows = {(r["model"], r["reward"]): r for r in summary["rows"]}
+    assert {"proxy", "gold", "accuracy", "ink", "nn"} <= {reward for _, reward in rows}
+    assert rows["base", "gold"]["n"] == 40 and rows["run", "gold"]["win_rate_vs_base"] is not None
+    assert set(summary["diversity"]) == {"base", "run"}
     assert "gold" in stdout and "accuracy" in stdout
 
 

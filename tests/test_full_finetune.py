@@ -168,7 +168,7 @@ def test_fsdp2_two_ranks_match_one_process_survive_sigkill_and_reshard(tmp_path)
     # the export is a diffusers model folder: the stock loader + the world's chain give `cmalign sample --run`'s images
     from diffusers import UNet2DModel
 
-    from cmalign.chain import generate
+    from cmalign.training.evaluation import generate_seeded
 
     out = tmp_path / "samples"
     assert cli.main(["sample", "--run", str(one), "--prompts", "a handwritten seven", "--num-per-prompt", "3",
@@ -178,9 +178,9 @@ def test_fsdp2_two_ranks_match_one_process_survive_sigkill_and_reshard(tmp_path)
     ours = np.load(out / "samples.npz")["images"]
     stock = build_world(cfg, lora=False)
     stock.network = UNet2DModel.from_pretrained(str(one / "adapter")).eval()
-    theirs = generate(stock, ["a handwritten seven"] * 3, 4, torch.Generator().manual_seed(5)).numpy()
+    theirs = generate_seeded(stock, ["a handwritten seven"] * 3, [5, 6, 7], 4).numpy()  # image i: seed 5 + i
     assert np.allclose(ours, theirs, atol=1e-6), np.abs(ours - theirs).max()  # float round-off of another load path
-    base = generate(build_world(cfg, lora=False), ["a handwritten seven"] * 3, 4, torch.Generator().manual_seed(5)).numpy()
+    base = generate_seeded(build_world(cfg, lora=False), ["a handwritten seven"] * 3, [5, 6, 7], 4).numpy()
     assert not np.array_equal(ours, base), "the tuned network differs from the base"
 
 

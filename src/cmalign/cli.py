@@ -28,7 +28,7 @@ from cmalign.training.run_dir import Preempted, ensure_writable_dir, ensure_writ
 COMMANDS = {
     "train": "fine-tune a consistency model (default: ROCM, KL, digits world)",
     "sample": "generate PNGs and samples.npz from a run directory or the base model",
-    "eval": "score samples (reward, gold, class accuracy, diversity) as JSON and a table",
+    "eval": "compare the base model and runs on prompt sets: every reward at every K, intervals, paired deltas, report.html",
     "pretrain": "train the digits world's base models into the cache (cmalign pretrain digits)",
     "reward-model": "train a Bradley–Terry reward model (cmalign reward-model train)",
     "experiment": "run one of the paper's analyses (cmalign experiment NAME [--quick] [--out DIR])",
@@ -164,129 +164,17 @@ def cmd_train(args: list[str]) -> int:
     return 0
 
 
-# --- sample and eval ---------------------------------------------------------------------------------
-@dataclass
-class SampleArgs:
-    run: str | None = None
-    """Run directory whose adapter to use; without it, the base model."""
-    world: Literal["digits", "lcm"] = "digits"
-    """World of the base model when no run is given."""
-    prompts: list[str] | None = None
-    """Prompts to sample; default: the world's evaluation prompts."""
-    num_per_prompt: int = 8
-    """Samples per prompt."""
-    num_steps: int | None = None
-    """K; default: the run's (or 4)."""
-    seed: int = 0
-    """Seed of the sampling noise."""
-    out: str = "samples"
-    """Output folder for PNGs and samples.npz."""
-    guidance_scale: float | None = None
-    """lcm world: guidance-embedding scale; default: the run's."""
-    digits_grid: int = 1
-    """digits world without a run: the N x N compositional grid's base model (2, 3 or 4)."""
-
-
-@dataclass
-class EvalArgs(SampleArgs):
-    num_per_prompt: int = 50
-    """Samples per prompt."""
-    seed: int = 20_000
-    """Seed of the evaluation noise (held out from training by default)."""
-    out: str | None = None
-    """Optional JSON output path (the table is printed either way)."""
-
-
-def _world_for(args: SampleArgs):
-    """(config, world, K): the run's world with its adapter, or the base model; K from --num-steps or the run's chain."""
-    from cmalign.config import TrainConfig, load_preset, with_changes
-    from cmalign.methods.registry import method_class
-    from cmalign.training.build import build_world
-
-    if args.num_steps is not None and args.num_steps < 1:
-        raise UserError(f"num_steps must be >= 1, got {args.num_steps}")
-    if args.guidance_scale is not None and not (args.guidance_scale >= 0 and args.guidance_scale < float("inf")):
-        raise UserError(f"guidance_scale must be a finite number >= 0, got {args.guidance_scale}")
-    if args.run:
-        run = Path(args.run)
-        if not (run / "config.yaml").is_file():
-            raise UserError(f"{run} is not a run directory (no config.yaml)")
-        if not (run / "adapter").is_dir():
-            raise UserError(f"{run} holds no finished adapter (adapter/ is missing): the run did not finish")
-        cfg = load_preset(str(run / "config.yaml"))
-    else:
-        cfg = with_changes(TrainConfig(world=args.world), **{"digits.grid": args.digits_grid})
-        if args.digits_grid != 1:
-            from cmalign.config import validate
-
-            validate(cfg)  # the grid's range, before any model loads
-    if args.guidance_scale is not None:  # before the world is built: the world embeds it
-        cfg = with_changes(cfg, **{"lcm.guidance_scale": args.guidance_scale})
-    world = build_world(cfg, lora=bool(args.run) and cfg.finetune == "lora")
-    if args.run:
-        from cmalign.training.full_finetune import load_trained
-
-        load_trained(world, Path(args.run) / "adapter", cfg)  # the adapter, or a full fine-tune's network
-    k = args.num_steps or method_class(cfg.method).chain_length(cfg)
-    return cfg, world, k
-
-
-def _prompts_for(args: SampleArgs, world) -> list[str]:
-    prompts = args.prompts or world.default_prompts()[1]
-    if args.num_per_prompt < 1:
-        raise UserError(f"num_per_prompt must be >= 1, got {args.num_per_prompt}")
-    return [p for p in prompts for _ in range(args.num_per_prompt)]
-
-
+# --- sample and eval (evaluate_cmd.py) --------------------------------------------------------------
 def cmd_sample(args: list[str]) -> int:
-    import numpy as np
-    import torch
+    from cmalign.evaluate_cmd import cmd_sample as sample
 
-    from cmalign.chain import generate
-    from cmalign.training.evaluation import image_grid
-
-    a = parse(SampleArgs, args, "cmalign sample")
-    out = ensure_writable_dir(a.out, "--out folder")  # before any expensive work
-    cfg, world, k = _world_for(a)
-    prompts = _prompts_for(a, world)
-    images = generate(world, prompts, k, torch.Generator().manual_seed(a.seed)).cpu()
-    with writing("samples into", out):
-        for i, img in enumerate(images):
-            image_grid(img[None], 1).save(out / f"{i:05d}.png")
-        image_grid(images, nrow=a.num_per_prompt if a.num_per_prompt <= 16 else 16).save(out / "grid.png")
-        np.savez(out / "samples.npz", images=images.numpy().astype(np.float32), prompts=np.array(prompts))
-    print(f"cmalign: wrote {len(images)} samples to {out}/ (PNGs, grid.png, samples.npz)")
-    return 0
+    return sample(args, parse)
 
 
 def cmd_eval(args: list[str]) -> int:
-    import torch
+    from cmalign.evaluate_cmd import cmd_eval as evaluate
 
-    from cmalign.chain import ChainNoise
-    from cmalign.training.evaluation import diversity, evaluate, summarize
-    from cmalign.rewards.registry import build_weighted, reward_context
-
-    a = parse(EvalArgs, args, "cmalign eval")
-    if a.out:
-        ensure_writable_file(a.out, "--out file")  # before any expensive work
-    cfg, world, k = _world_for(a)
-    prompts = _prompts_for(a, world)
-    reward = build_weighted(cfg.reward_weights, reward_context(world, cfg))
-    noise = ChainNoise.draw(len(prompts), world.latent_shape, k, torch.Generator().manual_seed(a.seed), world.device, world.dtype)
-    scores, images = evaluate(world, reward, prompts, noise, k)
-    result = {key: summarize(v) for key, v in scores.items()}
-    result["diversity"] = diversity(images, prompts)
-    print(f"{'metric':<14}{'mean':>10}{'std':>10}{'n':>7}")
-    for key, s in result.items():
-        if isinstance(s, dict):
-            print(f"{key:<14}{s['mean']:>10.4f}{s['std']:>10.4f}{s['n']:>7}")
-        else:
-            print(f"{key:<14}{s:>10.4f}")
-    if a.out:
-        with writing("the metrics", a.out):
-            Path(a.out).write_text(json.dumps({"source": a.run or f"base {a.world}", "num_steps": k, "seed": a.seed, "metrics": result}, indent=2))
-        print(f"cmalign: wrote {a.out}")
-    return 0
+    return evaluate(args, parse, train_arguments)
 
 
 # --- pretrain and reward-model -------------------------------------------------------------------

@@ -11,7 +11,7 @@ from cmalign.config.train import DIVERGENCE_NAMES, TrainConfig
 from cmalign.config.types import check_fields
 from cmalign.errors import UserError
 from cmalign.methods.registry import method_class
-from cmalign.rewards.registry import check_reward_names
+from cmalign.rewards.registry import available, check_reward_names, reward_spec, split_option_key
 from cmalign.training.full_finetune import check_config as check_finetune
 from cmalign.training.tracking import check_trackers
 from cmalign.worlds.registry import world_class
@@ -65,10 +65,37 @@ def _check_optimisation(cfg: TrainConfig) -> None:
         need(cfg.max_train_seconds > 0, f"max_train_seconds must be > 0, got {cfg.max_train_seconds}")
 
 
+def check_scored_rewards(weights: dict, reward_paths: dict, world_cls, what: str, also_used: tuple = ()) -> None:
+    """Rewards that are only scored (cmalign eval's, the held-out eval_reward_weights): each exists for the world
+    (evaluation scores such as gold included), has a finite weight, and every reward_paths entry names a reward in use."""
+    world = getattr(world_cls, "name", None) or "this"
+    for name, weight in weights.items():
+        need(bool(name.strip()), f"{what} has an empty reward name")
+        spec = reward_spec(name)
+        if spec.worlds is not None and world not in spec.worlds:
+            raise UserError(f"unknown reward {name!r} for the {world} world; available: {', '.join(available(world))}")
+        need(isinstance(weight, (int, float)) and weight == weight and abs(weight) != float("inf"),
+             f"{what}: the weight of {name} must be a finite number, got {weight}")
+    stray = sorted({split_option_key(k)[0] for k in reward_paths} - set(weights) - set(also_used))
+    need(not stray, f"reward_paths names {', '.join(stray)}, which {what} does not use (in use: {', '.join([*weights, *also_used])})")
+
+
 def _check_rewards(cfg: TrainConfig, world_cls, method_cls) -> None:
     need(bool(cfg.reward_weights), "reward_weights is empty: name at least one reward")
     need(all(n.strip() for n in cfg.reward_weights), "reward_weights has an empty reward name")
-    check_reward_names(cfg, world_cls, method_cls)  # before any model is built or pretrained
+    held_out = cfg.eval_reward_weights
+    both = sorted(set(held_out) & set(cfg.reward_weights))
+    need(not both, f"eval_reward_weights names {', '.join(both)}, which the loss uses: a held-out reward is never trained on")
+    # reward_paths may name the held-out rewards too: the training rewards' check sees its own entries only
+    own = {k: v for k, v in cfg.reward_paths.items() if split_option_key(k)[0] not in held_out}
+    check_reward_names(cfg if len(own) == len(cfg.reward_paths) else with_paths(cfg, own), world_cls, method_cls)
+    check_scored_rewards(held_out, cfg.reward_paths, world_cls, "eval_reward_weights", tuple(cfg.reward_weights))
+
+
+def with_paths(cfg: TrainConfig, reward_paths: dict) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, reward_paths=reward_paths)
 
 
 def _check_run(cfg: TrainConfig) -> None:

@@ -157,7 +157,7 @@ class TrainConfig:
     prompts: list[str] | None = None
     """Training prompts; default: the world's own set (all ten digit classes for digits)."""
     prompt_file: str | None = None
-    """A UTF-8 text file with one prompt per line (overrides prompts)."""
+    """[FORMAT:]PATH of a prompt set (parti, drawbench, hpsv2, geneval, pickapic, txt: one per line) or a built-in set (varied, simple_animals); overrides prompts."""
     eval_prompts: list[str] | None = None
     """Prompts of the fixed evaluation set (e.g. held-out digit classes); default: the world's evaluation split."""
 
@@ -170,6 +170,8 @@ class TrainConfig:
     # --- evaluation and logging --------------------------------------------------------------------
     eval_every: int = 25
     """Score the fixed evaluation set (proxy, gold, accuracy) every this many steps."""
+    eval_reward_weights: Annotated[dict[str, float], name_value_pairs(float)] = field(default_factory=dict)
+    """Held-out rewards never in the loss, each scored alone (weight times score) on the fixed evaluation chains and logged as eval_heldout_NAME, e.g. jpeg_incompressibility=1.0."""
     eval_size: int = 200
     """Fixed evaluation chains (prompts x seeds), identical at every evaluation."""
     grid_every: int = 100

@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from cmalign.errors import UserError
+from cmalign.prompts.sets import FORMATS as PROMPT_FORMATS, PromptSet, load_prompts  # noqa: F401  (standard evaluation sets)
 
 BUNDLED = ("simple_animals", "varied")
 
@@ -54,7 +55,7 @@ def split_prompts(prompts: list[str], heldout_fraction: float, seed: int = 0) ->
 def training_prompts(cfg, world) -> tuple[list[str], list[str]]:
     """(train prompts, eval prompts): the world's default split unless the config names prompts."""
     if cfg.prompt_file or cfg.prompts:
-        train = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else list(cfg.prompts)
+        train = list(load_prompts(cfg.prompt_file).prompts) if cfg.prompt_file else list(cfg.prompts)
         world.check_prompts(train)  # fail early on bad prompts
         evaluation = train
     else:

@@ -15,7 +15,8 @@ from cmalign.training.run_dir import writing  # noqa: E402
 
 # The pictures report.md may link, in the order shown; a run writes only some of them (gold.png
 # needs a gold score: digits runs only; before_after.png needs a final evaluation).
-PICTURES = (("before/after", "before_after.png"), ("reward", "reward.png"), ("gold", "gold.png"), ("divergence", "divergence.png"))
+PICTURES = (("before/after", "before_after.png"), ("reward", "reward.png"), ("gold", "gold.png"), ("divergence", "divergence.png"),
+            ("held-out rewards", "heldout.png"))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -35,6 +36,8 @@ def plot_curves(run_dir: Path) -> list[Path]:
         "reward": [("reward", "train batch"), ("eval_reward", "fixed eval set")],
         "gold": [("gold", "train batch"), ("eval_gold", "fixed eval set")],
         "divergence": [("divergence", "train batch (sum over steps)"), ("eval_divergence", "fixed eval set")],
+        "heldout": [(key, key.removeprefix("eval_heldout_") + " (never trained on)")
+                    for key in dict.fromkeys(k for r in rows for k in r if k.startswith("eval_heldout_"))],
     }
     written = []
     for name, keys in panels.items():
@@ -84,3 +87,34 @@ def write_report(run_dir: Path, cfg_summary: str, final: dict) -> Path:
         finally:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def save_report_samples(run_dir: Path, distinct: list[str], prompts: list[str], base, tuned, num_steps: int) -> list:
+    """report_images/NN_base.png and NN_tuned.png: the first sample of each prompt (same noise); returns the
+    side-by-side entries of report.html: (prompt, [(caption, relative path), ...])."""
+    from cmalign.training.evaluation import image_grid
+
+    folder = Path(run_dir) / "report_images"
+    folder.mkdir(exist_ok=True)
+    entries = []
+    for n, p in enumerate(distinct):
+        i = prompts.index(p)
+        cells = []
+        for label, images in (("base", base), ("tuned", tuned)):
+            name = f"report_images/{n:02d}_{label}.png"
+            image_grid(images[i : i + 1], 1).save(Path(run_dir) / name)
+            cells.append((f"{label}, K={num_steps}", name))
+        entries.append((p, cells))
+    return entries
+
+
+def write_html_report(run_dir: Path, summary: str, final: dict, samples: list) -> Path:
+    """RUN/report.html (training/report_html.py): curves, the final table, labelled samples, the config."""
+    from cmalign.training.report_html import run_report
+
+    run_dir = Path(run_dir)
+    curves = [name for _, name in PICTURES if name != "before_after.png" and (run_dir / name).is_file()]
+    if (run_dir / "before_after.png").is_file():
+        curves.append("before_after.png")
+    config = (run_dir / "config.yaml").read_text(errors="replace") if (run_dir / "config.yaml").is_file() else ""
+    return run_report(run_dir, final, curves, samples, config, summary)

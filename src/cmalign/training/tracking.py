@@ -51,3 +51,17 @@ def log_row(accelerator, row: dict, step: int) -> None:
               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     if values and accelerator.trackers:
         accelerator.log(values, step=step)
+
+
+def log_image(accelerator, tag: str, image, step: int) -> None:
+    """A picture (PIL) to every tracker that takes images: TensorBoard's writer.add_image, the others' log_images
+    (W&B, trackio, ... as accelerate wraps them); trackers without images are skipped."""
+    import numpy as np
+
+    array = np.asarray(image.convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, array, step, dataformats="HWC")
+            tracker.writer.flush()
+        elif callable(getattr(tracker, "log_images", None)):
+            tracker.log_images({tag: [image]}, step=step)

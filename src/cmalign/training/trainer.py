@@ -32,11 +32,11 @@ from cmalign.chain import ChainNoise
 from cmalign.config import TrainConfig, config_diff, flat_items, to_dict, to_yaml, validate, with_changes
 from cmalign.training.distributed import Shard
 from cmalign.errors import UserError
-from cmalign.training.evaluation import diversity, evaluate, save_grid, summarize
+from cmalign.training.evaluation import diversity, evaluate, save_labelled_grid, summarize
 from cmalign.methods.base import Batch, Method
 from cmalign.methods.registry import method_class
-from cmalign.prompts import read_prompt_file, training_prompts
-from cmalign.rewards.registry import as_training_reward, build_weighted, reward_context, reward_label
+from cmalign.prompts import load_prompts, training_prompts
+from cmalign.rewards.registry import as_training_reward, build_reward, build_weighted, reward_context, reward_label
 from cmalign.worlds.base import World
 from cmalign.worlds.registry import world_class
 
@@ -154,7 +154,7 @@ class Trainer:
         self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
         self._claim_run_dir(overwrite, resume)
         if cfg.prompt_file:
-            read_prompt_file(cfg.prompt_file)  # fail on a bad file before any expensive set-up
+            load_prompts(cfg.prompt_file)  # fail on a bad file before any expensive set-up
         if world is None:
             # a missing cache is built (which draws random numbers) BEFORE seeding, so that the
             # adapter's initialisation does not depend on whether the cache already existed
@@ -194,6 +194,9 @@ class Trainer:
         self.full = finetune.attach(self.world, cfg, self.accelerator.num_processes)  # None for LoRA
         self.reward = (as_training_reward(reward) if reward is not None
                        else build_weighted(cfg.reward_weights, reward_context(self.world, cfg, device)))
+        # held-out rewards (never in the loss), each scored alone on the evaluation chains: eval_heldout_NAME
+        ctx = reward_context(self.world, cfg, device)
+        self.heldout = {name: (float(w), build_reward(name, ctx)) for name, w in cfg.eval_reward_weights.items()}
         self.method = method if isinstance(method, Method) else method_cls(cfg, self.world, self.reward)
         self.num_steps = method_cls.chain_length(cfg)
         self.train_prompts, self.eval_prompts = training_prompts(cfg, self.world)
@@ -224,16 +227,20 @@ class Trainer:
     def evaluate_fixed(self) -> dict:
         """Scores of the fixed evaluation chains (with the EMA when one is kept)."""
         with self._ema_applied():
-            scores, images = evaluate(self.world, self.reward, self.eval_set[0], self.eval_set[1], self.num_steps, self.cfg)
+            scores, images = evaluate(self.world, self.reward, self.eval_set[0], self.eval_set[1], self.num_steps, self.cfg,
+                                      extra_rewards=self.heldout)
         self.last_eval_images = images
         return {f"eval_{k}": v.mean().item() for k, v in scores.items()}
 
-    def grid(self, images: torch.Tensor, name: str) -> None:
+    def grid(self, images: torch.Tensor, step: int) -> None:
+        """grids/step_N.png: a row per evaluation prompt, labelled with it (and the step and K); also to the trackers."""
         per = math.ceil(len(self.eval_set[0]) / len(self.eval_prompts))
         ncol = min(per, 8)
-        rows = [images[i * per : i * per + ncol] for i in range(min(len(self.eval_prompts), 10))]
-        with writing("the sample grid", self.run_dir / "grids" / name):
-            save_grid(torch.cat(rows), self.run_dir / "grids" / name, nrow=ncol)
+        rows = [(p, images[i * per : i * per + ncol]) for i, p in enumerate(self.eval_prompts[:10])]
+        path = self.run_dir / "grids" / f"step_{step:06d}.png"
+        with writing("the sample grid", path):
+            picture = save_labelled_grid(rows, path, f"step {step}, K={self.num_steps} (fixed evaluation noise)")
+        tracking.log_image(self.accelerator, "samples", picture, step)
 
     def log(self, row: dict) -> None:
         if not self.main:
@@ -346,7 +353,7 @@ class Trainer:
         if start_step == 0 and (self.main or self.collective):  # sharded: every rank takes part in the forwards
             row = {"step": 0, **self.evaluate_fixed()}
             if self.main:
-                self.grid(self.last_eval_images, "step_000000.png")
+                self.grid(self.last_eval_images, 0)
             self.base_eval_images = self.last_eval_images
             self.log(row)
 
@@ -392,13 +399,16 @@ class Trainer:
             return
         if step % cfg.eval_every == 0 or last:
             row.update(self.evaluate_fixed())
-            bar.set_postfix({k: f"{row[k]:.2f}" for k in ("eval_reward", "eval_gold") if k in row})
+            self.shown = {k: row[k] for k in row if k in ("eval_reward", "eval_gold") or k.startswith("eval_heldout_")}
         if step % cfg.grid_every == 0 or last:
             if step % cfg.eval_every and not last:
                 self.evaluate_fixed()
             if self.main:
-                self.grid(self.last_eval_images, f"step_{step:06d}.png")
+                self.grid(self.last_eval_images, step)
         self.log(row)
+        shown = {**{k: row[k] for k in ("reward", "divergence", "loss") if k in row}, **getattr(self, "shown", {})}
+        bar.set_postfix({k.replace("eval_heldout_", "heldout_"): f"{v:.3g}" for k, v in shown.items()
+                         if isinstance(v, (int, float)) and math.isfinite(v)}, refresh=False)
 
     def _checkpoint(self, gen: torch.Generator, last: bool) -> None:
         """Every checkpoint_every steps, and at an early stop (time budget) so that --resume continues."""
@@ -487,32 +497,37 @@ class Trainer:
                   f"{self.step} steps x batch {cfg.batch_size}, {self.train_seconds:.0f} s of training."
         if final:
             report.write_report(self.run_dir, summary, final)
+        report.write_html_report(self.run_dir, summary, final, getattr(self, "report_samples", []))
         return final
 
     def _final_evaluation(self) -> dict:
         """The same prompts and noise for the base (adapter off) and the tuned model."""
         prompts, noise = self._eval_set(self.cfg.final_eval_size, FINAL_SEED_OFFSET)
         final, images = {"n": self.cfg.final_eval_size}, {}
-        for label, use_adapter in (("base", False), ("tuned", True)):
-            scores, images[label] = evaluate(self.world, self.reward, prompts, noise, self.num_steps, use_adapter=use_adapter)
-            final[label] = {k: summarize(v) for k, v in scores.items()}
-            final[label]["diversity"] = diversity(images[label], prompts)
+        with tqdm(total=2 * len(prompts), desc="final evaluation (base, tuned)", disable=not self.progress) as bar:
+            for label, use_adapter in (("base", False), ("tuned", True)):
+                scores, images[label] = evaluate(self.world, self.reward, prompts, noise, self.num_steps, use_adapter=use_adapter,
+                                                 extra_rewards=self.heldout, on_batch=bar.update)
+                final[label] = {k: summarize(v) for k, v in scores.items()}
+                final[label]["diversity"] = diversity(images[label], prompts)
         with writing("the final evaluation", self.run_dir / "final_eval.json"):
             (self.run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
         self._before_after(images["base"], images["tuned"], prompts)
         return final
 
     def _before_after(self, base: torch.Tensor, tuned: torch.Tensor, prompts: list[str]) -> None:
-        """Rows alternate base / tuned for each prompt (same noise), up to 8 samples each."""
+        """Rows alternate base / tuned for each prompt (same noise), up to 8 samples each, labelled; the first
+        sample of each as report_images/ PNGs for report.html."""
         distinct = list(dict.fromkeys(prompts))[:10]
         ncol = min(8, min(prompts.count(p) for p in distinct))
         rows = []
         for p in distinct:
             idx = [i for i, q in enumerate(prompts) if q == p][:ncol]
-            rows += [base[idx], tuned[idx]]
+            rows += [(f"base: {p}", base[idx]), (f"tuned: {p}", tuned[idx])]
         if rows:
             with writing("the before/after grid", self.run_dir / "before_after.png"):
-                save_grid(torch.cat(rows), self.run_dir / "before_after.png", nrow=ncol)
+                save_labelled_grid(rows, self.run_dir / "before_after.png", f"base vs tuned, K={self.num_steps}, same noise")
+            self.report_samples = report.save_report_samples(self.run_dir, distinct, prompts, base, tuned, self.num_steps)
 
 
 def _method_class_of(method) -> type[Method]:
