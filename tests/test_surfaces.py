@@ -45,7 +45,7 @@ def snapshot(root: Path) -> dict:
 def one_error_line(capsys) -> tuple[str, str]:
     err = capsys.readouterr().err
     lines = [line for line in err.replace("\r", "\n").splitlines()
-             if line.strip() and not line.startswith("cmalign: warning: ") and "digits:" not in line]  # progress bar
+             if line.strip() and not line.startswith("cmalign: warning: ") and "%|" not in line]  # the progress bar
     assert len(lines) == 1 and lines[0].startswith("cmalign: error:"), err
     assert "Traceback" not in err, err
     return lines[0], err
@@ -54,6 +54,10 @@ def one_error_line(capsys) -> tuple[str, str]:
 # --- plug-ins of the tests ------------------------------------------------------------------------
 def detached_reward(images, prompts):
     return images.detach().mean(dim=(1, 2, 3))  # differentiable by default, but no gradient reaches the images
+
+
+def mean_reward(images, prompts):
+    return images.mean(dim=(1, 2, 3))
 
 
 def one_argument_reward(images):
@@ -153,7 +157,7 @@ PLUGIN_CASES = [  # (extra flags, words of the one line, a checkpoint of step 1 
     (["--reward-weights", "test_surfaces:raising_reward=1"],
      "reward 'test_surfaces:raising_reward' raised ValueError: the user's own bug at step 2; the last good checkpoint is", True),
     (["--method", "test_surfaces:WrongResultMethod"], "step() returned list at step 1", False),
-    (["--world", "test_surfaces:RaisingWorld"], "world 'test_surfaces:RaisingWorld' raised KeyError", False),
+    (["--world", "test_surfaces:RaisingWorld", "--reward-weights", "test_surfaces:mean_reward=1"], "world 'test_surfaces:RaisingWorld' raised KeyError", False),
     (["--method", "test_surfaces:NoUpdateMethod"], "the trainable parameters did not change in 2 steps", True),
     (["--reward-weights", "test_surfaces:zero_gradient_reward=1", "--beta", "0"], "did not change", True),
     (["--reward-weights", "test_surfaces:nan_reward=1"], "no update was applied: all 2 steps were skipped", False),
