@@ -107,11 +107,16 @@ def changed_fields(section) -> list[str]:
     return [f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(default, f.name)]
 
 
+def owned_sections(*classes) -> set[str]:
+    """The sections the classes own, with those of their bases (a subclass of DigitsWorld reads cfg.digits)."""
+    return {name for cls in classes for base in getattr(cls, "__mro__", ()) for name in (vars(base).get("config_sections") or {})}
+
+
 def _check_applies(cfg: TrainConfig, world_cls, method_cls) -> None:
     """A setting that the chosen world, method or finetune mode would ignore is refused, never recorded and
     ignored: a section owned by neither the world nor the method set away from its defaults, LoRA settings
     under finetune full, Jensen–Shannon estimator settings where no Monte Carlo JS estimate is made."""
-    owned = {**(getattr(world_cls, "config_sections", None) or {}), **(getattr(method_cls, "config_sections", None) or {})}
+    owned = owned_sections(world_cls, method_cls)
     for name, section in cfg.sections.items():
         changed = [] if name in owned or not dataclasses.is_dataclass(section) else changed_fields(section)
         need(not changed, f"{', '.join(f'{name}.{f}' for f in changed)}: section {name} belongs to "

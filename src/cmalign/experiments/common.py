@@ -32,10 +32,11 @@ def make_config(quick: bool, threads: int = 1, **overrides) -> TrainConfig:
 def only_owned_sections(cfg: TrainConfig) -> TrainConfig:
     """cfg with the sections that neither its world nor its method owns at their defaults (the shared QUICK
     settings name ddpo's steps for every method; validation refuses a setting that no part of the run uses)."""
+    from cmalign.config.checks import owned_sections
     from cmalign.methods.registry import method_class
     from cmalign.worlds.registry import world_class
 
-    owned = {**world_class(cfg.world).config_sections, **method_class(cfg.method).config_sections}
+    owned = owned_sections(world_class(cfg.world), method_class(cfg.method))
     sections = {name: s if name in owned else type(s)() for name, s in cfg.sections.items()}
     return dataclasses.replace(cfg, sections=sections)
 
