@@ -81,6 +81,16 @@ FLAG_CASES = [
     (["--config", "missing.yaml"], "does not exist"),
     (["--eval-prompts", " "], "eval_prompts must be non-empty"),
     (["--no-such-flag", "1"], "Unrecognized options"),
+    # options that do not apply to the chosen world, method or finetune mode: refused, never recorded and ignored
+    (["--finetune", "full", "--lora-rank", "4"], "lora_rank is a LoRA setting"),
+    (["--finetune", "full", "--lora-alpha", "4"], "lora_alpha is a LoRA setting"),
+    (["--lcm.scheduler", "tcd", "--lcm.tcd-gamma", "0.5"], "section lcm belongs to the lcm world"),
+    (["--lcm.guidance-scale", "3"], "lcm.guidance_scale: section lcm belongs to the lcm world"),
+    (["--ddpo.steps", "5"], "section ddpo belongs to the ddpo method"),
+    (["--ppo.epochs", "3"], "section ppo belongs to the policy-gradient methods"),
+    (["--js-estimator", "mc"], "the divergence is kl"),
+    (["--divergence", "js", "--js-samples", "4", "--beta", "0", "--method", "draft"], "beta = 0 switches the divergence off"),
+    (["--method", "dpok", "--divergence", "js", "--js-estimator", "mc"], "dpok computes its Jensen–Shannon term by quadrature"),
 ]
 
 
@@ -115,7 +125,9 @@ def test_bad_sample_eval_and_pairs(tmp_path, capsys):
                         (["sample", "--num-per-prompt", "0", "--out", str(tmp_path / "s")], "num_per_prompt must be >= 1"),
                         (["sample", "--guidance-scale", "nan", "--out", str(tmp_path / "s")], "guidance_scale must be"),
                         (["sample", "--run", str(tmp_path), "--out", str(tmp_path / "s")], "not a run directory"),
-                        (["eval", "--num-steps", "-3"], "num_steps must be >= 1")]:
+                        (["eval", "--num-steps", "-3"], "num_steps must be >= 1"),
+                        (["sample", "--num-steps", "1000", "--out", str(tmp_path / "s")], "num_steps must be in [1, 50]"),
+                        (["eval", "--num-steps", "51"], "num_steps must be in [1, 50]")]:
         _check_refusal(capsys, args, words, tmp_path)
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(12, 1, 8, 8, generator=g), torch.rand(12, 1, 8, 8, generator=g)
@@ -127,3 +139,21 @@ def test_bad_sample_eval_and_pairs(tmp_path, capsys):
     np.savez(tmp_path / "short.npz", images_a=np.zeros((3, 1, 8, 8), np.float32))
     _check_refusal(capsys, ["reward-model", "train", "--pairs", str(tmp_path / "short.npz"), "--out", str(tmp_path / "rm")],
                    "lacks the array", tmp_path)
+
+
+def test_bad_experiment_out_folders(tmp_path, capsys):
+    """--out is checked before any work: a file, a path under a file, a folder of a user's files or of another
+    experiment's results are refused (unless --overwrite) and nothing in them changes."""
+    (tmp_path / "file.txt").write_text("a user's file")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    (mine / "summary.csv").write_text("a,b\n1,2\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".cmalign-experiment").write_text("ablations\n")
+    (other / "README.md").write_text("ablations' results")
+    for out, words in [(tmp_path / "file.txt", "is a file"), (tmp_path / "file.txt" / "sub", "which is a file"),
+                       (mine, "files that are not this experiment's (README.md, summary.csv)"),
+                       (other, "holds the results of experiment ablations")]:
+        _check_refusal(capsys, ["experiment", "hacking", "--quick", "--out", str(out)], words, tmp_path)

@@ -11,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from cmalign.chain import ChainNoise, DDIMTransition, run_chain
+from cmalign.experiments.common import only_owned_sections
 from cmalign.methods.base import Batch
 from cmalign.training.build import build_method
 from cmalign.methods.policy_gradient import PerPromptStats, gaussian_logprob, ppo_loss
@@ -22,7 +23,7 @@ PROMPTS = ["a handwritten three", "a handwritten seven"] * 4
 
 
 def digits_method(method: str, **overrides):
-    cfg = tiny_config(method=method, **{"ddpo.steps": 5}, **overrides)
+    cfg = only_owned_sections(tiny_config(method=method, **{"ddpo.steps": 5}, **overrides))
     from cmalign.config import validate
 
     validate(cfg)

@@ -23,6 +23,7 @@ from cmalign import cli
 from cmalign.training import trainer as trainer_mod
 from cmalign.training.checkpoint import list_checkpoints, read_checkpoint
 from cmalign.errors import UserError
+from cmalign.experiments.common import only_owned_sections
 from cmalign.training.trainer import train
 from helpers import TINY_ARGS, tiny_config
 
@@ -91,7 +92,7 @@ def resume_config(method: str, run: Path, **changes):
     base = dict(method=method, output_dir=str(run), steps=STEPS, batch_size=2, eval_every=2, grid_every=4, eval_size=2,
                 final_eval_size=0, checkpoint_every=1, keep_checkpoints=2, lr=1e-2, ema_decay=0.8, prompts=PROMPTS,
                 **{"ppo.stat_min_count": 2}, **{"ddpo.steps": 3}, beta=0.0 if method == "draft" else 6.0)
-    return tiny_config(**{**base, **changes})
+    return only_owned_sections(tiny_config(**{**base, **changes}))  # a section the method does not use is refused
 
 
 _REFERENCES: dict = {}
@@ -224,8 +225,7 @@ def test_sigterm_checkpoints_the_current_step_prints_the_resume_command_and_resu
     # no periodic checkpoints: the only one is the one SIGTERM asks for
     args = ["train", *TINY_ARGS, "--steps", str(STEPS), "--batch-size", "2", "--eval-every", "2", "--grid-every", "4",
             "--eval-size", "2", "--final-eval-size", "0", "--checkpoint-every", "0", "--keep-checkpoints", "2",
-            "--lr", "1e-2", "--ema-decay", "0.8", "--prompts", *cfg.prompts, "--ppo.stat-min-count", "2", "--ddpo.steps", "3",
-            "--output-dir", str(run)]
+            "--lr", "1e-2", "--ema-decay", "0.8", "--prompts", *cfg.prompts, "--output-dir", str(run)]
     proc = fork_cli(args, log)
     deadline = time.time() + 120
     while proc.is_alive() and time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(rows_of(run)) >= 2):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import os
 import re
 import sys
@@ -23,7 +22,7 @@ import tyro
 
 from cmalign.config.train import DeprecatedName
 from cmalign.errors import UserError
-from cmalign.training.run_dir import Preempted, ensure_writable_dir, ensure_writable_file, writing
+from cmalign.training.run_dir import Preempted, ensure_writable_dir, writing
 
 COMMANDS = {
     "train": "fine-tune a consistency model (default: ROCM, KL, digits world)",
@@ -280,6 +279,8 @@ class ExperimentArgs:
     """Seeds per setting where the experiment repeats runs (default: the experiment's own)."""
     jobs: int | None = None
     """Runs trained at once in worker processes, where an experiment's runs are independent (default: cores // threads)."""
+    overwrite: bool = False
+    """Write into an --out folder that holds other files (files of the same names are replaced)."""
 
 
 def cmd_experiment(args: list[str]) -> int:
@@ -293,7 +294,8 @@ def cmd_experiment(args: list[str]) -> int:
     for flag, value in (("threads", a.threads), ("jobs", a.jobs), ("steps", a.steps), ("seeds", a.seeds)):
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be a positive integer, got {value}")
-    report = run_experiment(args[0], a.out, quick=a.quick, threads=a.threads, steps=a.steps, seeds=a.seeds, jobs=a.jobs)
+    report = run_experiment(args[0], a.out, quick=a.quick, threads=a.threads, steps=a.steps, seeds=a.seeds, jobs=a.jobs,
+                            overwrite=a.overwrite)
     print(f"cmalign: experiment {args[0]} -> {report}")
     return 0
 
@@ -304,7 +306,7 @@ HANDLERS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "pretrai
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    return "usage: cmalign COMMAND [options]   (cmalign COMMAND --help)\n\n" + "\n".join(
+    return "usage: cmalign [--debug] COMMAND [options]   (cmalign COMMAND --help; --debug: a plug-in's own traceback)\n\n" + "\n".join(
         f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()
     )
 
@@ -319,8 +321,27 @@ def _quiet_libraries() -> None:
     warnings.showwarning = lambda message, category, *args, **kwargs: print(f"cmalign: warning: {message}", file=sys.stderr)
 
 
+def _report_user_error(exc: UserError, debug: bool) -> int:
+    """One `cmalign: error:` line; under --debug, first the traceback of the plug-in's own exception."""
+    if debug and exc.__cause__ is not None:
+        import traceback
+
+        traceback.print_exception(exc.__cause__, file=sys.stderr)
+    print(f"cmalign: error: {exc}" + (" (rerun with --debug for its traceback)" if _is_plugin_error(exc) and not debug else ""),
+          file=sys.stderr)
+    return 2
+
+
+def _is_plugin_error(exc: BaseException) -> bool:
+    from cmalign.plugins import PluginError
+
+    return isinstance(exc, PluginError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # the traceback of an exception raised inside a plug-in's code, before its one line
+    argv = [a for a in argv if a != "--debug"]
     _quiet_libraries()
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -332,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return HANDLERS[command](rest)
     except UserError as exc:
-        print(f"cmalign: error: {exc}", file=sys.stderr)
-        return 2
+        return _report_user_error(exc, debug)
     except Preempted as exc:  # SIGTERM/SIGINT: the current step is checkpointed
         print(exc.cli_message(argv), file=sys.stderr, flush=True)
         return exc.exit_code

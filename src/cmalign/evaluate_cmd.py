@@ -12,7 +12,6 @@ cli.py dispatches here and hands in its tyro `parse` and `train_arguments` (the 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -109,7 +108,7 @@ def prompt_list(a: PromptArgs, world=None) -> tuple[list[str], str]:
 # --- sample -----------------------------------------------------------------------------------------------
 def _sample_world(args: SampleArgs):
     """(config, world, K): the run's world with its adapter, or the base model; K from --num-steps or the run's chain."""
-    from cmalign.config import TrainConfig, load_preset, validate, with_changes
+    from cmalign.config import TrainConfig, validate, with_changes
     from cmalign.methods.registry import method_class
     from cmalign.training.build import build_world
     from cmalign.training.full_finetune import load_trained
@@ -126,6 +125,7 @@ def _sample_world(args: SampleArgs):
             validate(cfg)  # the grid's range, before any model loads
     if args.guidance_scale is not None:  # before the world is built: the world embeds it
         cfg = with_changes(cfg, **{"lcm.guidance_scale": args.guidance_scale})
+    check_num_steps([args.num_steps] if args.num_steps is not None else [], cfg)
     world = build_world(cfg, lora=bool(args.run) and cfg.finetune == "lora")
     if args.run:
         load_trained(world, Path(args.run) / "adapter", cfg)  # the adapter, or a full fine-tune's network
@@ -215,6 +215,16 @@ def model_configs(flags: EvalFlags, rest: list[str], train_arguments):
     return cfg, configs, overwrite
 
 
+def check_num_steps(ks: list[int], cfg) -> None:
+    """Every K within the chain's skipping grid over the original steps (a ddpo run: its DDIM steps)."""
+    from cmalign.methods.registry import method_class
+
+    limit = max(50, method_class(cfg.method).chain_length(cfg))
+    if any(k > limit for k in ks):
+        raise UserError(f"num_steps must be in [1, {limit}] (the chain's skipping grid over the original steps), "
+                        f"got {' '.join(map(str, ks))}")
+
+
 def check_eval_args(a: EvalFlags) -> None:
     if a.num_steps is not None and (not a.num_steps or min(a.num_steps) < 1):
         raise UserError(f"num_steps must be >= 1, got {' '.join(map(str, a.num_steps)) or 'nothing'}")
@@ -296,7 +306,8 @@ def cmd_eval(args: list[str], parse, train_arguments) -> int:
     prompt_list(a)  # a bad prompt file fails before any model loads
     out = prepare_out(a.out, overwrite)  # before any expensive work
     ks = a.num_steps or [method_class(cfg.method).chain_length(runs[0][1] if runs else cfg)]
-    specs, device = model_specs(cfg, runs, device_of(cfg)), device_of(cfg)
+    check_num_steps(ks, cfg)
+    specs = model_specs(cfg, runs, device_of(cfg))
     base_world = specs[0].build()
     prompts, source, indices = prompt_set(a, base_world)
     base_world.check_prompts(prompts)

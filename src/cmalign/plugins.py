@@ -9,6 +9,7 @@ failure (unknown name, a module that does not import, a missing attribute) is on
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib import metadata
 from typing import Any, Callable
 
@@ -45,9 +46,11 @@ class Registry:
         self._loaded = True  # first: built-in modules that register themselves re-enter register()
         self._builtins()
         for ep in metadata.entry_points(group=self.group):
-            if ep.name in self._items:
-                continue  # a name registered in this process wins over an installed package's
-            self._items[ep.name] = _EntryPoint(ep)
+            held = self._items.get(ep.name)
+            if isinstance(held, _EntryPoint) and _package(held.ep) != _package(ep):
+                held.others.append(ep)  # two installed packages define the name: refused when it is used
+            elif ep.name not in self._items:  # a name registered in this process wins over an installed package's
+                self._items[ep.name] = _EntryPoint(ep)
 
     def register(self, name: str, obj: Any = None, *, replace: bool = False):
         """register(name, obj), or @register(name) as a decorator."""
@@ -123,13 +126,69 @@ class ClassRegistry(Registry):
         return cls
 
 
+def _package(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else ep.value
+
+
 class _EntryPoint:
     def __init__(self, ep: metadata.EntryPoint):
         self.ep = ep
+        self.others: list[metadata.EntryPoint] = []  # the same name from other installed packages
 
     def load(self, kind: str) -> Any:
+        if self.others:
+            where = ", ".join(f"{_package(e)} ({e.value})" for e in [self.ep, *self.others])
+            raise UserError(f"{kind} {self.ep.name!r} is defined by several installed packages: {where}; "
+                            f"uninstall one, or name the one to use by its import path (package.module:attribute)")
         try:
             return self.ep.load()
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"{kind} {self.ep.name!r} (entry point {self.ep.value}): cannot load it "
                             f"({type(exc).__name__}: {str(exc)[:160]})") from None
+
+
+# --- errors raised inside plug-in code -------------------------------------------------------------
+class PluginError(UserError):
+    """An exception raised inside a plug-in's own code (a reward, world or method that is not cmalign's),
+    as one line naming the plug-in and where; the original exception is its __cause__ (`cmalign --debug`
+    prints its traceback)."""
+
+    def __init__(self, message: str, plugin: str):
+        super().__init__(message)
+        self.plugin = plugin
+
+
+def plugin_module(obj: Any) -> str | None:
+    """The module whose code `obj` (a function, class or instance) runs, unless it is cmalign's own."""
+    direct = isinstance(obj, type) or inspect.isfunction(obj) or inspect.ismethod(obj)
+    module = getattr(obj, "__module__", None) if direct else type(obj).__module__
+    return None if not isinstance(module, str) or module.split(".")[0] == "cmalign" else module
+
+
+def blame(exc: BaseException, plugins: dict[str, str]) -> str | None:
+    """The plug-in (label of `plugins`: module name -> label) whose code raised exc: the innermost frame
+    of its traceback in one of those modules; None when none of them is on it (a cmalign bug stays a traceback)."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        found = plugins.get(tb.tb_frame.f_globals.get("__name__"), found)
+        tb = tb.tb_next
+    return found
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text))
+
+
+def as_plugin_error(exc: BaseException, plugins: dict[str, str], where: str) -> PluginError | None:
+    """exc, raised inside a plug-in's code, as one PluginError line (None: not a plug-in's exception)."""
+    if isinstance(exc, UserError) or not isinstance(exc, Exception) or is_out_of_memory(exc):
+        return None
+    label = blame(exc, plugins)
+    if label is None:
+        return None
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    return PluginError(f"{label} raised {type(exc).__name__}{': ' + text if text else ''} {where}", label)

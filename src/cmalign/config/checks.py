@@ -7,6 +7,8 @@ ppo.minibatches) never refuses another method's run.
 
 from __future__ import annotations
 
+import dataclasses
+
 from cmalign.config.train import DIVERGENCE_NAMES, TrainConfig
 from cmalign.config.types import check_fields
 from cmalign.errors import UserError
@@ -24,7 +26,8 @@ def need(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def _check_types(cfg: TrainConfig) -> None:
+def check_types(cfg: TrainConfig) -> None:
+    """cfg is a TrainConfig whose every field has its declared type: the first check, before any name is looked up."""
     if not isinstance(cfg, TrainConfig):
         raise UserError(f"expected a TrainConfig, got {type(cfg).__name__}")
     check_fields(cfg, TrainConfig, skip=("sections",))
@@ -117,10 +120,53 @@ def _check_run(cfg: TrainConfig) -> None:
     check_trackers(cfg.report_to)
 
 
+# who owns the built-in sections, for the refusal of a section that the chosen world and method do not use
+SECTION_OWNERS = {"digits": "the digits world", "lcm": "the lcm world",
+                  "ppo": "the policy-gradient methods (rlcm, ddpo, dpok, d3po)", "ddpo": "the ddpo method"}
+
+
+def changed_fields(section) -> list[str]:
+    """The fields of a section object set away from their defaults."""
+    try:
+        default = type(section)()
+    except TypeError:  # a section without defaults for every field: every field is the user's choice
+        return [f.name for f in dataclasses.fields(section)]
+    return [f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(default, f.name)]
+
+
+def owned_sections(*classes) -> set[str]:
+    """The sections the classes own, with those of their bases (a subclass of DigitsWorld reads cfg.digits)."""
+    return {name for cls in classes for base in getattr(cls, "__mro__", ()) for name in (vars(base).get("config_sections") or {})}
+
+
+def _check_applies(cfg: TrainConfig, world_cls, method_cls) -> None:
+    """A setting that the chosen world, method or finetune mode would ignore is refused, never recorded and
+    ignored: a section owned by neither the world nor the method set away from its defaults, LoRA settings
+    under finetune full, Jensen–Shannon estimator settings where no Monte Carlo JS estimate is made."""
+    owned = owned_sections(world_cls, method_cls)
+    for name, section in cfg.sections.items():
+        changed = [] if name in owned or not dataclasses.is_dataclass(section) else changed_fields(section)
+        need(not changed, f"{', '.join(f'{name}.{f}' for f in changed)}: section {name} belongs to "
+             f"{SECTION_OWNERS.get(name, 'another world or method')}, and neither the {cfg.world} world nor the "
+             f"{cfg.method} method uses it; drop the setting (or choose a world/method that owns it)")
+    default = TrainConfig()
+    if cfg.finetune == "full":
+        for name in ("lora_rank", "lora_alpha"):
+            need(getattr(cfg, name) == getattr(default, name),
+                 f"{name} is a LoRA setting, and --finetune full trains every weight (no adapter); drop --{name.replace('_', '-')}")
+    uses_js = cfg.divergence == "js" and cfg.beta > 0 and hasattr(method_cls, "divergence_kwargs")
+    for name in ("js_estimator", "js_samples"):
+        if getattr(cfg, name) != getattr(default, name) and not uses_js:
+            why = (f"the divergence is {cfg.divergence}" if cfg.divergence != "js" else "beta = 0 switches the divergence off"
+                   if cfg.beta == 0 else f"{cfg.method} computes its Jensen–Shannon term by quadrature (gauss_hermite)")
+            raise UserError(f"{name} sets the Monte Carlo Jensen–Shannon estimate, which this run does not make ({why}); "
+                            f"drop --{name.replace('_', '-')}")
+
+
 def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards: bool = True) -> TrainConfig:
     """cfg, checked. world_cls / method_cls: the classes that will run (default: the config's names in the
     registries); check_rewards=False when a ready reward object replaces reward_weights."""
-    _check_types(cfg)
+    check_types(cfg)
     world_cls = world_cls or world_class(cfg.world)
     method_cls = method_cls or method_class(cfg.method)
     _check_chain_and_objective(cfg, method_cls)
@@ -136,4 +182,5 @@ def validate(cfg: TrainConfig, *, world_cls=None, method_cls=None, check_rewards
     world_cls.check_config(cfg)
     method_cls.check_config(cfg)
     method_cls.check_chain(world_cls.chain_transition(cfg))  # e.g. a deterministic TCD chain has no log-probabilities
+    _check_applies(cfg, world_cls, method_cls)
     return cfg

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-from cmalign.config.types import name_value_pairs
+from cmalign.config.types import checked, name_value_pairs
 from cmalign.errors import UserError
 
 # --- sections ------------------------------------------------------------------------------------
@@ -211,6 +211,7 @@ class TrainConfig:
         unknown = sorted(set(values) - set(common_field_names()))
         if unknown:
             raise TypeError(f"TrainConfig got unknown field(s) {', '.join(unknown)}; sections: {', '.join(known)}")
+        check_argument_types(values)
         for f in dataclasses.fields(TrainConfig):
             if f.name != "sections":
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -231,6 +232,19 @@ class TrainConfig:
         if sections is not None and name in sections:
             return sections[name]
         raise AttributeError(f"TrainConfig has no field or section {name!r}")
+
+
+class ConfigTypeError(UserError, TypeError):
+    """A TrainConfig argument of a type its field does not accept (TrainConfig(world=None), method=7)."""
+
+
+def check_argument_types(values: dict) -> None:
+    """Each common field given to TrainConfig(...) has its declared type: one line naming it and what it accepts."""
+    for name, value in values.items():
+        try:
+            checked(TrainConfig, name, value, "TrainConfig: ")
+        except UserError as exc:
+            raise ConfigTypeError(str(exc)) from None
 
 
 class DeprecatedName(FutureWarning):

@@ -20,8 +20,39 @@ EXPERIMENTS = {
 }
 
 
+MARKER = ".cmalign-experiment"  # in an experiment's results folder: which experiment wrote it
+
+
+def check_out_folder(name: str, out_dir, overwrite: bool = False):
+    """The results folder, checked before any work: not a file nor under one, and either new, empty or
+    this experiment's own (its marker file says so); a folder holding anything else is refused unless
+    overwrite. Writes the marker, so that a rerun into it is allowed."""
+    from pathlib import Path
+
+    from cmalign.errors import UserError
+    from cmalign.training.run_dir import ensure_writable_dir, writing
+
+    out_dir = Path(out_dir)
+    for parent in [out_dir, *out_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == out_dir else f"is under {parent}, which is a file"
+            raise UserError(f"--out {out_dir} {where}; give a folder")
+    marker = out_dir / MARKER
+    owner = marker.read_text(errors="replace").strip() if marker.is_file() else None
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if entries and owner != name and not overwrite:
+        what = f"the results of experiment {owner}" if owner else f"files that are not this experiment's ({', '.join(entries[:3])}"
+        what += "" if owner else (", ..." if len(entries) > 3 else "") + ")"
+        raise UserError(f"--out {out_dir} holds {what}; choose another --out, or pass --overwrite to write "
+                        f"{name}'s results into it (files of the same names are replaced)")
+    ensure_writable_dir(out_dir, "--out folder")
+    with writing("the experiment marker", marker):
+        marker.write_text(name + "\n")
+    return out_dir
+
+
 def run_experiment(name: str, out: str | None = None, quick: bool = False, threads: int | None = None,
-                   steps: int | None = None, seeds: int | None = None, jobs: int | None = None):
+                   steps: int | None = None, seeds: int | None = None, jobs: int | None = None, overwrite: bool = False):
     """Run one experiment into `out` and return its README. Experiments of independent runs train them
     `jobs` at a time (default: one per core, 1 thread each; quick: in order, as worker processes would
     cost more than the runs); the others train in order with every core (default threads)."""
@@ -34,6 +65,7 @@ def run_experiment(name: str, out: str | None = None, quick: bool = False, threa
     import torch
 
     from cmalign.errors import UserError
+    from cmalign.training.run_dir import writing
 
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r}; expected one of {', '.join(EXPERIMENTS)}")
@@ -51,13 +83,14 @@ def run_experiment(name: str, out: str | None = None, quick: bool = False, threa
     elif jobs and jobs > 1:
         raise UserError(f"experiment {name} trains its runs one after another (it keeps each trained model); --jobs does not apply")
     threads = threads or cores
-    out_dir = Path(out) if out else Path("results") / (name + ("-quick" if quick else ""))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_out_folder(name, Path(out) if out else Path("results") / (name + ("-quick" if quick else "")), overwrite)
     torch.set_num_threads(threads)  # the runs trained in this process, and the thread count in the report
-    report = module.run(out_dir, quick=quick, threads=threads, **kwargs)
+    with writing("the results of experiment " + name + " into", out_dir):  # a full disk: one line
+        report = module.run(out_dir, quick=quick, threads=threads, **kwargs)
     # The report's command line with every option that shaped the run, so that it reproduces it.
     command = " ".join(["cmalign experiment", name] + (["--quick"] if quick else []) + ["--out", str(out_dir), "--threads", str(threads)]
                        + [f"--{k} {v}" for k, v in kwargs.items()])
     text = report.read_text()
-    report.write_text(re.sub(r"^- command: `[^`]*`", lambda _: f"- command: `{command}`", text, count=1, flags=re.M))
+    with writing("the report", report):
+        report.write_text(re.sub(r"^- command: `[^`]*`", lambda _: f"- command: `{command}`", text, count=1, flags=re.M))
     return report

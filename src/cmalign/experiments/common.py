@@ -26,7 +26,19 @@ FULL = dict(batch_size=32, eval_every=10, grid_every=100, eval_size=200, final_e
 
 def make_config(quick: bool, threads: int = 1, **overrides) -> TrainConfig:
     """The experiment's base settings with overrides: common fields or "section.field" keys."""
-    return TrainConfig(**{**(QUICK if quick else FULL), "threads": threads, **overrides})
+    return only_owned_sections(TrainConfig(**{**(QUICK if quick else FULL), "threads": threads, **overrides}))
+
+
+def only_owned_sections(cfg: TrainConfig) -> TrainConfig:
+    """cfg with the sections that neither its world nor its method owns at their defaults (the shared QUICK
+    settings name ddpo's steps for every method; validation refuses a setting that no part of the run uses)."""
+    from cmalign.config.checks import owned_sections
+    from cmalign.methods.registry import method_class
+    from cmalign.worlds.registry import world_class
+
+    owned = owned_sections(world_class(cfg.world), method_class(cfg.method))
+    sections = {name: s if name in owned else type(s)() for name, s in cfg.sections.items()}
+    return dataclasses.replace(cfg, sections=sections)
 
 
 def train_run(cfg: TrainConfig, run_dir: Path, keep_result: bool = False):

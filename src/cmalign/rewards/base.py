@@ -45,6 +45,7 @@ class RewardSpec:
     worlds: tuple[str, ...] | None = None
     differentiable: bool = True
     eval_only: bool = False
+    source: Any = None  # what a user registered or named (a function, class or factory): whose code runs
 
 
 def reward_factory(worlds: tuple[str, ...] | None = None, differentiable: bool = True, eval_only: bool = False):

@@ -14,12 +14,12 @@ path (and stops after max_bad_steps in a row), with one warning line saying why.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import math
 import sys
 import time
-import urllib.error
 import urllib.request
 
 import numpy as np
@@ -30,6 +30,7 @@ from cmalign.errors import UserError
 from cmalign.rewards.base import Reward, RewardContext, reward_factory
 
 MAX_TIMEOUT, MAX_RETRIES = 600.0, 10
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def png_base64(image01: torch.Tensor) -> str:
@@ -53,30 +54,51 @@ class HttpReward(Reward):
         self.url, self.timeout, self.retries, self.name = url, timeout, retries, name
         self.failures = 0
 
-    def _post(self, body: bytes) -> list:
+    def _post(self, body: bytes):
         request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"}, method="POST")
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            return json.loads(response.read().decode("utf-8"))["scores"]
+            answer = json.loads(response.read().decode("utf-8"))
+        return answer.get("scores") if isinstance(answer, dict) else None
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         body = json.dumps({"prompts": list(prompts), "images": [png_base64(im) for im in images]}).encode("utf-8")
         problem = "no attempt"
         for attempt in range(self.retries + 1):
             try:
-                scores = self._post(body)
-                if (isinstance(scores, list) and len(scores) == len(prompts)
-                        and all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores)):
-                    return torch.tensor(np.asarray(scores, dtype=np.float32), device=images.device)
-                problem = f"the answer is not {len(prompts)} finite scores"
+                scores = finite_scores(self._post(body), len(prompts))
+                if scores is not None:
+                    return torch.tensor(scores, device=images.device)
+                problem = f"the answer is not {{\"scores\": [{len(prompts)} finite numbers]}}"
                 break  # a well-formed but wrong answer will not improve by asking again
-            except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
-                problem = f"{type(exc).__name__}: {str(exc)[:120]}"
+            # every transport and protocol failure: refused connections, timeouts, HTTP errors, bad status lines,
+            # truncated bodies (http.client.IncompleteRead), undecodable or too deeply nested JSON
+            except (OSError, ValueError, TypeError, RecursionError, http.client.HTTPException) as exc:
+                problem = f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"  # one line, whatever the server sent
                 if attempt < self.retries:
                     time.sleep(min(0.5 * 2**attempt, 5.0))
         self.failures += 1
         print(f"cmalign: warning: reward http ({self.url}) failed ({problem}); this batch scores NaN and its update "
               "is skipped", file=sys.stderr, flush=True)
         return torch.full((len(prompts),), float("nan"), device=images.device)
+
+
+def finite_scores(scores, n: int) -> np.ndarray | None:
+    """n scores as float32 when each is a JSON number that is finite in float32 (a 400-digit integer, 1e300,
+    a string or a boolean is not); else None."""
+    if not isinstance(scores, list) or len(scores) != n:
+        return None
+    out = np.empty(n, dtype=np.float32)
+    for i, s in enumerate(scores):
+        if not isinstance(s, (int, float)) or isinstance(s, bool):
+            return None
+        try:
+            value = float(s)
+        except OverflowError:
+            return None
+        if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            return None
+        out[i] = value
+    return out
 
 
 def _number(options: dict, key: str, default, kind):

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from cmalign.errors import UserError
-from cmalign.plugins import Registry
+from cmalign.plugins import Registry, as_plugin_error, plugin_module
 from cmalign.rewards.base import Reward, RewardContext, RewardSpec
 
 
@@ -99,12 +99,12 @@ def as_spec(obj: Any, name: str, factory: bool = False) -> RewardSpec:
         return obj
     flags = dict(differentiable=bool(getattr(obj, "differentiable", True)), eval_only=bool(getattr(obj, "eval_only", False)))
     if factory:
-        return RewardSpec(obj, None, **flags)
+        return RewardSpec(obj, None, **flags, source=obj)
     if isinstance(obj, type):
         make = (lambda ctx: obj(ctx)) if _takes_context(obj) else (lambda ctx: obj())
-        return RewardSpec(make, getattr(obj, "worlds", None), **flags)
+        return RewardSpec(make, getattr(obj, "worlds", None), **flags, source=obj)
     if callable(obj):
-        return RewardSpec(lambda ctx: obj, getattr(obj, "worlds", None), **flags)
+        return RewardSpec(lambda ctx: obj, getattr(obj, "worlds", None), **flags, source=obj)
     raise UserError(f"reward {name!r} is {type(obj).__name__}, not a callable (images, prompts) -> scores")
 
 
@@ -174,12 +174,52 @@ def build_reward(name: str, ctx: RewardContext) -> Reward:
     world = ctx.world.name
     if spec.worlds is not None and world not in spec.worlds:
         raise UserError(f"unknown reward {name!r} for the {world} world; available: {', '.join(available(world))}")
-    reward = spec.factory(ctx)
+    try:
+        reward = spec.factory(ctx)
+    except Exception as exc:  # noqa: BLE001 - a plug-in's constructor: one line naming it (its traceback under --debug)
+        error = as_plugin_error(exc, reward_plugins({name: 1.0}), "while it was built")
+        if error is None:
+            raise
+        raise error from exc
     if not callable(reward):
         raise UserError(f"reward {name!r}: its factory returned {type(reward).__name__}, not a callable")
+    check_signature(name, reward)
     if not isinstance(reward, Reward):
         reward = CallableReward(name, reward, spec.differentiable, spec.eval_only)
     return reward
+
+
+def check_signature(name: str, reward: Any) -> None:
+    """A reward is called as reward(images, prompts): refuse one that cannot be, in one line."""
+    try:
+        sig = inspect.signature(reward)
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: it is tried as it is
+        return
+    try:
+        sig.bind(None, None)
+    except TypeError:
+        raise UserError(f"reward {name!r} must be a callable (images, prompts) -> scores of shape (B,); "
+                        f"its signature is {sig}") from None
+
+
+def reward_plugins(weights: dict[str, float], reward: Any = None) -> dict[str, str]:
+    """module -> "reward 'NAME'" for the rewards of a run whose code is not cmalign's (blamed for their exceptions)."""
+    out = {}
+    if reward is not None:
+        fn = reward.fn if isinstance(reward, CallableReward) else reward
+        module = plugin_module(fn)
+        return {module: f"reward {getattr(reward, 'name', None) or reward_label(reward)!r}"} if module else {}
+    for name in weights:
+        if REWARDS.is_builtin(name):
+            continue
+        try:
+            spec = reward_spec(name)
+        except UserError:
+            continue
+        module = plugin_module(spec.source if spec.source is not None else spec.factory)
+        if module:
+            out[module] = f"reward {name!r}"
+    return out
 
 
 class WeightedReward(Reward):
@@ -191,18 +231,43 @@ class WeightedReward(Reward):
         self.eval_only = any(getattr(r, "eval_only", False) for r in rewards.values())
         self.name = "+".join(f"{w:g}*{n}" for n, w in weights.items())
         self.last_components: dict[str, torch.Tensor] = {}
+        self.gradient_checked: set[str] = set()  # differentiable rewards whose scores were seen to reach the images
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         total = 0.0
         self.last_components = {}
         for name, reward in self.rewards.items():
             value = reward(images, prompts)
-            if not isinstance(value, torch.Tensor) or value.shape != (images.shape[0],) or not value.is_floating_point():
-                what = f"shape {tuple(value.shape)} dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
-                raise UserError(f"reward {name!r} returned {what}; expected a float tensor of shape ({images.shape[0]},)")
+            check_scores(name, value, images)
+            if name not in self.gradient_checked and images.requires_grad and torch.is_grad_enabled() \
+                    and getattr(reward, "differentiable", True):
+                check_gradient(name, value, images)
+                self.gradient_checked.add(name)
             self.last_components[name] = value.detach()
             total = total + self.weights[name] * value
         return total
+
+
+def check_scores(name: str, value: Any, images: torch.Tensor) -> None:
+    """What a reward returned is one float score per image, on the images' device (NaN/inf scores are the
+    trainer's skip-and-count path, not refused here)."""
+    b = images.shape[0]
+    if not isinstance(value, torch.Tensor) or value.shape != (b,) or not value.is_floating_point():
+        what = f"shape {tuple(value.shape)} dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise UserError(f"reward {name!r} returned {what}; expected a float tensor of shape ({b},)")
+    if value.device != images.device:
+        raise UserError(f"reward {name!r} returned scores on {value.device}; the images are on {images.device}: "
+                        "return them on the images' device")
+
+
+def check_gradient(name: str, value: torch.Tensor, images: torch.Tensor) -> None:
+    """A differentiable reward's scores carry a gradient to the images (once, on the first training batch):
+    a detached reward would train nothing while every step reports success."""
+    reaches = value.requires_grad and torch.autograd.grad(value.sum(), images, retain_graph=True, allow_unused=True)[0] is not None
+    if not reaches:
+        raise UserError(f"reward {name!r} is differentiable by default, but its scores carry no gradient to the images "
+                        "(detached, or computed without them); if it is not differentiable, set `differentiable = False` "
+                        "on it (or register it with differentiable=False) so that rocm uses its score-function estimator")
 
 
 def build_weighted(weights: dict[str, float], ctx: RewardContext) -> WeightedReward:
@@ -228,6 +293,7 @@ def as_training_reward(reward: Any, name: str | None = None) -> WeightedReward:
         raise UserError(f"reward must be a callable (images, prompts) -> scores, got {type(reward).__name__}")
     name = name or getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__
     if not isinstance(reward, Reward):
+        check_signature(name, reward)
         reward = CallableReward(name, reward, bool(getattr(reward, "differentiable", True)),
                                 bool(getattr(reward, "eval_only", False)))
     if reward.eval_only:

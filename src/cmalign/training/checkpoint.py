@@ -14,7 +14,6 @@ pickled: safetensors + JSON only (no torch.load).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import math
@@ -30,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cmalign.errors import UserError
+from cmalign.training.run_dir import write_error_cause
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -225,12 +225,14 @@ def save_checkpoint(root: Path, step: int, world, params, optimizer, ema: EMA | 
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as exc:  # an OSError, or a library's wrapping of one (safetensors on a full disk)
+        shutil.rmtree(tmp, ignore_errors=True)  # no temporary left behind, whatever failed
         if old.exists() and not final.exists():
             with contextlib.suppress(OSError):
                 os.replace(old, final)
-        cause = f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno, '')})" if exc.errno else str(exc)
+        cause = write_error_cause(exc)
+        if cause is None:
+            raise
         raise UserError(f"cannot write checkpoint {final}: {cause}; {last_good}") from None
     shutil.rmtree(old, ignore_errors=True)
     older = [p for p in list_checkpoints(root) if _step_of(p) < step]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -50,15 +51,34 @@ def _cause(exc: OSError) -> str:
     return f"{text} ({name})" if name else text
 
 
+_OS_ERROR_TEXT = re.compile(r"(?:I/O error|IoError)\W.*?(?:os error |code: )(\d+)", re.S)
+
+
+def write_error_cause(exc: BaseException) -> str | None:
+    """The cause of a failed write, in one phrase: an OSError, or a library's wrapping of one (safetensors
+    raises SafetensorError "I/O error: No space left on device (os error 28)"); None for anything else."""
+    if isinstance(exc, OSError):
+        return _cause(exc)
+    match = _OS_ERROR_TEXT.search(str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return _cause(OSError(code, os.strerror(code)))
+
+
 @contextlib.contextmanager
 def writing(what: str, path):
-    """Turn an OSError raised inside the block into one line: `cannot write WHAT PATH: CAUSE`."""
+    """Turn an OSError (or a library's wrapping of one) raised inside the block into one line:
+    `cannot write WHAT PATH: CAUSE`."""
     try:
         yield
     except UserError:
         raise
-    except OSError as exc:
-        raise UserError(f"cannot write {what} {path}: {_cause(exc)}") from None
+    except Exception as exc:
+        cause = write_error_cause(exc)
+        if cause is None:
+            raise
+        raise UserError(f"cannot write {what} {path}: {cause}") from None
 
 
 def _rmtree(path: Path) -> None:

@@ -30,13 +30,15 @@ from cmalign.training import tracking
 from cmalign.training.run_dir import Preempted, RunLock, StopSignals, atomic_dir, clear_run_artefacts, writing
 from cmalign.chain import ChainNoise
 from cmalign.config import TrainConfig, config_diff, flat_items, to_dict, to_yaml, validate, with_changes
+from cmalign.config.checks import check_types
 from cmalign.training.distributed import Shard
 from cmalign.errors import UserError
 from cmalign.training.evaluation import diversity, evaluate, save_labelled_grid, summarize
 from cmalign.methods.base import Batch, Method
 from cmalign.methods.registry import method_class
 from cmalign.prompts import load_prompts, training_prompts
-from cmalign.rewards.registry import as_training_reward, build_reward, build_weighted, reward_context, reward_label
+from cmalign.plugins import as_plugin_error, plugin_module
+from cmalign.rewards.registry import as_training_reward, build_reward, build_weighted, reward_context, reward_label, reward_plugins
 from cmalign.worlds.base import World
 from cmalign.worlds.registry import world_class
 
@@ -127,18 +129,23 @@ def device_of(cfg: TrainConfig) -> str:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, **kwargs):
-        self.lock = None
+        self.lock, self.plugins = None, {}
         try:
             self._init(cfg, **kwargs)
-        except BaseException:  # a failed set-up gives the run directory back at once
+        except BaseException as exc:  # a failed set-up gives the run directory back at once
             if self.lock is not None:
                 self.lock.release(discard=True)  # a run dir this attempt created goes with it
+            error = as_plugin_error(exc, self.plugins, "during the set-up (before step 1)")
+            if error is not None:
+                raise error from exc
             raise
 
     def _init(self, cfg: TrainConfig, *, world: World | None = None, reward=None, method=None,
               overwrite: bool = False, progress: bool = True, resume: str | None = None):
+        check_types(cfg)  # before any name is looked up: world=None, method=7
         world_cls = type(world) if world is not None else world_class(cfg.world)
         method_cls = _method_class_of(method) if method is not None else method_class(cfg.method)
+        self.plugins = plugin_labels(cfg, world_cls, method_cls, reward)
         validate(cfg, world_cls=world_cls, method_cls=method_cls, check_rewards=reward is None)
         self.progress, self.resume = progress, resume
         if cfg.threads:
@@ -289,23 +296,34 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000)
         try:
             with StopSignals() as self.stop:  # SIGTERM/SIGINT: finish the step, checkpoint, stop (Preempted)
-                start_step = self._restore(gen)
-                self._open_run(start_step)
-                bar = tqdm(range(start_step + 1, self.cfg.steps + 1), desc=f"{self.cfg.method} {self.cfg.world}",
-                           disable=not (self.progress and self.main))
-                for step in bar:
-                    row = self._train_step(step, self._draw_batch(gen))
-                    last = step == self.cfg.steps or self._time_up()
-                    self._check_bad_steps(row, bar)
-                    self._log_and_evaluate(row, last, bar)
-                    self._checkpoint(gen, last)
-                    self._check_preempted(gen, bar)
-                    if last:
-                        self._announce_stop()
-                        break
-                return self._close()
+                return self._run(gen)
+        except Exception as exc:  # an exception raised inside a plug-in's code: one line naming it and the step
+            error = as_plugin_error(exc, self.plugins, f"at step {self.step}; {self._last_good()}")
+            if error is not None:
+                raise error from exc
+            raise
         finally:
             self.lock.release()
+
+    def _run(self, gen: torch.Generator) -> TrainResult:
+        """Restore, open the run, the steps, the checks of what they did, the closing writes."""
+        start_step = self._restore(gen)
+        self._open_run(start_step)
+        before = parameter_fingerprint(self.params) if not self.collective else None
+        bar = tqdm(range(start_step + 1, self.cfg.steps + 1), desc=f"{self.cfg.method} {self.cfg.world}",
+                   disable=not (self.progress and self.main))
+        for step in bar:
+            row = self._train_step(step, self._draw_batch(gen))
+            last = step == self.cfg.steps or self._time_up()
+            self._check_bad_steps(row, bar)
+            self._log_and_evaluate(row, last, bar)
+            self._checkpoint(gen, last)
+            self._check_preempted(gen, bar)
+            if last:
+                self._announce_stop()
+                break
+        self._check_updated(start_step, before)
+        return self._close()
 
     def _restore(self, gen: torch.Generator) -> int:
         """Parameters, optimiser, EMA, generator, counters and method state of the checkpoint resumed from."""
@@ -368,7 +386,7 @@ class Trainer:
         """The method's step, the EMA and the bad-step counters; the step's metrics row (mean over ranks)."""
         self.step, self._step_bad = step, False
         start = time.perf_counter()
-        metrics, images = self.method.step(batch, self.optimizer_step)
+        metrics, images = self._check_step_result(self.method.step(batch, self.optimizer_step))
         if self._step_bad:
             self.bad_steps += 1
             self.bad_in_a_row += 1
@@ -382,6 +400,32 @@ class Trainer:
         row = dist.gather_metrics(row, self.shard.count, self.accelerator.device)
         samples = step * self.cfg.batch_size * self.shard.count
         return {**row, "step": step, "samples": samples, "skipped": self._step_bad, "bad_steps": self.bad_steps}
+
+    # --- what the steps did (a run that trained nothing never reports success) -----------------------
+    def _last_good(self) -> str:
+        found = ckpt.list_checkpoints(self.run_dir / "checkpoints") if self.main else []
+        return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+
+    def _check_updated(self, start_step: int, before: list | None) -> None:
+        """Refuse success to a run in which no update was applied (every step skipped for non-finite values,
+        whatever steps and max_bad_steps are), or whose trainable parameters did not change."""
+        if self.step > 0 and self.bad_steps >= self.step:
+            raise UserError(f"no update was applied: all {self.step} steps were skipped for non-finite reward, loss or "
+                            f"gradients (see the warnings above and metrics.jsonl); {self._last_good()}")
+        if before is not None and self.step > start_step and parameter_fingerprint(self.params) == before:
+            raise UserError(f"the trainable parameters did not change in {self.step - start_step} steps (grad_norm "
+                            "0 at every step): the loss does not depend on them, e.g. a reward whose scores are "
+                            f"detached from the images; {self._last_good()}")
+
+    def _check_step_result(self, out) -> tuple[dict, torch.Tensor]:
+        """A method's step returns (metrics of numbers, images) as Method.step promises."""
+        ok = (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], dict) and isinstance(out[1], torch.Tensor)
+              and all(isinstance(k, str) and (v is None or isinstance(v, (int, float))) for k, v in out[0].items()))
+        if not ok:
+            what = type(out).__name__ if not isinstance(out, tuple) else f"a tuple of {', '.join(type(o).__name__ for o in out)}"
+            raise UserError(f"method {self.cfg.method!r}: step() returned {what} at step {self.step}; expected "
+                            "(metrics: dict of name -> float, images: tensor)")
+        return out
 
     def _check_bad_steps(self, row: dict, bar) -> None:
         if self.bad_in_a_row < self.cfg.max_bad_steps:
@@ -530,6 +574,40 @@ class Trainer:
             self.report_samples = report.save_report_samples(self.run_dir, distinct, prompts, base, tuned, self.num_steps)
 
 
+def parameter_fingerprint(params) -> list[tuple[float, float]]:
+    """Per parameter, the float64 sum and sum of squares: any update changes them."""
+    with torch.no_grad():
+        return [(float(p.detach().double().sum()), float(p.detach().double().square().sum())) for p in params]
+
+
+def plugin_labels(cfg: TrainConfig, world_cls, method_cls, reward) -> dict[str, str]:
+    """module -> label of the run's plug-ins (whose exceptions are one line naming them)."""
+    labels = reward_plugins(cfg.reward_weights, reward)
+    for kind, cls, name in (("world", world_cls, cfg.world), ("method", method_cls, cfg.method)):
+        module = plugin_module(cls)
+        if module:
+            labels[module] = f"{kind} {name!r}"
+    return labels
+
+
+def check_train_arguments(config, world, reward, method) -> None:
+    """train()'s arguments have types it accepts: one TypeError line naming the argument otherwise."""
+    if not isinstance(config, TrainConfig):
+        hint = {str: "; for a YAML file: cmalign.config.load_preset(path)", dict: "; from a dict: TrainConfig(**values)"}
+        raise TypeError(f"train(config): expected a TrainConfig (from cmalign import TrainConfig), got "
+                        f"{type(config).__name__}{hint.get(type(config), '')}")
+    if world is not None and not isinstance(world, World):
+        what = f"the class {world.__name__} (pass an instance)" if isinstance(world, type) else type(world).__name__
+        name_hint = f"; to choose a world by name: TrainConfig(world={world!r})" if isinstance(world, str) else ""
+        raise TypeError(f"train(world=...): expected a World instance (or None: the config's world), got {what}{name_hint}")
+    if reward is not None and not callable(reward):
+        raise TypeError(f"train(reward=...): expected a callable (images, prompts) -> scores (or None: the config's "
+                        f"reward_weights), got {type(reward).__name__}")
+    if method is not None and not isinstance(method, (str, Method)) and not (isinstance(method, type) and issubclass(method, Method)):
+        raise TypeError(f"train(method=...): expected a registered name, a Method subclass or instance (or None), "
+                        f"got {type(method).__name__}")
+
+
 def _method_class_of(method) -> type[Method]:
     if isinstance(method, Method):
         return type(method)
@@ -544,5 +622,10 @@ def train(config: TrainConfig, *, world: World | None = None, reward=None, metho
           progress: bool = True, resume: str | None = None) -> TrainResult:
     """Train `config`; `world`, `reward` and `method` may be ready objects in place of the config's names:
     a World instance, any reward callable (images, prompts) -> (B,) scores, a Method subclass or instance."""
+    check_train_arguments(config, world, reward, method)
+    if not isinstance(overwrite, bool) or not isinstance(progress, bool):
+        raise TypeError(f"train(overwrite=..., progress=...): expected True or False, got {overwrite!r}, {progress!r}")
+    if resume is not None and not isinstance(resume, str):
+        raise TypeError(f"train(resume=...): expected 'latest' or a checkpoint path (str), got {type(resume).__name__}")
     trainer = Trainer(config, world=world, reward=reward, method=method, overwrite=overwrite, progress=progress, resume=resume)
     return trainer.train()
