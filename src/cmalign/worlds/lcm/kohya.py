@@ -1,5 +1,6 @@
-"""Kohya-format LoRA export (`cmalign export --format kohya`, `lcm.export_formats`): the single .safetensors file that kohya's sd-scripts writes and ComfyUI
-(LoraLoader), AUTOMATIC1111 (<lora:name:1>) and diffusers' non-diffusers loader read.
+"""Kohya-format LoRA export (`cmalign export --format kohya`, `lcm.export_formats`): the single .safetensors
+file that kohya's sd-scripts writes and ComfyUI (LoraLoader), AUTOMATIC1111 (<lora:name:1>) and diffusers'
+non-diffusers loader read.
 
 Input: the diffusers-format LoRA that cmalign exports (pytorch_lora_weights.safetensors: peft key format
 `unet.<module>.lora_A.weight` / `.lora_B.weight`, optionally `text_encoder.` / `text_encoder_2.`, and the peft
