@@ -63,15 +63,19 @@ def describe(cost: dict) -> str:
 
 def dry_run(trainer) -> dict:
     """One training step of a built trainer (Trainer(..., dry_run=True): no run directory, no lock, no
-    trackers); its seconds and the peak memory. The step's first call includes warm-up (kernel selection,
-    lazy initialisation), so it is an upper bound on a run's seconds per step."""
+    trackers): the method's update on one drawn batch, timed as a run's logged wall_time times it (the
+    world's per-step metrics, e.g. the digits gold score and its lazily fitted ensemble, excluded); and the
+    peak memory. The first step includes warm-up (kernel selection, lazy initialisation), so it is an upper
+    bound on a run's seconds per step."""
     device = trainer.accelerator.device
     reset_peak_memory(device)
     gen = torch.Generator().manual_seed(trainer.cfg.seed * 1000)
+    batch = trainer._draw_batch(gen)
+    trainer.step = 1
     start = time.perf_counter()
-    row = trainer._train_step(1, trainer._draw_batch(gen))
+    metrics, _ = trainer.method.step(batch, trainer.optimizer_step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return {"seconds_per_step": round(seconds, 4), "steps_timed": 1, **peak_memory(device),
-            "loss": row.get("loss"), "skipped": row.get("skipped")}
+            "loss": metrics.get("loss"), "skipped": trainer._step_bad}
