@@ -186,6 +186,25 @@ def _kohya_module(component: str, module: str, unet_config: Mapping) -> str:
     return module if module.startswith(("text_model.", "text_projection")) else f"text_model.{module}"
 
 
+def _modules_of(lora_state_dict: Mapping[str, torch.Tensor], sdxl: bool) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """{(component, module): {"A": lora_A, "B": lora_B}}, refusing a tensor that is no peft-keyed LoRA weight."""
+    modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in lora_state_dict.items():
+        match = _SOURCE_KEY.match(key)
+        if match is None:
+            reason = ("DoRA magnitude vectors have no kohya LoRA counterpart" if "lora_magnitude_vector" in key else
+                      "LoRA biases have no kohya LoRA counterpart" if key.endswith(".bias") else
+                      "not a peft-keyed LoRA tensor (<unet|text_encoder|text_encoder_2>.<module>.lora_A/B.weight)")
+            raise _refuse(key, reason)
+        component, module, ab = match.groups()
+        if component == "text_encoder_2" and not sdxl:
+            raise _refuse(key, "an SD-1.x-class pipeline has one text encoder")
+        modules.setdefault((component, module), {})[ab] = tensor
+    if not modules:
+        raise UserError("cannot write a kohya LoRA: the state dict holds no LoRA tensors")
+    return modules
+
+
 def to_kohya(
     lora_state_dict: Mapping[str, torch.Tensor],
     *,
@@ -202,21 +221,7 @@ def to_kohya(
     unet_config = dict(unet_config)
     sdxl = is_sdxl_unet(unet_config)
     adapter_configs = _config_dicts(adapter_configs)
-    modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in lora_state_dict.items():
-        match = _SOURCE_KEY.match(key)
-        if match is None:
-            reason = ("DoRA magnitude vectors have no kohya LoRA counterpart" if "lora_magnitude_vector" in key else
-                      "LoRA biases have no kohya LoRA counterpart" if key.endswith(".bias") else
-                      "not a peft-keyed LoRA tensor (<unet|text_encoder|text_encoder_2>.<module>.lora_A/B.weight)")
-            raise _refuse(key, reason)
-        component, module, ab = match.groups()
-        if component == "text_encoder_2" and not sdxl:
-            raise _refuse(key, "an SD-1.x-class pipeline has one text encoder")
-        modules.setdefault((component, module), {})[ab] = tensor
-    if not modules:
-        raise UserError("cannot write a kohya LoRA: the state dict holds no LoRA tensors")
-
+    modules = _modules_of(lora_state_dict, sdxl)
     out: dict[str, torch.Tensor] = {}
     source_of: dict[str, str] = {}  # kohya module name -> component.module
     for (component, module), pair in modules.items():
@@ -401,6 +406,19 @@ def check_kohya_loads(path: str | Path, pipeline, lora_state_dict: Mapping[str, 
       `processor.to_q_lora` spelling), so a file whose modules differ in scale is refused by the first check.
     Returns the number of LoRA layers."""
     path = Path(path)
+    configs = _config_dicts(adapter_configs)
+    landed = _landed_in_stock(path, pipeline)
+    _compare_landed(path, type(pipeline), landed, _expected_layers(lora_state_dict, configs),
+                    _diffusers_read(load_file(str(path)), pipeline.unet.config))
+    if expected_kohya is None:
+        expected_kohya = to_kohya(lora_state_dict, unet_config=pipeline.unet.config, adapter_configs=configs)
+    _check_holds(path, expected_kohya)
+    return len(landed)
+
+
+def _landed_in_stock(path: Path, pipeline) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{component.module: (lora_A, lora_B, scale)} of the file loaded with `type(pipeline)`'s own
+    load_lora_weights into a weightless copy of `pipeline`."""
     components = dict(pipeline.components)
     for name in COMPONENTS:
         if components.get(name) is not None:
@@ -418,8 +436,16 @@ def check_kohya_loads(path: str | Path, pipeline, lora_state_dict: Mapping[str, 
     except Exception as exc:  # noqa: BLE001 -- any loader failure means the stock pipeline cannot use the file
         raise UserError(f"the kohya LoRA {path} does not load into a stock {cls.__name__} ({_first_line(exc)}); "
                         f"{OTHER_FORMATS}") from None
+    landed = {}
+    for component in COMPONENTS:
+        model = getattr(shadow, component, None)
+        if model is not None:
+            landed.update({f"{component}.{m}": v for m, v in _lora_layers(model, _CHECK_ADAPTER).items()})
+    return landed
 
-    configs = _config_dicts(adapter_configs)
+
+def _expected_layers(lora_state_dict: Mapping[str, torch.Tensor], configs: Mapping[str, dict]) -> dict:
+    """{component.module: (lora_A, lora_B, scale)} of the diffusers-format source."""
     expected: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for key, tensor in lora_state_dict.items():
         match = _SOURCE_KEY.match(key)
@@ -428,15 +454,13 @@ def check_kohya_loads(path: str | Path, pipeline, lora_state_dict: Mapping[str, 
             up = lora_state_dict[f"{component}.{module}.lora_B.weight"]
             rank = int(tensor.shape[0])
             expected[_normalise(component, module)] = (tensor, up, _alpha(module, rank, configs.get(component)) / rank)
-    landed = {}
-    for component in COMPONENTS:
-        model = getattr(shadow, component, None)
-        if model is not None:
-            landed.update({f"{component}.{m}": v for m, v in _lora_layers(model, _CHECK_ADAPTER).items()})
+    return expected
 
-    # the shadow's LoRA tensors stay on the meta device (peft moves them to their base layer's device), so
-    # values are compared as the same stock conversions hand them to peft
-    read = _diffusers_read(load_file(str(path)), pipeline.unet.config)
+
+def _compare_landed(path: Path, cls, landed: dict, expected: dict, read: dict) -> None:
+    """Refuse unless every expected layer landed with its shape and scale and nothing else did; the shadow's
+    LoRA tensors stay on the meta device (peft moves them to their base layer's device), so values are
+    compared as the same stock conversions hand them to peft (`read`)."""
 
     def same(key, ours, theirs) -> bool:
         (a, b, s), (la, lb, ls) = ours, theirs
@@ -457,8 +481,9 @@ def check_kohya_loads(path: str | Path, pipeline, lora_state_dict: Mapping[str, 
             f"e.g. {example}); {OTHER_FORMATS}"
         )
 
-    if expected_kohya is None:
-        expected_kohya = to_kohya(lora_state_dict, unet_config=pipeline.unet.config, adapter_configs=configs)
+
+def _check_holds(path: Path, expected_kohya: Mapping[str, torch.Tensor]) -> None:
+    """Refuse unless the file holds exactly `to_kohya`'s tensors and alphas."""
     written = load_file(str(path))
     differ = sorted({k.partition(".")[0] for k in set(written) ^ set(expected_kohya)}
                     | {k.partition(".")[0] for k in set(written) & set(expected_kohya)
@@ -468,7 +493,6 @@ def check_kohya_loads(path: str | Path, pipeline, lora_state_dict: Mapping[str, 
         raise UserError(f"the kohya LoRA {path} does not hold the exported LoRA: {len(differ)} of "
                         f"{len(expected_kohya) // 3} modules differ in tensors or alpha (e.g. {example}); "
                         f"{OTHER_FORMATS}")
-    return len(landed)
 
 
 def export_kohya(diffusers_lora: str | Path, out: str | Path, pipeline) -> Path:
