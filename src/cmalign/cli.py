@@ -1,4 +1,4 @@
-"""Command line: cmalign train | sample | eval | pretrain | reward-model | experiment.
+"""Command line: cmalign train | sample | eval | export | pretrain | reward-model | experiment.
 
 Bad input ends with one line `cmalign: error: ...` and exit code 2, never a traceback.
 Each command imports what it runs inside its handler, so that `cmalign --help` and a refusal of bad
@@ -28,6 +28,7 @@ COMMANDS = {
     "train": "fine-tune a consistency model (default: ROCM, KL, digits world)",
     "sample": "generate PNGs and samples.npz from a run directory or the base model",
     "eval": "compare the base model and runs on prompt sets: every reward at every K, intervals, paired deltas, report.html",
+    "export": "write a finished run's LoRA as diffusers, peft or kohya (ComfyUI / A1111) files (docs/export.md)",
     "pretrain": "train the digits world's base models into the cache (cmalign pretrain digits)",
     "reward-model": "train a Bradley–Terry reward model (cmalign reward-model train)",
     "experiment": "run one of the paper's analyses (cmalign experiment NAME [--quick] [--out DIR])",
@@ -89,7 +90,9 @@ def _split_train_args(args: list[str]):
     it = iter(args)
     for a in it:
         key, eq, inline = a.partition("=")
-        if key in ("--preset", "--config"):
+        if key == "--export-formats":  # the lcm world's setting (cmalign/export.py), by its short name
+            rest.append("--lcm.export-formats" + (eq + inline if eq else ""))
+        elif key in ("--preset", "--config"):
             value = inline if eq else next(it, None)
             if not value:
                 raise UserError(f"{key} needs a value")
@@ -153,10 +156,39 @@ def train_arguments(args: list[str]):
     return cfg, overwrite, resume
 
 
+def _check_export_formats_flag(args: list[str], cfg) -> None:
+    """--export-formats names LoRA formats of the lcm world: refused for another world rather than ignored."""
+    if cfg.world != "lcm" and any(a.partition("=")[0] == "--export-formats" for a in args):
+        raise UserError(f"--export-formats: the {cfg.world} world writes its adapter in its own format only; "
+                        "diffusers, peft and kohya exports exist for the lcm world (docs/export.md)")
+
+
+def cmd_dry_run(cfg, overwrite: bool, resume: str | None) -> int:
+    """--dry-run: build everything, run one training step, print its seconds and the peak memory; write nothing."""
+    from cmalign.training import cost
+    from cmalign.training.trainer import Trainer
+
+    if resume is not None:
+        raise UserError("--dry-run measures a fresh training step; drop --resume")
+    trainer = Trainer(cfg, overwrite=overwrite, progress=False, dry_run=True)
+    result = cost.dry_run(trainer)
+    if os.environ.get("RANK", "0") == "0":
+        per = trainer.accelerator.num_processes
+        print(f"cmalign: dry run, nothing written: 1 training step of {cfg.method} on {cfg.world} (batch {cfg.batch_size} "
+              f"x {per} process(es), K={trainer.num_steps}) took {result['seconds_per_step']:.3g} s (warm-up included); "
+              f"peak memory {result['peak_memory_bytes'] / 2**20:.1f} MiB ({result['peak_memory_of']})")
+    return 0
+
+
 def cmd_train(args: list[str]) -> int:
     from cmalign.training.trainer import train
 
+    dry = "--dry-run" in args
+    args = [a for a in args if a != "--dry-run"]
     cfg, overwrite, resume = train_arguments(args)
+    _check_export_formats_flag(args, cfg)
+    if dry:
+        return cmd_dry_run(cfg, overwrite, resume)
     run_dir = train(cfg, overwrite=overwrite, resume=resume).run_dir
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun: the main process only
         print(f"cmalign: done. Results in {run_dir}/ (report.md, metrics.jsonl, grids/, adapter/, tensorboard/)")
@@ -174,6 +206,16 @@ def cmd_eval(args: list[str]) -> int:
     from cmalign.evaluate_cmd import cmd_eval as evaluate
 
     return evaluate(args, parse, train_arguments)
+
+
+# --- export -----------------------------------------------------------------------------------------
+def cmd_export(args: list[str]) -> int:
+    from cmalign.export import ExportArgs, export_run
+
+    a = parse(ExportArgs, args, "cmalign export")
+    out = export_run(a.run, a.format, a.out, overwrite=a.overwrite)
+    print(f"cmalign: wrote the {a.format} LoRA of {a.run} to {out} (checked to load whole; docs/export.md)")
+    return 0
 
 
 # --- pretrain and reward-model -------------------------------------------------------------------
@@ -300,8 +342,8 @@ def cmd_experiment(args: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "pretrain": cmd_pretrain, "reward-model": cmd_reward_model,
-            "experiment": cmd_experiment}
+HANDLERS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "pretrain": cmd_pretrain,
+            "reward-model": cmd_reward_model, "experiment": cmd_experiment}
 
 
 def usage() -> str:

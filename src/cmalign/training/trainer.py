@@ -22,7 +22,9 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
+from cmalign import export as exporting
 from cmalign.training import checkpoint as ckpt
+from cmalign.training import cost
 from cmalign.training import full_finetune as finetune
 from cmalign.training import distributed as dist
 from cmalign.training import report
@@ -141,7 +143,7 @@ class Trainer:
             raise
 
     def _init(self, cfg: TrainConfig, *, world: World | None = None, reward=None, method=None,
-              overwrite: bool = False, progress: bool = True, resume: str | None = None):
+              overwrite: bool = False, progress: bool = True, resume: str | None = None, dry_run: bool = False):
         check_types(cfg)  # before any name is looked up: world=None, method=7
         world_cls = type(world) if world is not None else world_class(cfg.world)
         method_cls = _method_class_of(method) if method is not None else method_class(cfg.method)
@@ -155,11 +157,15 @@ class Trainer:
         run_dir = resolve_run_dir(cfg, overwrite, resume)
         self.cfg = cfg = with_changes(cfg, output_dir=str(run_dir))  # a copy: the caller's config is not changed
         self.run_dir = run_dir
-        self.accelerator = Accelerator(cpu=device_of(cfg) == "cpu", log_with=tracking.trackers(cfg.report_to) or None,
+        trackers = None if dry_run else tracking.trackers(cfg.report_to) or None
+        self.accelerator = Accelerator(cpu=device_of(cfg) == "cpu", log_with=trackers,
                                        project_config=ProjectConfiguration(str(run_dir), str(run_dir / "tensorboard")))
         self.main = self.accelerator.is_main_process
         self.shard = Shard(self.accelerator.process_index, self.accelerator.num_processes)
-        self._claim_run_dir(overwrite, resume)
+        if dry_run:  # --dry-run (cost.dry_run): no run directory, no lock, nothing to resume
+            self.restarted, self.resume_from, self.resume_state = False, None, None
+        else:
+            self._claim_run_dir(overwrite, resume)
         if cfg.prompt_file:
             load_prompts(cfg.prompt_file)  # fail on a bad file before any expensive set-up
         if world is None:
@@ -198,6 +204,7 @@ class Trainer:
         cfg, device = self.cfg, self.accelerator.device
         full = {"lora": False} if cfg.finetune == "full" else {}  # full fine-tuning: no adapter, every weight trains
         self.world = world if world is not None else world_cls.from_config(cfg, device, transition=method_cls.transition(cfg), **full)
+        exporting.check_run_formats(self.world, cfg)  # export formats it cannot write: refused before training
         self.full = finetune.attach(self.world, cfg, self.accelerator.num_processes)  # None for LoRA
         self.reward = (as_training_reward(reward) if reward is not None
                        else build_weighted(cfg.reward_weights, reward_context(self.world, cfg, device)))
@@ -530,15 +537,21 @@ class Trainer:
         """The final adapter (the EMA's when one is kept), base vs tuned on fresh held-out noise, report."""
         cfg = self.cfg
         final: dict = {}
+        # measured before the final evaluation's chains (their memory is not training's)
+        self.cost = cost.run_cost(report.read_metrics(self.run_dir) if (self.run_dir / "metrics.jsonl").is_file() else [],
+                                  self.accelerator.device)
         with self._ema_applied():
             # written whole or not at all: a present adapter/ marks a finished run
             with atomic_dir(self.run_dir / "adapter", "the adapter") as tmp:
                 finetune.save_trained(self.world, tmp, cfg)  # LoRA adapter, or the whole network (full)
+                exporting.write_run_formats(self.world, tmp, cfg)  # e.g. lora_kohya.safetensors (lcm.export_formats)
             if cfg.final_eval_size > 0:
                 final = self._final_evaluation()
         report.plot_curves(self.run_dir)
         summary = f"`{cfg.method}` on `{cfg.world}`: K={self.num_steps}, beta={cfg.beta} ({cfg.divergence}), lr={cfg.lr}, " \
                   f"{self.step} steps x batch {cfg.batch_size}, {self.train_seconds:.0f} s of training."
+        summary += " " + cost.describe(self.cost)
+        print(f"cmalign: {cost.describe(self.cost)}", flush=True)
         if final:
             report.write_report(self.run_dir, summary, final)
         report.write_html_report(self.run_dir, summary, final, getattr(self, "report_samples", []))
@@ -548,6 +561,7 @@ class Trainer:
         """The same prompts and noise for the base (adapter off) and the tuned model."""
         prompts, noise = self._eval_set(self.cfg.final_eval_size, FINAL_SEED_OFFSET)
         final, images = {"n": self.cfg.final_eval_size}, {}
+        final["cost"] = self.cost  # seconds per step and peak memory of the training (cost.py)
         with tqdm(total=2 * len(prompts), desc="final evaluation (base, tuned)", disable=not self.progress) as bar:
             for label, use_adapter in (("base", False), ("tuned", True)):
                 scores, images[label] = evaluate(self.world, self.reward, prompts, noise, self.num_steps, use_adapter=use_adapter,

@@ -8,6 +8,7 @@ from typing import Literal
 from cmalign.errors import UserError
 
 CHAINS = ("lcm", "tcd", "euler", "euler_ancestral", "ddim_trailing", "scm")  # lcm.scheduler's values
+EXPORT_FORMAT_NAMES = ("diffusers", "peft", "kohya")  # which family writes which: lora.EXPORT_FORMATS
 
 
 @dataclass
@@ -44,6 +45,9 @@ class LCMConfig:
     """Recompute the VAE decoder in the backward pass (saves most decoder memory at 1024 px)."""
     allow_non_distilled: bool = False
     """Run a plain (not few-step distilled) SD-1.5 / SDXL / PixArt-alpha base on purpose (research); refused otherwise."""
+    export_formats: list[str] = field(default_factory=list)
+    """Extra LoRA formats a run writes into adapter/ at its end (`--export-formats diffusers,kohya`): kohya ->
+    adapter/lora_kohya.safetensors for ComfyUI / A1111 (SD-1.5 / SDXL); diffusers and peft are always written."""
 
     def __post_init__(self):
         # "none" / "null" on the command line or in YAML clear an optional hub id or path
@@ -51,6 +55,8 @@ class LCMConfig:
             value = getattr(self, name)
             if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
                 setattr(self, name, None)
+        if isinstance(self.export_formats, (list, tuple)):  # "diffusers,kohya" as one value or several
+            self.export_formats = [f.strip() for v in self.export_formats for f in str(v).split(",") if f.strip()]
 
     def check(self) -> None:
         """Refuse (one line) values that no lcm model can run; reads no model."""
@@ -66,6 +72,9 @@ class LCMConfig:
             raise UserError(f"lcm.lora_mode must be fuse or stack, got {self.lora_mode!r}")
         if self.scheduler not in CHAINS:
             raise UserError(f"lcm.scheduler must be one of {', '.join(CHAINS)}, got {self.scheduler!r}")
+        unknown = [f for f in self.export_formats if f not in EXPORT_FORMAT_NAMES]
+        if unknown:
+            raise UserError(f"lcm.export_formats: unknown format {unknown[0]!r}; expected {', '.join(EXPORT_FORMAT_NAMES)}")
 
 
 def check_lcm_section(lcm: LCMConfig) -> None:

@@ -24,6 +24,10 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # what a stock pipeline's load_lora_weights reads
 PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"  # for resuming
 PEFT_PREFIX = "base_model.model."  # PeftModel's key names (PeftModel.save_pretrained / from_pretrained)
+KOHYA_FILE = "lora_kohya.safetensors"  # the kohya export a run writes beside DIFFUSERS_LORA_FILE (lcm.export_formats)
+# the LoRA formats our adapter exports to, per family (cmalign export, lcm.export_formats; cmalign/export.py):
+# diffusers has no PixArt LoRA loader and kohya's format no PixArt layout
+EXPORT_FORMATS = {"sd": ("diffusers", "peft", "kohya"), "sdxl": ("diffusers", "peft", "kohya"), "pixart": ("peft",)}
 
 
 def adapter_spec(rank: int | None, alpha: float = 8.0, targets=DEFAULT_LORA_TARGETS,
