@@ -100,9 +100,11 @@ class Registry:
 class ClassRegistry(Registry):
     """A registry whose entries are subclasses of `base` (worlds, methods)."""
 
-    def __init__(self, kind: str, group: str, builtins: Callable[[], None], base: str):
+    def __init__(self, kind: str, group: str, builtins: Callable[[], None], base: str,
+                 on_resolve: Callable[[type], None] = lambda cls: None):
         super().__init__(kind, group, builtins)
         self._base = base  # "module:Class", resolved on first use so that the registry module stays light
+        self._on_resolve = on_resolve  # e.g. make the class's config sections known
 
     @property
     def base(self) -> type:
@@ -123,7 +125,20 @@ class ClassRegistry(Registry):
         cls = self.get(name)
         if not (isinstance(cls, type) and issubclass(cls, self.base)):
             raise UserError(f"{self.kind} {name!r} is {cls!r}, not a subclass of cmalign.{self.base.__name__}")
+        self._on_resolve(cls)
         return cls
+
+
+def lazy_exports(package: str, where: dict[str, str]):
+    """A package's module-level __getattr__ that imports each public name from its module on first use, so that
+    importing the package (and reading a config, or --help) stays light."""
+
+    def __getattr__(name: str):
+        if name in where:
+            return getattr(importlib.import_module(where[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
 
 
 def _package(ep: metadata.EntryPoint) -> str:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import importlib
+from cmalign.plugins import lazy_exports
 
 _WHERE = {
     **dict.fromkeys(("DIVERGENCE_NAMES", "FLAT_ALIASES", "TrainConfig", "with_changes"), "cmalign.config.train"),
@@ -13,10 +13,6 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str):
-    # the public names, imported on first use: the registries that sections come from import this package's
-    # submodules, and validation imports torch, which reading a config must not
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'cmalign.config' has no attribute {name!r}")
+# imported on first use: the registries that sections come from import this package's submodules, and
+# validation imports torch, which reading a config must not
+__getattr__ = lazy_exports("cmalign.config", _WHERE)

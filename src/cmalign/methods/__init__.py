@@ -3,7 +3,7 @@ registry (registry.py) that users extend."""
 
 from __future__ import annotations
 
-import importlib
+from cmalign.plugins import lazy_exports
 
 # the public names, imported on first use so that `import cmalign.methods` (and config reading) stays light
 _WHERE = {"Batch": "cmalign.methods.base", "Method": "cmalign.methods.base",
@@ -11,8 +11,4 @@ _WHERE = {"Batch": "cmalign.methods.base", "Method": "cmalign.methods.base",
           "method_class": "cmalign.methods.registry", "method_names": "cmalign.methods.registry"}
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'cmalign.methods' has no attribute {name!r}")
+__getattr__ = lazy_exports("cmalign.methods", _WHERE)

@@ -4,7 +4,7 @@ package.module:attribute)."""
 
 from __future__ import annotations
 
-import importlib
+from cmalign.plugins import lazy_exports
 
 # the public names, imported on first use so that `import cmalign.rewards` stays light
 _NAMES = ("REWARDS", "CallableReward", "Reward", "RewardContext", "RewardSpec", "WeightedReward", "as_training_reward",
@@ -12,8 +12,4 @@ _NAMES = ("REWARDS", "CallableReward", "Reward", "RewardContext", "RewardSpec", 
           "reward_label", "reward_options")
 __all__ = list(_NAMES)
 
-
-def __getattr__(name: str):
-    if name in _NAMES:
-        return getattr(importlib.import_module("cmalign.rewards.registry"), name)
-    raise AttributeError(f"module 'cmalign.rewards' has no attribute {name!r}")
+__getattr__ = lazy_exports("cmalign.rewards", dict.fromkeys(_NAMES, "cmalign.rewards.registry"))

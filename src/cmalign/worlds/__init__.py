@@ -3,7 +3,7 @@ name in the registry (registry.py) that users extend."""
 
 from __future__ import annotations
 
-import importlib
+from cmalign.plugins import lazy_exports
 
 # the public names, imported on first use so that `import cmalign.worlds` (and config reading) stays light
 _WHERE = {"World": "cmalign.worlds.base", "adapters_disabled": "cmalign.worlds.base",
@@ -11,8 +11,4 @@ _WHERE = {"World": "cmalign.worlds.base", "adapters_disabled": "cmalign.worlds.b
           "world_class": "cmalign.worlds.registry", "world_names": "cmalign.worlds.registry"}
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'cmalign.worlds' has no attribute {name!r}")
+__getattr__ = lazy_exports("cmalign.worlds", _WHERE)
