@@ -131,7 +131,7 @@ def test_kill_term_resume_is_bit_identical(name, tmp_path, tmp_path_factory):
 
 # --- 2 ranks = 1 process (LoRA on DDP's reducer; full fine-tuning on FSDP2); the export in the stock pipeline ----
 HARNESS = """
-import json, sys
+import json, os, sys
 import torch
 from cmalign.cli import main
 from cmalign.training import distributed
@@ -141,7 +141,8 @@ finish = distributed.teardown
 distributed.teardown = lambda n: torch.distributed.barrier() if distributed.dist_on(n) else None
 codes = [main(args) for args in json.load(open(sys.argv[1]))]
 finish(2)
-print("codes", codes, flush=True)
+if os.environ.get("RANK") == "0":
+    print("codes", codes, flush=True)
 distributed.end_process(max(codes))
 """
 
