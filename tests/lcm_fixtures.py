@@ -449,6 +449,7 @@ def family_stock_pipeline(model: Path, family: str, flags: list[str], adapter: P
     if family == "pixart-lcm":  # diffusers has no PixArt LoRA loader: peft's own
         pipe = PixArtAlphaPipeline.from_pretrained(model)
         pipe.transformer = PeftModel.from_pretrained(pipe.transformer, adapter)
+        kwargs = {"use_resolution_binning": False, "clean_caption": False}  # tiny sizes are in no aspect-ratio bin
     else:
         cls = {"sd15-lcm": LatentConsistencyModelPipeline, "lcm-sdxl": StableDiffusionXLPipeline}.get(family, StableDiffusionPipeline)
         pipe = cls.from_pretrained(model, **({"safety_checker": None, "requires_safety_checker": False}
