@@ -406,3 +406,60 @@ def save_sana_sprint_pipeline(folder: Path, seed: int = 0) -> Path:
                               transformer=SanaTransformer2DModel(**TINY_SANA), scheduler=SCMScheduler())
     pipe.save_pretrained(folder / "model")
     return folder / "model"
+
+# --- one tiny folder per lcm family, as its publisher lays it out (the guarantees matrix) ------------------
+LCM_FAMILIES = ("sd15-lcm", "sd15-lcm-lora", "lcm-sdxl", "tcd", "pixart-lcm")
+
+
+def save_family(folder: Path, family: str) -> tuple[Path, list[str]]:
+    """A tiny pipeline folder of `family` and the `cmalign train` flags that run it: SD-1.5 LCM (an LCM UNet:
+    guidance embedding, guidance 8); an SD-1.5 base + an LCM-LoRA (fused, guidance 1: no CFG); LCM-SDXL (two
+    text encoders, guidance 8); TCD (an SD-1.5 base with a saved LCM scheduler, the TCD chain with gamma 0.3 and
+    CFG 1.5); PixArt-LCM (a transformer and T5, guidance 0)."""
+    from diffusers import StableDiffusionPipeline
+
+    no_w = {"time_cond_proj_dim": None}
+    model = folder / "model"
+    if family == "sd15-lcm":
+        return save_tiny_pipeline(folder), ["--guidance-scale", "8"]
+    if family == "sd15-lcm-lora":
+        stock_pipeline(tiny_components(folder / "build", **no_w), cls=StableDiffusionPipeline).save_pretrained(model)
+        return model, ["--guidance-scale", "1", "--lcm.lora", str(write_random_lora(folder / "lcm_lora", **no_w))]
+    if family == "tcd":
+        stock_pipeline(tiny_components(folder / "build", **no_w), cls=StableDiffusionPipeline).save_pretrained(model)
+        return model, ["--guidance-scale", "1.5", "--scheduler", "tcd", "--tcd-gamma", "0.3"]
+    if family == "lcm-sdxl":
+        from test_lcm_families import save_sdxl_pipeline
+
+        return save_sdxl_pipeline(folder), ["--guidance-scale", "8"]
+    if family == "pixart-lcm":
+        from test_lcm_dit import save_pixart
+
+        return save_pixart(folder), ["--guidance-scale", "0"]
+    raise ValueError(f"unknown lcm family {family!r}")
+
+
+def family_stock_pipeline(model: Path, family: str, flags: list[str], adapter: Path):
+    """The publisher's own pipeline for `family` with the exported adapter loaded (and an LCM-LoRA fused first),
+    and the keyword arguments its call needs beyond prompts, steps and guidance."""
+    from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, TCDScheduler
+    from peft import PeftModel
+
+    kwargs = {}
+    if family == "pixart-lcm":  # diffusers has no PixArt LoRA loader: peft's own
+        pipe = PixArtAlphaPipeline.from_pretrained(model)
+        pipe.transformer = PeftModel.from_pretrained(pipe.transformer, adapter)
+        kwargs = {"use_resolution_binning": False, "clean_caption": False}  # tiny sizes are in no aspect-ratio bin
+    else:
+        cls = {"sd15-lcm": LatentConsistencyModelPipeline, "lcm-sdxl": StableDiffusionXLPipeline}.get(family, StableDiffusionPipeline)
+        pipe = cls.from_pretrained(model, **({"safety_checker": None, "requires_safety_checker": False}
+                                             if cls is not StableDiffusionXLPipeline else {}))
+        if family == "sd15-lcm-lora":
+            pipe.load_lora_weights(flags[flags.index("--lcm.lora") + 1], adapter_name="lcm")
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+        if family == "tcd":
+            pipe.scheduler, kwargs = TCDScheduler.from_config(pipe.scheduler.config), {"eta": 0.3}
+        pipe.load_lora_weights(adapter)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, kwargs

@@ -220,7 +220,9 @@ def test_every_shipped_launcher_config_is_accelerates_and_launched_by_a_test():
     from accelerate.utils import DistributedType
 
     names = sorted(p.name for p in CONFIGS.iterdir())
-    assert names == ["cpu_2proc.yaml", "fsdp_full_finetune.yaml", "multi_gpu_ddp.yaml"]
+    assert names == ["cpu_2proc.yaml", "fsdp_full_finetune.yaml", "multi_gpu_ddp.yaml", "multi_node_ddp.yaml"]
+    nodes = load_config_from_file(str(CONFIGS / "multi_node_ddp.yaml"))  # its torchrun twin: test_guarantees_matrix
+    assert nodes.distributed_type == DistributedType.MULTI_GPU and nodes.num_machines == 2 and nodes.rdzv_backend == "c10d"
     ddp = load_config_from_file(str(CONFIGS / "multi_gpu_ddp.yaml"))
     assert ddp.distributed_type == DistributedType.MULTI_GPU and ddp.num_processes == 8 and ddp.mixed_precision == "no"
     fsdp = load_config_from_file(str(CONFIGS / "fsdp_full_finetune.yaml"))

@@ -116,37 +116,45 @@ def same_run(got: Path, want: Path) -> None:
         assert a == b, (a["step"], {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)})
 
 
+def arm_checkpoint_kill(kill) -> None:
+    """In a forked child: kill = (phase, step) SIGKILLs this process inside the checkpoint of that step: "write"
+    with state.safetensors half written in the temporary folder, "prune" after the rename and before the old
+    checkpoints are pruned (None: nothing)."""
+    from cmalign.training import checkpoint as ckpt
+
+    if kill is None:
+        return
+    phase, step = kill
+    name = f"step_{step:06d}"
+    if phase == "write":
+        real_save = ckpt.save_file
+
+        def save_file(tensors, filename):
+            real_save(tensors, filename)
+            if name in filename:
+                with open(filename, "r+b") as f:
+                    f.truncate(os.path.getsize(filename) // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        ckpt.save_file = save_file
+    else:
+        real_fsync = ckpt._fsync_dir
+
+        def fsync_dir(path):
+            real_fsync(path)
+            if ckpt.list_checkpoints(path)[-1].name == name:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        ckpt._fsync_dir = fsync_dir
+
+
 def _train_child(cfg, resume, log, kill):
     """A forked training process (no 6 s of imports per start). kill = (phase, step): SIGKILL itself
     inside the checkpoint of that step: "write" with state.safetensors half written in the temporary
     folder, "prune" after the rename and before the old checkpoints are pruned."""
-    from cmalign.training import checkpoint as ckpt
-
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1), os.dup2(fd, 2)
-    if kill is not None:
-        phase, step = kill
-        name = f"step_{step:06d}"
-        if phase == "write":
-            real_save = ckpt.save_file
-
-            def save_file(tensors, filename):
-                real_save(tensors, filename)
-                if name in filename:
-                    with open(filename, "r+b") as f:
-                        f.truncate(os.path.getsize(filename) // 2)
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-            ckpt.save_file = save_file
-        else:
-            real_fsync = ckpt._fsync_dir
-
-            def fsync_dir(path):
-                real_fsync(path)
-                if ckpt.list_checkpoints(path)[-1].name == name:
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-            ckpt._fsync_dir = fsync_dir
+    arm_checkpoint_kill(kill)
     try:
         train(cfg, progress=False, resume=resume)
         code = 0
@@ -203,17 +211,18 @@ def ckpt_steps(run: Path) -> list[int]:
     return [int(p.name[5:]) for p in list_checkpoints(run / "checkpoints")]
 
 
-def _cli_child(args, log):
+def _cli_child(args, log, kill=None):
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1), os.dup2(fd, 2)
+    arm_checkpoint_kill(kill)
     sys.stdout, sys.stderr = os.fdopen(1, "w", buffering=1), os.fdopen(2, "w", buffering=1)
     os._exit(cli.main(args))
 
 
-def fork_cli(args, log):
+def fork_cli(args, log, kill=None):
     import multiprocessing
 
-    proc = multiprocessing.get_context("fork").Process(target=_cli_child, args=(args, str(log)))
+    proc = multiprocessing.get_context("fork").Process(target=_cli_child, args=(args, str(log), kill))
     proc.start()
     return proc
 

@@ -160,6 +160,9 @@ class TrainConfig:
     """[FORMAT:]PATH of a prompt set (parti, drawbench, hpsv2, geneval, pickapic, txt: one per line) or a built-in set (varied, simple_animals); overrides prompts."""
     eval_prompts: list[str] | None = None
     """Prompts of the fixed evaluation set (e.g. held-out digit classes); default: the world's evaluation split."""
+    eval_prompt_file: str | None = None
+    """Held-out evaluation prompts, one per line (UTF-8, # comments): the fixed and final evaluations sample them and
+    none of them trains (they are removed from the training prompts); RUN/prompts.json records both sets."""
 
     # --- models in any world -----------------------------------------------------------------------
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

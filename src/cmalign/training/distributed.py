@@ -72,3 +72,48 @@ def check_ranks_agree(params: list[torch.Tensor], num_processes: int) -> bool:
     if not torch.equal(hi, lo):
         raise RuntimeError(f"the trainable parameters differ across ranks (max diff {(hi - lo).abs().max().item():.3g})")
     return True
+
+
+# --- the end of a multi-rank run ---------------------------------------------------------------------
+# Why a rank could die at the very end of a finished run ("terminate called without an active exception",
+# SIGABRT, timing-dependent, seen under load): data-parallel LoRA applies DDP in place (`replicate`), and
+# DDP's construction keeps references to the gloo process group that nothing releases (measured on torch
+# 2.13: the group's Python object gains ~10 references that survive deleting the DDP object, its reducer's
+# autograd hooks and the module; destroy_process_group() then leaves the backend's 2 worker threads and
+# its transport loop thread running; without DDP it joins them). Those native threads were still alive
+# when the interpreter finalised and the C++ runtime ran its exit-time destructors; a thread that wakes
+# then (to take the GIL, or on a peer's socket closing) is torn down under them, and the C++ runtime
+# aborts. The threads cannot be stopped (gloo has no shutdown; its destructor never runs while the
+# references leak), so a process that ran a process group does not finalise: `end_process` flushes
+# what Python buffers and ends it with os._exit, which never tears down native threads.
+_RAN_PROCESS_GROUP = False
+
+
+def teardown(num_processes: int) -> None:
+    """Every rank meets, then the default process group is destroyed (the end of a finished run)."""
+    global _RAN_PROCESS_GROUP
+    if not dist_on(num_processes):
+        return
+    _RAN_PROCESS_GROUP = True
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def end_process(code: int) -> None:
+    """The exit of `python -m cmalign`: a process that ran a multi-rank group (finished or not) ends with
+    os._exit(code) after flushing stdio and logging, so that no interpreter or C++ teardown runs beside
+    the process group's leaked native threads; any other process returns and exits normally."""
+    import logging
+    import os
+    import sys
+
+    ran = _RAN_PROCESS_GROUP or (torch.distributed.is_available() and torch.distributed.is_initialized())
+    if not ran:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing left to write
+            pass
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)

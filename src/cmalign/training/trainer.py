@@ -38,7 +38,7 @@ from cmalign.errors import UserError
 from cmalign.training.evaluation import diversity, evaluate, save_labelled_grid, summarize
 from cmalign.methods.base import Batch, Method
 from cmalign.methods.registry import method_class
-from cmalign.prompts import load_prompts, training_prompts
+from cmalign.prompts import load_prompts, prompt_split
 from cmalign.plugins import as_plugin_error, plugin_module
 from cmalign.rewards.registry import as_training_reward, build_reward, build_weighted, reward_context, reward_label, reward_plugins
 from cmalign.worlds.base import World
@@ -166,8 +166,9 @@ class Trainer:
             self.restarted, self.resume_from, self.resume_state = False, None, None
         else:
             self._claim_run_dir(overwrite, resume)
-        if cfg.prompt_file:
-            load_prompts(cfg.prompt_file)  # fail on a bad file before any expensive set-up
+        for path in (cfg.prompt_file, cfg.eval_prompt_file):
+            if path:
+                load_prompts(path)  # fail on a bad file before any expensive set-up
         if world is None:
             # a missing cache is built (which draws random numbers) BEFORE seeding, so that the
             # adapter's initialisation does not depend on whether the cache already existed
@@ -213,7 +214,8 @@ class Trainer:
         self.heldout = {name: (float(w), build_reward(name, ctx)) for name, w in cfg.eval_reward_weights.items()}
         self.method = method if isinstance(method, Method) else method_cls(cfg, self.world, self.reward)
         self.num_steps = method_cls.chain_length(cfg)
-        self.train_prompts, self.eval_prompts = training_prompts(cfg, self.world)
+        self.prompts = prompt_split(cfg, self.world)
+        self.train_prompts, self.eval_prompts = self.prompts.train, self.prompts.eval
         self.params = self.world.trainable_parameters()
         if not self.params:
             raise UserError(f"the {self.world.name} world has no trainable parameters (no adapter attached)")
@@ -368,6 +370,8 @@ class Trainer:
                     ckpt.truncate_metrics(self.run_dir / "metrics.jsonl", start_step)
             with writing("the config", self.run_dir / "config.yaml"):
                 (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            with writing("the prompts", self.run_dir / "prompts.json"):  # what trained and what evaluates
+                (self.run_dir / "prompts.json").write_text(json.dumps(self.prompts.as_json(), indent=2, ensure_ascii=False))
             # the whole configuration on screen for an interactive run; experiments' runs (progress off) name the file
             print(f"cmalign: resolved config -> {self.run_dir / 'config.yaml'}" + (f"\n{to_yaml(cfg)}" if self.progress else ""), flush=True)
             print(f"cmalign: {nproc} process(es) x batch {cfg.batch_size} per process = global batch "
@@ -505,9 +509,7 @@ class Trainer:
         if dist.check_ranks_agree(self.params, nproc) and self.main:
             what = "network" if self.full is not None else "adapter"
             print(f"cmalign: {what} parameters identical across {nproc} ranks", flush=True)
-        if dist.dist_on(nproc):
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        dist.teardown(nproc)  # (the process then ends through distributed.end_process: see there)
         final = self.finish() if self.main else {}
         for tracker in self.accelerator.trackers:  # (end_training would also tear down the process group)
             tracker.finish()
@@ -553,6 +555,9 @@ class Trainer:
         summary += " " + cost.describe(self.cost)
         print(f"cmalign: {cost.describe(self.cost)}", flush=True)
         if final:
+            shown = "; ".join(f"`{p}`" for p in self.eval_prompts[:20]) + (" ..." if len(self.eval_prompts) > 20 else "")
+            kind = "held out: none of them trains" if self.prompts.held_out else "NOT held out: they are training prompts"
+            summary += f"\n\nEvaluation prompts ({kind}; {self.prompts.how}; prompts.json lists both sets): {shown}."
             report.write_report(self.run_dir, summary, final)
         report.write_html_report(self.run_dir, summary, final, getattr(self, "report_samples", []))
         return final
