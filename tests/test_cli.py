@@ -107,12 +107,12 @@ def test_prompt_file_errors(tmp_path, capsys):
 
 def test_corrupt_cache_is_reported_not_rebuilt(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "cache"))
-    from cmalign.worlds.digits.pretrain import pretrain_config_for
-    from cmalign.worlds.digits import cache as digits_base
+    from cmalign.worlds.digits.factory import pretrain_config_for
+    from cmalign.worlds.digits import cache
     from helpers import tiny_config
 
     cfg = pretrain_config_for(tiny_config())
-    folder = digits_base.build_and_cache(cfg, progress=False)
+    folder = cache.build_and_cache(cfg, progress=False)
     weights = folder / "consistency.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     corrupt = weights.read_bytes()

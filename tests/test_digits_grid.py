@@ -1,4 +1,4 @@
-"""Compositional digits (`--digits-grid N`): prompts, cells, per-cell scores, the conditioned network, cache keys
+"""Compositional digits (`--digits.grid N`): prompts, cells, per-cell scores, the conditioned network, cache keys
 that leave the 8x8 models alone, and a tiny end-to-end run."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import torch
 
 from cmalign.config import TrainConfig, validate
 from cmalign.errors import UserError
-from cmalign.worlds.digits.pretrain import pretrain_config_for
 from cmalign.worlds.digits.cache import base_key
+from cmalign.worlds.digits.cells import from_cells, grid_batches, to_cells
 from cmalign.worlds.digits.data import digits_dataset
-from cmalign.worlds.digits.grid import GridUNet, cell_labels, default_grid_prompts, from_cells, grid_batches, grid_gold_components, grid_prompt, grid_size_of, parse_grid_prompt, to_cells
+from cmalign.worlds.digits.factory import pretrain_config_for
+from cmalign.worlds.digits.grid import GridDigitsWorld, cell_labels, default_grid_prompts, grid_gold_components, grid_prompt, grid_size_of, parse_grid_prompt
+from cmalign.worlds.digits.nets import GridUNet
 from cmalign.worlds.digits.pretrain import PretrainConfig
 from helpers import tiny_config
 
@@ -63,8 +65,9 @@ def test_cells_layout_and_inverse():
 
 
 def test_grid_gold_is_the_mean_of_the_cells_8x8_gold():
-    from cmalign.worlds.digits.gold import gold_components, gold_score
+    from cmalign.worlds.digits.gold import gold_components
 
+    world = GridDigitsWorld(GridUNet(2, "tiny"), 2, lora_rank=None)
     x, y = digits_dataset(8)
     idx = torch.tensor([[3, 10, 500, 1700], [42, 7, 900, 33]])
     grids = from_cells((x[idx.flatten()] + 1) / 2, 2)
@@ -73,10 +76,10 @@ def test_grid_gold_is_the_mean_of_the_cells_8x8_gold():
     single = gold_components((x[idx.flatten()] + 1) / 2, y[idx.flatten()])
     for term in ("gold", "logp", "ink", "nn"):
         assert torch.allclose(ours[term], single[term].view(2, 4).mean(1), atol=1e-5)
-    assert torch.allclose(gold_score(grids, prompts), ours["gold"])  # the registered gold dispatches on the prompt
+    assert torch.allclose(world.gold(grids, prompts), ours["gold"])  # the grid world's gold (the registered gold reward's)
     # a wrong class in one cell lowers that image's gold
     wrong = [grid_prompt([(c + 1) % 10 for c in y[idx[0]].tolist()[:1]] + y[idx[0]].tolist()[1:], 2)] + prompts[1:]
-    assert gold_score(grids, wrong)[0] < ours["gold"][0] - 1.0
+    assert world.gold(grids, wrong)[0] < ours["gold"][0] - 1.0
 
 
 def test_class_map_conditions_each_cell_on_its_own_class():
@@ -131,7 +134,7 @@ def test_tiny_grid_run_scores_per_cell(tmp_path):
     for key in ("gold", "accuracy", "heldout_proxy", "diversity"):
         assert key in text
     world = build_world(cfg)
-    assert world.latent_shape == (1, 16, 16) and world.grid == 2
+    assert type(world) is GridDigitsWorld and world.latent_shape == (1, 16, 16) and world.grid == 2
     reward = build_weighted({"proxy": 1.0, "classifier": 1.0}, reward_context(world, cfg))
     prompts = world.default_prompts()[1][:3]
     images = torch.rand(3, 1, 16, 16, requires_grad=True)
@@ -144,7 +147,7 @@ def test_tiny_grid_run_scores_per_cell(tmp_path):
     assert manifest["grid"] == 2 and manifest["model"]["resolution"] == 8  # the 8x8 proxy, fitted on cell pairs
     from cmalign.worlds.digits.proxy import load_proxy
 
-    assert isinstance(load_proxy(proxy_dir), PerCell)
+    assert isinstance(world.image_reward(load_proxy(proxy_dir)), PerCell)
     # the rating reward has no per-grid star thresholds: refused, not silently wrong
     with pytest.raises(UserError, match="rating"):
         build_weighted({"rating": 1.0}, reward_context(world, cfg))
@@ -166,14 +169,14 @@ def test_frontier_ratio_holds_rocm_to_rlcms_divergence():
 def test_grid_base_models_ship_with_the_package(monkeypatch, tmp_path, n):
     """`cmalign train --digits-grid N` on a fresh clone pretrains nothing: the recipe resolves to the shipped float16
     weights, whose manifest names the command that rebuilds them."""
-    from cmalign.worlds.digits import cache as digits_base
+    from cmalign.worlds.digits import cache
 
     monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "empty-cache"))
     cfg = pretrain_config_for(TrainConfig(**{"digits.grid": n}))
-    folder = digits_base.locate(cfg, allow_pretrain=False)
-    assert folder == digits_base.shipped_dir(cfg)
+    folder = cache.locate(cfg, allow_pretrain=False)
+    assert folder == cache.shipped_dir(cfg)
     info = json.loads((folder / "manifest.json").read_text())
-    assert info["command"] == digits_base.pretrain_command(cfg) == f"cmalign pretrain digits --grid {n} --model-size base"
+    assert info["command"] == cache.pretrain_command(cfg) == f"cmalign pretrain digits --grid {n} --model-size base"
     assert info["config"]["grid"] == n and info["stats"]["wall_seconds"] > 0
-    net, _, _ = digits_base.load_base(cfg, allow_pretrain=False)
+    net, _, _ = cache.load_base(cfg, allow_pretrain=False)
     assert isinstance(net, GridUNet) and net.n == n and net.unet.config.sample_size == 8 * n

@@ -46,16 +46,16 @@ def test_the_scaling_experiments_16x16_base_model_ships_with_the_package(monkeyp
 
     from cmalign.config import TrainConfig
     from cmalign.experiments.scaling import PRETRAIN_16
-    from cmalign.worlds.digits.pretrain import pretrain_config_for
-    from cmalign.worlds.digits import cache as digits_base
+    from cmalign.worlds.digits.factory import pretrain_config_for
+    from cmalign.worlds.digits import cache
 
     monkeypatch.setenv("CMALIGN_CACHE", str(tmp_path / "empty-cache"))
     cfg = pretrain_config_for(TrainConfig(**{"digits.resolution": 16}, **PRETRAIN_16))
-    folder = digits_base.locate(cfg, allow_pretrain=False)
-    assert folder == digits_base.shipped_dir(cfg)
+    folder = cache.locate(cfg, allow_pretrain=False)
+    assert folder == cache.shipped_dir(cfg)
     info = json.loads((folder / "manifest.json").read_text())
-    assert info["command"] == digits_base.pretrain_command(cfg) and info["config"]["resolution"] == 16
-    net, _, _ = digits_base.load_base(cfg, allow_pretrain=False)
+    assert info["command"] == cache.pretrain_command(cfg) and info["config"]["resolution"] == 16
+    net, _, _ = cache.load_base(cfg, allow_pretrain=False)
     assert net.config.sample_size == 16
 
 

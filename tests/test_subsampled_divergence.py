@@ -210,11 +210,11 @@ def test_evaluation_scores_kl_and_distance_to_base_and_the_heldout_proxy():
     from cmalign.training.evaluation import evaluate
     from cmalign.rewards.registry import build_weighted, reward_context
     from cmalign.training.build import build_world
-    from cmalign.worlds.digits.pretrain import pretrain_config_for
-    from cmalign.worlds.digits import cache as digits_base
+    from cmalign.worlds.digits.factory import pretrain_config_for
+    from cmalign.worlds.digits import cache
 
     cfg = tiny_config(divergence="hellinger", divergence_reduction="joint", final_step="skip")
-    digits_base.locate(pretrain_config_for(cfg), True, False)
+    cache.locate(pretrain_config_for(cfg), True, False)
     world = build_world(cfg)
     reward = build_weighted({"proxy": 1.0}, reward_context(world, cfg))
     prompts = [class_prompt(c) for c in (0, 3, 5, 7)]

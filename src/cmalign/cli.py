@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import io
 import os
 import re
@@ -16,13 +17,12 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import tyro
 
 from cmalign.config.train import DeprecatedName
 from cmalign.errors import UserError
-from cmalign.training.run_dir import Preempted, ensure_writable_dir, writing
+from cmalign.training.run_dir import Preempted
 
 COMMANDS = {
     "train": "fine-tune a consistency model (default: ROCM, KL, digits world)",
@@ -218,95 +218,7 @@ def cmd_export(args: list[str]) -> int:
     return 0
 
 
-# --- pretrain and reward-model -------------------------------------------------------------------
-@dataclass
-class PretrainArgs:
-    resolution: int = 8
-    """Image side (8 or 16)."""
-    model_size: Literal["base", "tiny"] = "base"
-    """UNet size."""
-    teacher_steps: int | None = None
-    """Override the teacher's updates."""
-    distill_steps: int | None = None
-    """Override the distillation updates."""
-    force: bool = False
-    """Rebuild even if the cache holds these models."""
-    grid: int = 1
-    """Compositional digits: an N x N grid of 8x8 digits (2, 3 or 4; the grid's own recipe, worlds/digits_grid.py)."""
-
-
-def cmd_pretrain(args: list[str]) -> int:
-    from cmalign.worlds.digits import cache as digits_base
-    from cmalign.worlds.digits.pretrain import PretrainConfig
-
-    if not args or args[0] != "digits":
-        raise UserError("usage: cmalign pretrain digits [--resolution 8] [--model-size base] [--force]")
-    a = parse(PretrainArgs, args[1:], "cmalign pretrain digits")
-    if a.resolution not in (8, 16):
-        raise UserError(f"resolution must be 8 or 16, got {a.resolution}")
-    overrides = {k: v for k, v in (("teacher_steps", a.teacher_steps), ("distill_steps", a.distill_steps)) if v is not None}
-    for name, value in overrides.items():
-        if value < 1:
-            raise UserError(f"{name.replace('_', '-')} must be >= 1, got {value}")
-    if a.grid != 1:
-        from cmalign.worlds.digits.grid import grid_pretrain_config
-
-        if a.resolution != 8:
-            raise UserError(f"--grid {a.grid} is a grid of 8x8 digits: --resolution must stay 8, got {a.resolution}")
-        cfg = grid_pretrain_config(a.grid, a.model_size, **overrides)
-    else:
-        cfg = PretrainConfig(resolution=a.resolution, model_size=a.model_size, **overrides)
-    folder = digits_base.build_and_cache(cfg, force=a.force)
-    print(f"cmalign: digits base models in {folder}")
-    return 0
-
-
-@dataclass
-class RewardModelArgs:
-    out: str
-    """Folder to write the reward model (proxy.safetensors + manifest.json)."""
-    pairs: str | None = None
-    """A .npz of preference pairs (images_a, images_b, prompts, prefer_a); default: gold-labelled base samples."""
-    num_pairs: int = 2000
-    """Gold-labelled pairs to generate when no file is given."""
-    resolution: int = 8
-    """Digits resolution."""
-    seed: int = 0
-    """Seed of pair generation and training."""
-
-
-def cmd_reward_model(args: list[str]) -> int:
-    from cmalign.config import TrainConfig, with_changes
-    from cmalign.rewards.bradley_terry import PreferencePairs
-    from cmalign.worlds.digits.proxy import fit_proxy, make_gold_pairs, save_proxy
-    from cmalign.training.build import build_world
-
-    if not args or args[0] != "train":
-        raise UserError("usage: cmalign reward-model train --out DIR [--pairs FILE.npz] [--num-pairs N]")
-    a = parse(RewardModelArgs, args[1:], "cmalign reward-model train")
-    out = Path(a.out)
-    if (out / "proxy.safetensors").exists():
-        raise UserError(f"{out} already holds a reward model; choose another --out")
-    ensure_writable_dir(out, "--out folder")  # before the pairs are generated and the model fitted
-    if a.pairs:
-        pairs = PreferencePairs.load(a.pairs)
-        source = str(a.pairs)
-    else:
-        if a.num_pairs < 10:
-            raise UserError(f"num_pairs must be >= 10, got {a.num_pairs}")
-        world = build_world(with_changes(TrainConfig(), **{"digits.resolution": a.resolution}), lora=False)
-        pairs, _ = make_gold_pairs(world, a.num_pairs, seed=a.seed)
-        source = f"{a.num_pairs} gold-labelled base-model pairs"
-    if pairs.images_a.shape[1:] != (1, a.resolution, a.resolution):
-        raise UserError(f"pairs hold images of shape {tuple(pairs.images_a.shape[1:])}; expected (1, {a.resolution}, {a.resolution})")
-    model, stats = fit_proxy(pairs, a.resolution, a.seed)
-    with writing("the reward model into", out):
-        save_proxy(model, out, {"source": source, "num_pairs": len(pairs), "seed": a.seed, "stats": stats})
-    print(f"cmalign: reward model in {out} (held-out pair accuracy {stats['val_accuracy']:.3f}); "
-          f"use it with `cmalign train --digits.proxy-path {out}`")
-    return 0
-
-
+# --- experiments -------------------------------------------------------------------------------------
 @dataclass
 class ExperimentArgs:
     quick: bool = False
@@ -342,8 +254,17 @@ def cmd_experiment(args: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "pretrain": cmd_pretrain,
-            "reward-model": cmd_reward_model, "experiment": cmd_experiment}
+HANDLERS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export, "experiment": cmd_experiment}
+# Commands of one world live beside it ("module:function", imported when run, so that `cmalign --help` stays light).
+WORLD_COMMANDS = {"pretrain": "cmalign.worlds.digits.cli:pretrain", "reward-model": "cmalign.worlds.digits.cli:reward_model"}
+
+
+def handler(command: str):
+    """The function that runs `command` (a world command is imported here)."""
+    if command in WORLD_COMMANDS:
+        module, _, name = WORLD_COMMANDS[command].partition(":")
+        return getattr(importlib.import_module(module), name)
+    return HANDLERS[command]
 
 
 def usage() -> str:
@@ -389,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in HANDLERS:
+    if command not in HANDLERS and command not in WORLD_COMMANDS:
         print(f"cmalign: error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        return HANDLERS[command](rest)
+        return handler(command)(rest)
     except UserError as exc:
         return _report_user_error(exc, debug)
     except Preempted as exc:  # SIGTERM/SIGINT: the current step is checkpointed

@@ -96,13 +96,13 @@ def build_cached_models(configs: list[TrainConfig]) -> None:
     from cmalign.rewards.registry import build_weighted, reward_context
     from cmalign.worlds.digits.classifier import load_classifier
     from cmalign.training.build import build_world
-    from cmalign.worlds.digits.pretrain import pretrain_config_for
-    from cmalign.worlds.digits import cache as digits_base
+    from cmalign.worlds.digits.factory import pretrain_config_for
+    from cmalign.worlds.digits import cache
 
     worlds = {(repr(pretrain_config_for(c)), c.digits.proxy_pairs, repr(sorted(c.reward_weights.items()))): c
               for c in configs if c.world == "digits"}
     for cfg in worlds.values():
-        digits_base.locate(pretrain_config_for(cfg), True, False)
+        cache.locate(pretrain_config_for(cfg), True, False)
         build_weighted(cfg.reward_weights, reward_context(build_world(cfg, "cpu"), cfg, "cpu"))
         load_classifier(cfg.digits.resolution)
 

@@ -29,12 +29,12 @@ BUDGET_S = 200.0  # DDPO's 20-step chain uses it all; every other method ends on
 def pretrain_cost(run_dir: Path, method: str) -> float | None:
     """Seconds of base-model pretraining behind this method (from the base manifest), or None."""
     from cmalign.config import load_preset
-    from cmalign.worlds.digits.pretrain import pretrain_config_for
-    from cmalign.worlds.digits import cache as digits_base
+    from cmalign.worlds.digits.factory import pretrain_config_for
+    from cmalign.worlds.digits import cache
 
     cfg = load_preset(str(run_dir / "config.yaml"))
     try:
-        folder = digits_base.locate(pretrain_config_for(cfg), allow_pretrain=False)
+        folder = cache.locate(pretrain_config_for(cfg), allow_pretrain=False)
         stats = json.loads((folder / "manifest.json").read_text()).get("stats", {})
     except Exception:
         return None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cmalign.training.evaluation import diversity, save_grid
+from cmalign.training.evaluation import save_grid
 from cmalign.experiments import beta_sweep
 from cmalign.experiments.common import make_config, plot, summary, train_run, write_report, write_table
 
@@ -56,9 +56,9 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
         table.append({"divergence": div, "best_beta": beta, "gold_final_seed0": float(s0["gold_final"]),
                       "gold_final_seed1": s1["gold_final"], "gold_peak_seed1": s1["gold_peak"],
                       "proxy_final_seed1": s1["proxy_final"], "accuracy_final_seed1": s1["accuracy_final"],
-                      "diversity_seed1": round(diversity(result.last_eval_images, prompts), 4),
+                      "diversity_seed1": round(result.world.diversity(result.last_eval_images, prompts), 4),
                       "s_per_step_seed1": s1["s_per_step"]})
-    base_div = round(diversity(result.base_eval_images, prompts), 4)
+    base_div = round(result.world.diversity(result.base_eval_images, prompts), 4)
     gap = torch.full_like(columns[0][0][:1], 0.5)  # a grey tile between the models' blocks
     grid = torch.cat([torch.cat([t for col in columns for t in (col[r], gap)][:-1]) for r in range(len(columns[0]))])
     save_grid(grid, out / "grids.png", nrow=sum(len(col[0]) for col in columns) + len(columns) - 1)

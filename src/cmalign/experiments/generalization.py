@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from cmalign.chain import ChainNoise
-from cmalign.training.evaluation import diversity, evaluate
+from cmalign.training.evaluation import evaluate
 from cmalign.prompts import split_prompts
 from cmalign.worlds.digits.data import NUM_CLASSES, class_prompt
 from cmalign.experiments.common import eval_rows, make_config, mean_std, plot, seed_cells, summary, train_run, write_report, write_table
@@ -35,7 +35,7 @@ def final_scores(result, prompts: list[str], per_class: int) -> dict[str, dict[s
     for label, use_adapter in (("base", False), ("tuned", True)):
         scores, images = evaluate(world, result.reward, chain_prompts, noise, cfg.num_steps, use_adapter=use_adapter)
         out[label] = {"gold": scores["gold"].mean().item(), "accuracy": scores["accuracy"].mean().item(),
-                      "diversity": diversity(images, chain_prompts)}
+                      "diversity": world.diversity(images, chain_prompts)}
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cmalign.training.evaluation import diversity, evaluate, image_grid, seeded_noise
+from cmalign.training.evaluation import evaluate, image_grid, seeded_noise
 
 BOOTSTRAP_SAMPLES = 1000
 
@@ -119,7 +119,7 @@ def score_model(comparison: Comparison, spec: ModelSpec, make_rewards, ks: list[
         for key, values in scores.items():
             name = key.removeprefix("heldout_") if key.removeprefix("heldout_") in rewards else key
             comparison.scores.setdefault(spec.name, {}).setdefault(name, {})[k] = values.numpy().reshape(shape)
-        comparison.diversity.setdefault(spec.name, {})[k] = _finite(diversity(images, prompts))
+        comparison.diversity.setdefault(spec.name, {})[k] = _finite(world.diversity(images, prompts))
         comparison.images.setdefault(spec.name, {})[k] = _save_images(images, out, f"images/{folder}/K{k}")
     del world
 

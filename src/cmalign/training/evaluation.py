@@ -70,24 +70,6 @@ def save_grid(images01: torch.Tensor, path: Path, nrow: int) -> None:
     image_grid(images01, nrow).save(path)
 
 
-def diversity(images01: torch.Tensor, prompts: list[str]) -> float:
-    """Mean pairwise L2 distance between samples of the same prompt (in [-1, 1] space); on a compositional-digits
-    grid that of each cell position, averaged (worlds/digits_grid.py)."""
-    from cmalign.worlds.digits.grid import grid_diversity, grid_size_of
-
-    grid = grid_size_of(prompts[0]) if len(prompts) else None
-    if grid is not None and grid > 1 and images01.shape[-1] == 8 * grid:
-        return grid_diversity(images01, prompts, grid)
-    x = (images01.detach().float().cpu() * 2 - 1).flatten(1)
-    values = []
-    for p in sorted(set(prompts)):
-        idx = [i for i, q in enumerate(prompts) if q == p]
-        if len(idx) > 1:
-            d = torch.cdist(x[idx], x[idx])
-            values.append(d.sum().item() / (len(idx) * (len(idx) - 1)))
-    return float(np.mean(values)) if values else float("nan")
-
-
 def summarize(values: torch.Tensor) -> dict[str, float]:
     v = values.detach().float().cpu()
     std = v.std().item() if len(v) > 1 else 0.0

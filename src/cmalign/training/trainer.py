@@ -35,7 +35,7 @@ from cmalign.config import TrainConfig, config_diff, flat_items, to_dict, to_yam
 from cmalign.config.checks import check_types
 from cmalign.training.distributed import Shard
 from cmalign.errors import UserError
-from cmalign.training.evaluation import diversity, evaluate, save_labelled_grid, summarize
+from cmalign.training.evaluation import evaluate, save_labelled_grid, summarize
 from cmalign.methods.base import Batch, Method
 from cmalign.methods.registry import method_class
 from cmalign.prompts import load_prompts, prompt_split
@@ -572,7 +572,7 @@ class Trainer:
                 scores, images[label] = evaluate(self.world, self.reward, prompts, noise, self.num_steps, use_adapter=use_adapter,
                                                  extra_rewards=self.heldout, on_batch=bar.update)
                 final[label] = {k: summarize(v) for k, v in scores.items()}
-                final[label]["diversity"] = diversity(images[label], prompts)
+                final[label]["diversity"] = self.world.diversity(images[label], prompts)
         with writing("the final evaluation", self.run_dir / "final_eval.json"):
             (self.run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
         self._before_after(images["base"], images["tuned"], prompts)

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -41,7 +42,7 @@ class World(ABC):
     `latent_shape` (C, H, W), `device`, `dtype` and `network` (the module that carries the adapter),
     and implement `from_config`. Everything the trainer and the evaluation use is declared here, with
     defaults: preparation before seeding, default prompts, prompt checks, per-step and evaluation
-    metrics (the digits world's gold), noise of the latent shape.
+    metrics (the digits world's gold), the diversity of samples, noise of the latent shape.
     """
 
     name: str
@@ -118,6 +119,18 @@ class World(ABC):
     def eval_metrics(self, images01: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Per-sample scores of the evaluation beyond the training reward (digits: gold terms, accuracy)."""
         return {}
+
+    def diversity(self, images01: torch.Tensor, prompts: list[str]) -> float:
+        """Mean pairwise L2 distance between samples of the same prompt (in [-1, 1] space), averaged over the
+        prompts with two samples or more (NaN if none); the digits grid measures it per cell position."""
+        x = (images01.detach().float().cpu() * 2 - 1).flatten(1)
+        values = []
+        for p in sorted(set(prompts)):
+            idx = [i for i, q in enumerate(prompts) if q == p]
+            if len(idx) > 1:
+                d = torch.cdist(x[idx], x[idx])
+                values.append(d.sum().item() / (len(idx) * (len(idx) - 1)))
+        return float(np.mean(values)) if values else float("nan")
 
     def timesteps(self, num_steps: int) -> list[int]:
         if self.transition is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from cmalign.config.train import add_sections
 from cmalign.plugins import ClassRegistry
 
-BUILTIN_WORLDS = {"digits": "cmalign.worlds.digits.world:DigitsWorld", "lcm": "cmalign.worlds.lcm.factory:LCMFamilyWorld"}
+BUILTIN_WORLDS = {"digits": "cmalign.worlds.digits.factory:Digits", "lcm": "cmalign.worlds.lcm.factory:LCMFamilyWorld"}
 
 
 def _builtins() -> None:

@@ -18,9 +18,7 @@ from cmalign.cache import build_lock, cache_root, config_hash, manifest, publish
 from cmalign.errors import UserError
 from cmalign.worlds.digits.data import data_hash
 from cmalign.worlds.digits.nets import load_weights, save_weights
-from cmalign.worlds.digits.pretrain import PretrainConfig, build_network, pretrain
-
-FILES = ("consistency.safetensors", "teacher.safetensors", "manifest.json")
+from cmalign.worlds.digits.pretrain import PretrainConfig, build_network, grid_pretrain_config, pretrain
 
 
 def base_key(cfg: PretrainConfig) -> str:
@@ -41,12 +39,7 @@ def shipped_dir(cfg: PretrainConfig) -> Path | None:
 
 def pretrain_command(cfg: PretrainConfig) -> str:
     """The command that rebuilds these models (step counts only where they differ from the defaults)."""
-    if cfg.grid > 1:
-        from cmalign.worlds.digits.grid import grid_pretrain_config
-
-        default = grid_pretrain_config(cfg.grid, cfg.model_size)
-    else:
-        default = PretrainConfig()
+    default = grid_pretrain_config(cfg.grid, cfg.model_size) if cfg.grid > 1 else PretrainConfig()
     steps = "".join(f" --{name.replace('_', '-')} {getattr(cfg, name)}" for name in ("teacher_steps", "distill_steps")
                     if getattr(cfg, name) != getattr(default, name))
     where = f"--grid {cfg.grid}" if cfg.grid > 1 else f"--resolution {cfg.resolution}"

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # the unconditional label used for classifier-free guidance
 CLASS_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-_WORD_TO_CLASS = {w: i for i, w in enumerate(CLASS_WORDS)}
+WORD_TO_CLASS = {w: i for i, w in enumerate(CLASS_WORDS)}
 
 
 @lru_cache(maxsize=None)
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn loads in ~1 s: only when the digits are first needed
 
     data = load_digits()
     return data.images.astype(np.float32) / 16.0, data.target.astype(np.int64)
@@ -46,7 +46,7 @@ def class_prompt(label: int) -> str:
 def parse_prompt(prompt: str) -> int:
     """Map a prompt naming a digit ("a handwritten seven", "7", "digit 7") to its class id."""
     text = prompt.strip().lower()
-    found = {_WORD_TO_CLASS[w] for w in re.findall(r"[a-z]+", text) if w in _WORD_TO_CLASS}
+    found = {WORD_TO_CLASS[w] for w in re.findall(r"[a-z]+", text) if w in WORD_TO_CLASS}
     found |= {int(d) for d in re.findall(r"(?<!\d)\d(?!\d)", text)}
     if len(found) != 1:
         raise ValueError(

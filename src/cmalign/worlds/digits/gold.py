@@ -28,6 +28,7 @@ WEIGHTS = {"logp": 2.0, "ink": 30.0, "nn": -2.0}
 
 @lru_cache(maxsize=None)
 def _ensemble(resolution: int):
+    # scikit-learn's models load in seconds: only when gold is first scored
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
@@ -68,9 +69,6 @@ def gold_components(images01: torch.Tensor, labels: torch.Tensor) -> dict[str, t
 
 
 def gold_score(images01: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    from cmalign.worlds.digits.grid import grid_gold_score, grid_size_of
-
-    if prompts and (grid_size_of(prompts[0]) or 1) > 1:  # compositional digits: per cell, averaged
-        return grid_gold_score(images01, prompts)
+    """Gold of single digits whose prompts each name one class (a grid world scores its cells with gold_components)."""
     labels = torch.tensor([parse_prompt(p) for p in prompts])
     return gold_components(images01, labels)["gold"]

@@ -1,4 +1,4 @@
-"""Compositional digits (`--digits-grid N`): an N x N grid of 8x8 digits in one (1, 8N, 8N) image.
+"""Compositional digits (`--digits.grid N`): an N x N grid of 8x8 digits in one (1, 8N, 8N) image.
 
 The prompt names every cell's digit, row by row ("a 2x2 grid of handwritten digits: seven two / one zero");
 the base model is conditioned on the N² per-cell classes; gold, proxy, held-out proxy, classifier accuracy
@@ -25,37 +25,20 @@ from __future__ import annotations
 
 import math
 import re
-from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from cmalign.errors import UserError
+from cmalign.worlds.digits.cells import CELL, per_cell_mean, to_cells
+from cmalign.worlds.digits.data import CLASS_WORDS, NUM_CLASSES, WORD_TO_CLASS, class_prompt
+from cmalign.worlds.digits.gold import gold_components
+from cmalign.worlds.digits.pretrain import PretrainConfig, grid_pretrain_config
+from cmalign.worlds.digits.proxy import fit_and_publish, gold_labelled_pairs
 from cmalign.worlds.digits.world import DigitsWorld
-from cmalign.worlds.digits.data import CLASS_WORDS, NUM_CLASSES, _raw_digits, class_prompt
 
-CELL = 8
-GRID_SIZES = (1, 2, 3, 4)
-EMBED_CHANNELS = 8  # E: channels of the class-embedding map
-_WORD_TO_CLASS = {w: i for i, w in enumerate(CLASS_WORDS)}
 _HEAD = re.compile(r"^\s*an?\s+(\d+)\s*x\s*(\d+)\s+grid\b[^:]*:(.*)$", re.IGNORECASE | re.DOTALL)
-
-# Pretraining recipes of the shipped grid base models: images per update chosen so that an update sees
-# about the 8x8 recipe's 128 digits (32 x 4, 14 x 9, 8 x 16); step counts fitted to ~15 min on 2 cores.
-RECIPES = {
-    2: dict(batch_size=32, teacher_steps=1400, distill_steps=400),
-    3: dict(batch_size=14, teacher_steps=1400, distill_steps=400),
-    4: dict(batch_size=8, teacher_steps=1400, distill_steps=400),
-}
-
-
-def grid_pretrain_config(n: int, model_size: str = "base", **overrides):
-    """The PretrainConfig of the n x n grid's base models (RECIPES[n], then overrides such as step counts)."""
-    from cmalign.worlds.digits.pretrain import PretrainConfig
-
-    if n not in RECIPES:
-        raise UserError(f"digits grid must be 2, 3 or 4 for a grid recipe, got {n}")
-    return PretrainConfig(resolution=CELL, model_size=model_size, grid=n, **{**RECIPES[n], **overrides})
 
 
 # --- prompts ----------------------------------------------------------------------------------------
@@ -87,10 +70,10 @@ def parse_grid_prompt(prompt: str, n: int) -> list[int]:
     cells = []
     for row in rows:
         tokens = re.findall(r"[a-z]+|\d+", row.lower())
-        bad = [t for t in tokens if t not in _WORD_TO_CLASS and not (t.isdigit() and len(t) == 1)]
+        bad = [t for t in tokens if t not in WORD_TO_CLASS and not (t.isdigit() and len(t) == 1)]
         if bad:
             raise ValueError(f"prompt {prompt!r}: {bad[0]!r} is not a digit class; {expected}")
-        got = [_WORD_TO_CLASS[t] if t in _WORD_TO_CLASS else int(t) for t in tokens]
+        got = [WORD_TO_CLASS[t] if t in WORD_TO_CLASS else int(t) for t in tokens]
         if len(rows) > 1 and len(got) != n:
             raise ValueError(f"prompt {prompt!r}: every row must name {n} digits; {expected}")
         cells += got
@@ -115,23 +98,6 @@ def default_grid_prompts(n: int, num_train: int = 1000, seed: int = 0) -> tuple[
     return train, evaluation
 
 
-# --- cells ------------------------------------------------------------------------------------------
-def to_cells(images: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, C, 8n, 8n) -> (B * n², C, 8, 8), cells row-major within each image."""
-    b, c, h, w = images.shape
-    if h != n * CELL or w != n * CELL:
-        raise UserError(f"a {n}x{n} digits grid is {n * CELL}x{n * CELL} pixels, got {h}x{w}")
-    x = images.reshape(b, c, n, CELL, n, CELL).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b * n * n, c, CELL, CELL)
-
-
-def from_cells(cells: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of to_cells."""
-    bn, c = cells.shape[:2]
-    x = cells.reshape(bn // (n * n), n, n, c, CELL, CELL).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(bn // (n * n), c, n * CELL, n * CELL)
-
-
 def cell_labels(prompts: list[str], n: int) -> torch.Tensor:
     """(B, n²) class ids; a bad prompt is a UserError."""
     try:
@@ -145,76 +111,11 @@ def cell_prompts(labels: torch.Tensor) -> list[str]:
     return [class_prompt(int(c)) for c in labels.flatten()]
 
 
-def per_cell_mean(values: torch.Tensor, n: int) -> torch.Tensor:
-    return values.reshape(-1, n * n).mean(1)
-
-
-# --- data -------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
-def _digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = _raw_digits()
-    return torch.from_numpy(images).unsqueeze(1) * 2 - 1, torch.from_numpy(labels)
-
-
-def grid_batches(n: int, batch_size: int, gen: torch.Generator):
-    """Endless (images (B, 1, 8n, 8n) in [-1, 1], labels (B, n²)) of independent uniform compositions."""
-    x, y = _digits_tensors()
-    while True:
-        idx = torch.randint(0, len(x), (batch_size * n * n,), generator=gen)
-        yield from_cells(x[idx], n), y[idx].view(batch_size, n * n)
-
-
-# --- network ----------------------------------------------------------------------------------------
-class GridUNet(nn.Module):
-    """UNet2DModel at side 8n whose input is the noisy image plus a per-cell class-embedding map.
-
-    Called like the 8x8 model: net(x, t, class_labels=(B, n²) long).sample."""
-
-    def __init__(self, n: int, size: str = "base", embed_channels: int = EMBED_CHANNELS):
-        super().__init__()
-        from diffusers import UNet2DModel
-
-        from cmalign.worlds.digits.nets import UNET_SIZES
-
-        if size not in UNET_SIZES:
-            raise ValueError(f"unknown digits model size {size!r}; expected one of {sorted(UNET_SIZES)}")
-        self.n = n
-        self.class_embedding = nn.Embedding(NUM_CLASSES + 1, embed_channels)  # + the null class
-        self.unet = UNet2DModel(
-            sample_size=n * CELL, in_channels=1 + embed_channels, out_channels=1, layers_per_block=1,
-            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-            attention_head_dim=8, **UNET_SIZES[size],
-        )
-
-    def class_map(self, labels: torch.Tensor) -> torch.Tensor:
-        """(B, n²) -> (B, E, 8n, 8n): each cell's pixels carry its class's embedding."""
-        b, n = labels.shape[0], self.n
-        e = self.class_embedding(labels.view(b, n * n))  # (B, n², E)
-        e = e.transpose(1, 2).reshape(b, -1, n, n)
-        return e.repeat_interleave(CELL, 2).repeat_interleave(CELL, 3)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor):
-        cond = self.class_map(class_labels).to(x.dtype)
-        return self.unet(torch.cat([x, cond], 1), t)
-
-
-def build_grid_unet(size: str, n: int) -> GridUNet:
-    return GridUNet(n, size)
-
-
-# --- rewards and metrics per cell -------------------------------------------------------------------
+# --- the 8x8 functions per cell ---------------------------------------------------------------------
 def grid_gold_components(images01: torch.Tensor, labels: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
     """The 8x8 gold and its terms of every cell, averaged over the cells of each image: (B,) each."""
-    from cmalign.worlds.digits.gold import gold_components
-
     cells = to_cells(images01.detach().float().cpu(), n)
     return {k: per_cell_mean(v, n) for k, v in gold_components(cells, labels.reshape(-1).cpu()).items()}
-
-
-def grid_gold_score(images01: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    n = grid_size_of(prompts[0])
-    return grid_gold_components(images01, cell_labels(prompts, n), n)["gold"]
 
 
 class PerCell(nn.Module):
@@ -229,96 +130,76 @@ class PerCell(nn.Module):
         return per_cell_mean(self.module(to_cells(images01, self.n), cell_prompts(labels)), self.n)
 
 
-def grid_accuracy(classifier: nn.Module, images01: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
-    """Share of each image's cells that the independent 8x8 classifier reads as their prompted class."""
-    hit = classifier(to_cells(images01.float().cpu(), n)).argmax(1) == labels.reshape(-1).cpu()
-    return per_cell_mean(hit.float(), n)
-
-
-def grid_diversity(images01: torch.Tensor, prompts: list[str], n: int) -> float:
-    """The 8x8 diversity (mean pairwise L2 between samples of one prompt) of each cell position, averaged over
-    the positions: a grid's own L2 would grow like n with the number of cells."""
-    from cmalign.training.evaluation import diversity
-
-    cells = to_cells(images01.detach().float().cpu(), n).reshape(len(prompts), n * n, 1, CELL, CELL)
-    values = [diversity(cells[:, k], prompts) for k in range(n * n)]
-    return float(sum(values) / len(values))
-
-
-# --- the proxy on cell pairs ------------------------------------------------------------------------
 def make_cell_pairs(world, num_pairs: int, num_steps: int = 4, seed: int = 0):
     """num_pairs CELL pairs cut from ceil(num_pairs / n²) pairs of base-model grids of one random prompt each; the
     label of a cell pair ~ Bernoulli(sigmoid(gold_a - gold_b)) of that cell, as in the 8x8 lab. Returns the
     PreferencePairs (8x8 images, class prompts) and the noiseless gold order."""
-    from cmalign.chain import generate
-    from cmalign.rewards.bradley_terry import PreferencePairs
-    from cmalign.worlds.digits.gold import gold_components
-
     n = world.grid
     gen = torch.Generator().manual_seed(seed)
     grids = math.ceil(num_pairs / (n * n))
     labels = torch.randint(0, NUM_CLASSES, (grids, n * n), generator=gen)
     prompts = [grid_prompt(row.tolist(), n) for row in labels]
-    images = generate(world, prompts + prompts, num_steps, gen, reference=True).cpu()
-    a, b = to_cells(images[:grids], n)[:num_pairs], to_cells(images[grids:], n)[:num_pairs]
-    flat = labels.reshape(-1)[:num_pairs]
-    ga, gb = gold_components(a, flat)["gold"], gold_components(b, flat)["gold"]
-    prefer_a = torch.bernoulli(torch.sigmoid(ga - gb), generator=gen)
-    return PreferencePairs(a, b, cell_prompts(flat), prefer_a), (ga > gb).float()
-
-
-def build_grid_proxy(world, folder, key: str, num_pairs: int, seed: int, num_steps: int, progress: bool) -> None:
-    """Fit and publish the per-cell proxy of a grid base model into `folder` (the 8x8 ProxyCNN; the manifest's
-    `grid` makes load_proxy apply it per cell)."""
-    from cmalign.worlds.digits.proxy import fit_and_publish
-
-    if progress:
-        print(f"cmalign: training the {world.grid}x{world.grid} digits proxy reward on {num_pairs} gold-labelled cell pairs "
-              f"-> {folder}", flush=True)
-    fit_and_publish(folder, lambda n, s: make_cell_pairs(world, n, num_steps, s), CELL, num_pairs, seed,
-                    {"base": key, "num_pairs": num_pairs, "seed": seed, "num_steps": num_steps, "grid": world.grid,
-                     "pairs": "cells of grid pairs"})
+    return gold_labelled_pairs(world, prompts, labels.reshape(-1)[:num_pairs], num_steps, gen, lambda x: to_cells(x, n))
 
 
 # --- the world --------------------------------------------------------------------------------------
 class GridDigitsWorld(DigitsWorld):
-    """The digits world on n x n grids (the same registered world; DigitsWorld dispatches here for digits.grid > 1)."""
+    """The digits world on n x n grids (the same registered world `digits`, for digits.grid > 1): the 8x8
+    world's scores applied to each cell and averaged."""
+
+    digit_resolution = CELL
 
     def __init__(self, network, grid: int, device="cpu", **lora):
         super().__init__(network, grid * CELL, device, **lora)
         self.grid = grid
 
     @classmethod
-    def from_pretrained(cls, pretrain, device="cpu", which: str = "consistency", **lora):
-        from cmalign.worlds.digits import cache as digits_base
+    def pretrain_recipe(cls, resolution: int, model_size: str, grid: int = 2, **steps) -> PretrainConfig:
+        """The grid's own recipe (pretrain.GRID_RECIPES): 8x8 cells whatever `resolution` says."""
+        return grid_pretrain_config(grid, model_size, **steps)
 
-        network, folder, info = digits_base.load_base(pretrain, which)
-        world = cls(network, pretrain.grid, device, **lora)
-        world.base_folder, world.base_manifest, world.pretrain = folder, info, pretrain
-        return world
+    @classmethod
+    def around(cls, network, pretrain: PretrainConfig, device="cpu", **lora) -> "GridDigitsWorld":
+        return cls(network, pretrain.grid, device, **lora)
 
     def default_prompts(self):
         return default_grid_prompts(self.grid)
 
-    def check_prompts(self, prompts):
-        self.encode_prompts(prompts)
-
     def encode_prompts(self, prompts):
         return cell_labels(prompts, self.grid).to(self.device)
 
-    def step_metrics(self, images01, prompts):
-        return {"gold": grid_gold_components(images01, cell_labels(prompts, self.grid), self.grid)["gold"].mean().item()}
+    def gold(self, images01, prompts):
+        return grid_gold_components(images01, cell_labels(prompts, self.grid), self.grid)["gold"]
 
-    def eval_metrics(self, images01, prompts):
-        """The 8x8 world's metrics per cell, averaged over the cells: gold and its terms, accuracy under the
-        independent 8x8 classifier, the held-out proxy (per cell like the training proxy)."""
-        from cmalign.worlds.digits.classifier import load_classifier
+    def gold_components(self, images01, labels):
+        return grid_gold_components(images01, labels, self.grid)
 
-        labels = cell_labels(prompts, self.grid)
-        out = grid_gold_components(images01, labels, self.grid)
-        with torch.no_grad():
-            out["accuracy"] = grid_accuracy(load_classifier(CELL), images01, labels, self.grid)
-            judge = self.heldout_proxy()
-            if judge is not None:
-                out["heldout_proxy"] = judge(images01.float().cpu(), prompts)
-        return out
+    def accuracy(self, classifier, images01, labels):
+        """Share of each image's cells that the independent 8x8 classifier reads as their prompted class."""
+        hit = classifier(to_cells(images01.float().cpu(), self.grid)).argmax(1) == labels.reshape(-1).cpu()
+        return per_cell_mean(hit.float(), self.grid)
+
+    def diversity(self, images01, prompts):
+        """The 8x8 diversity (mean pairwise L2 between samples of one prompt) of each cell position, averaged over
+        the positions: a grid's own L2 would grow like n with the number of cells."""
+        n = self.grid
+        cells = to_cells(images01.detach().float().cpu(), n).reshape(len(prompts), n * n, 1, CELL, CELL)
+        values = [super(GridDigitsWorld, self).diversity(cells[:, k], prompts) for k in range(n * n)]
+        return float(sum(values) / len(values))
+
+    def image_reward(self, module):
+        """An 8x8 reward module scores each cell, averaged."""
+        if isinstance(module, PerCell):
+            return module
+        if getattr(module, "config", {}).get("resolution", 8) != CELL:
+            raise UserError(f"a {self.grid}x{self.grid} digits grid needs an 8x8 (per-cell) digits proxy, not a "
+                            f"{module.config['resolution']}x{module.config['resolution']} one")
+        return PerCell(module, self.grid)
+
+    def build_proxy(self, folder: Path, num_pairs: int, seed: int, num_steps: int, progress: bool, info: dict) -> None:
+        """The 8x8 ProxyCNN fitted on gold-labelled CELL pairs of this base model's grids."""
+        if progress:
+            print(f"cmalign: training the {self.grid}x{self.grid} digits proxy reward on {num_pairs} gold-labelled cell "
+                  f"pairs -> {folder}", flush=True)
+        fit_and_publish(folder, lambda k, s: make_cell_pairs(self, k, num_steps, s), CELL, num_pairs, seed,
+                        {**info, "grid": self.grid, "pairs": "cells of grid pairs"})

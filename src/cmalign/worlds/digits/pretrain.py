@@ -19,8 +19,10 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from cmalign import schedule
+from cmalign.errors import UserError
+from cmalign.worlds.digits.cells import CELL, grid_batches
 from cmalign.worlds.digits.data import NULL_CLASS, digits_dataset
-from cmalign.worlds.digits.nets import build_unet
+from cmalign.worlds.digits.nets import GridUNet, build_unet
 
 BETA_SCHEDULE = "squaredcos_cap_v2"
 PREDICTION_TYPE = "v_prediction"
@@ -58,7 +60,38 @@ class PretrainConfig:
     seed: int = 0
     """Seed of initialisation, batches and noise."""
     grid: int = 1
-    """Compositional digits: an N x N grid of 8x8 digits per image (worlds/digits_grid.py); 1 is the plain digit."""
+    """Compositional digits: an N x N grid of 8x8 digits per image (worlds/digits/grid.py); 1 is the plain digit."""
+
+
+# Pretraining recipes of the shipped grid base models: images per update chosen so that an update sees
+# about the 8x8 recipe's 128 digits (32 x 4, 14 x 9, 8 x 16); step counts fitted to ~15 min on 2 cores.
+GRID_RECIPES = {
+    2: dict(batch_size=32, teacher_steps=1400, distill_steps=400),
+    3: dict(batch_size=14, teacher_steps=1400, distill_steps=400),
+    4: dict(batch_size=8, teacher_steps=1400, distill_steps=400),
+}
+
+
+def grid_pretrain_config(n: int, model_size: str = "base", **overrides) -> PretrainConfig:
+    """The PretrainConfig of the n x n grid's base models (GRID_RECIPES[n], then overrides such as step counts)."""
+    if n not in GRID_RECIPES:
+        raise UserError(f"digits grid must be 2, 3 or 4 for a grid recipe, got {n}")
+    return PretrainConfig(resolution=CELL, model_size=model_size, grid=n, **{**GRID_RECIPES[n], **overrides})
+
+
+def step_overrides(digits) -> dict[str, int]:
+    """The step counts a config's digits section overrides (pretrain_teacher_steps, pretrain_distill_steps)."""
+    steps = {"teacher_steps": digits.pretrain_teacher_steps, "distill_steps": digits.pretrain_distill_steps}
+    return {k: v for k, v in steps.items() if v is not None}
+
+
+# A recipe names its data and network: the plain digits (at cfg.resolution) or N x N compositions of 8x8 cells.
+def training_batches(cfg: PretrainConfig, gen: torch.Generator):
+    """Endless training batches: the plain digits, or N x N compositions (labels (B, N²)) for cfg.grid > 1."""
+    if cfg.grid > 1:
+        return grid_batches(cfg.grid, cfg.batch_size, gen)
+    x, y = digits_dataset(cfg.resolution)
+    return _batches(x, y, cfg.batch_size, gen)
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torch.Generator):
@@ -67,22 +100,10 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torch.Gener
         yield x[idx], y[idx]
 
 
-def _data(cfg: PretrainConfig, gen: torch.Generator):
-    """Endless training batches: the plain digits, or N x N compositions (labels (B, N²)) for cfg.grid > 1."""
-    if cfg.grid > 1:
-        from cmalign.worlds.digits.grid import grid_batches
-
-        return grid_batches(cfg.grid, cfg.batch_size, gen)
-    x_all, y_all = digits_dataset(cfg.resolution)
-    return _batches(x_all, y_all, cfg.batch_size, gen)
-
-
 def build_network(cfg: PretrainConfig) -> torch.nn.Module:
     """The untrained network of this recipe (the grid's per-cell conditioned UNet for cfg.grid > 1)."""
     if cfg.grid > 1:
-        from cmalign.worlds.digits.grid import build_grid_unet
-
-        return build_grid_unet(cfg.model_size, cfg.grid)
+        return GridUNet(cfg.grid, cfg.model_size)
     return build_unet(cfg.model_size, cfg.resolution)
 
 
@@ -91,7 +112,7 @@ def train_teacher(cfg: PretrainConfig, progress: bool = True) -> tuple[torch.nn.
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     abar = schedule.alphas_cumprod(BETA_SCHEDULE, num_train_timesteps=NUM_TRAIN_TIMESTEPS).float()
-    net, batches = build_network(cfg), _data(cfg, gen)
+    net, batches = build_network(cfg), training_batches(cfg, gen)
     ema = EMAModel(net.parameters(), decay=cfg.teacher_ema)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr, betas=(0.9, 0.99))
     start, losses = time.time(), []
@@ -131,7 +152,7 @@ def distill_consistency(cfg: PretrainConfig, teacher: torch.nn.Module, progress:
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     target = copy.deepcopy(teacher).eval().requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.distill_lr)
-    batches = _data(cfg, gen)
+    batches = training_batches(cfg, gen)
 
     def f(net, x, t, y):
         out = net(x, t, class_labels=y).sample
@@ -171,18 +192,3 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> tuple[torch.nn.Modul
     teacher, stats = train_teacher(cfg, progress)
     consistency, more = distill_consistency(cfg, teacher, progress)
     return teacher, consistency, {**stats, **more, "config": asdict(cfg)}
-
-
-def pretrain_config_for(cfg) -> "PretrainConfig":
-    """The base-model recipe a TrainConfig's digits section asks for (the grid's own for N > 1)."""
-    d = cfg.digits
-    overrides = {}
-    if d.pretrain_teacher_steps is not None:
-        overrides["teacher_steps"] = d.pretrain_teacher_steps
-    if d.pretrain_distill_steps is not None:
-        overrides["distill_steps"] = d.pretrain_distill_steps
-    if d.grid > 1:
-        from cmalign.worlds.digits.grid import grid_pretrain_config
-
-        return grid_pretrain_config(d.grid, d.model_size, **overrides)
-    return PretrainConfig(resolution=d.resolution, model_size=d.model_size, **overrides)

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from cmalign.cache import build_lock, cache_root, manifest, publish_dir, staging_dir
 from cmalign.chain import generate
 from cmalign.errors import UserError
-from cmalign.worlds.digits.data import NUM_CLASSES, class_prompt, parse_prompt
 from cmalign.rewards.bradley_terry import PreferencePairs, pair_accuracy, train_bradley_terry
-from cmalign.worlds.digits.gold import gold_score
+from cmalign.worlds.digits.data import NUM_CLASSES, class_prompt, parse_prompt
+from cmalign.worlds.digits.gold import gold_components
 
 PROXY_FILE = "proxy.safetensors"
 
@@ -52,12 +52,22 @@ def make_gold_pairs(world, num_pairs: int, num_steps: int = 4, seed: int = 0) ->
     """
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, NUM_CLASSES, (num_pairs,), generator=gen)
-    prompts = [class_prompt(int(c)) for c in labels]
+    return gold_labelled_pairs(world, [class_prompt(int(c)) for c in labels], labels, num_steps, gen)
+
+
+def gold_labelled_pairs(world, prompts: list[str], labels: torch.Tensor, num_steps: int, gen: torch.Generator,
+                        digits=None) -> tuple[PreferencePairs, torch.Tensor]:
+    """Two base-model samples of each prompt (noise from gen) cut into single digits by `digits` (default: the
+    samples themselves; the grid world cuts its cells), the first len(labels) of them paired and labelled ~
+    Bernoulli(sigmoid(gold_a - gold_b)) of their classes `labels`. Returns the pairs and the noiseless gold order."""
     images = generate(world, prompts + prompts, num_steps, gen, reference=True).cpu()
-    a, b = images[:num_pairs], images[num_pairs:]
-    ga, gb = gold_score(a, prompts), gold_score(b, prompts)
+    a, b = images[: len(prompts)], images[len(prompts) :]
+    if digits is not None:
+        a, b = digits(a), digits(b)
+    a, b = a[: len(labels)], b[: len(labels)]
+    ga, gb = gold_components(a, labels)["gold"], gold_components(b, labels)["gold"]
     prefer_a = torch.bernoulli(torch.sigmoid(ga - gb), generator=gen)
-    return PreferencePairs(a, b, prompts, prefer_a), (ga > gb).float()
+    return PreferencePairs(a, b, [class_prompt(int(c)) for c in labels], prefer_a), (ga > gb).float()
 
 
 def fit_proxy(pairs: PreferencePairs, resolution: int, seed: int = 0) -> tuple[ProxyCNN, dict]:
@@ -73,6 +83,7 @@ def save_proxy(model: ProxyCNN, folder: Path, info: dict) -> None:
 
 
 def load_proxy(folder: str | Path) -> ProxyCNN:
+    """The 8x8 (or 16x16) ProxyCNN in `folder`; a grid world applies an 8x8 one to each cell (image_reward)."""
     folder = Path(folder)
     try:
         info = json.loads((folder / "manifest.json").read_text())
@@ -80,35 +91,22 @@ def load_proxy(folder: str | Path) -> ProxyCNN:
         model.load_state_dict(load_file(str(folder / PROXY_FILE)))
     except Exception as exc:
         raise UserError(f"no readable digits proxy reward model in {folder} ({type(exc).__name__})") from None
-    if info.get("grid", 1) > 1:  # a compositional-digits proxy: the 8x8 model applied to each cell, averaged
-        from cmalign.worlds.digits.grid import PerCell
-
-        return PerCell(model, info["grid"]).eval().requires_grad_(False)
     return model.eval().requires_grad_(False)
 
 
 def build_default_proxy(world, num_pairs: int, seed: int = 0, num_steps: int = 4, progress: bool = True) -> Path:
     """Train (once) and cache the proxy for this base model: num_pairs training pairs plus 500
-    held-out pairs for reporting its agreement with the noisy labels and with the gold order."""
+    held-out pairs for reporting its agreement with the noisy labels and with the gold order
+    (the world fits it: world.build_proxy)."""
     key = getattr(world, "base_manifest", {}).get("key", "untracked")
     folder = cache_root() / "digits" / f"proxy-{key}-n{num_pairs}-k{num_steps}-s{seed}"
     if folder.exists():
         return folder
     with build_lock(folder):  # parallel workers: one trains it, the others wait and reuse it
         if not folder.exists():
-            _build_proxy(world, folder, key, num_pairs, seed, num_steps, progress)
+            world.build_proxy(folder, num_pairs, seed, num_steps, progress,
+                              {"base": key, "num_pairs": num_pairs, "seed": seed, "num_steps": num_steps})
     return folder
-
-
-def _build_proxy(world, folder: Path, key: str, num_pairs: int, seed: int, num_steps: int, progress: bool) -> None:
-    if getattr(world, "grid", 1) > 1:  # compositional digits: fitted on cell pairs (worlds/digits_grid.py)
-        from cmalign.worlds.digits.grid import build_grid_proxy
-
-        return build_grid_proxy(world, folder, key, num_pairs, seed, num_steps, progress)
-    if progress:
-        print(f"cmalign: training the digits proxy reward on {num_pairs} gold-labelled pairs -> {folder}", flush=True)
-    fit_and_publish(folder, lambda n, s: make_gold_pairs(world, n, num_steps, s), world.resolution, num_pairs, seed,
-                    {"base": key, "num_pairs": num_pairs, "seed": seed, "num_steps": num_steps})
 
 
 def fit_and_publish(folder: Path, make_pairs, resolution: int, num_pairs: int, seed: int, info: dict) -> None:

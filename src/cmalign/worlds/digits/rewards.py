@@ -1,15 +1,18 @@
-"""Rewards of the digits world, registered by name."""
+"""Rewards of the digits world, registered by name. They score the world's images through the world
+(`world.gold`, `world.image_reward`): a grid world applies the 8x8 models to each cell and averages."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from cmalign.worlds.digits.data import parse_prompt
-from cmalign.worlds.digits.classifier import load_classifier
-from cmalign.worlds.digits.gold import gold_score
-from cmalign.worlds.digits.proxy import build_default_proxy, load_proxy
 from cmalign.errors import UserError
 from cmalign.rewards.base import Reward, RewardContext, reward_factory
+from cmalign.training.build import build_world
+from cmalign.worlds.digits.classifier import load_classifier
+from cmalign.worlds.digits.data import parse_prompt
+from cmalign.worlds.digits.proxy import build_default_proxy, load_proxy
 
 
 class ModuleReward(Reward):
@@ -37,8 +40,11 @@ class GoldReward(Reward):
 
     name, differentiable, eval_only = "gold", False, True
 
+    def __init__(self, score):
+        self.score = score  # the world's gold: (images01, prompts) -> (B,)
+
     def __call__(self, images, prompts):
-        return gold_score(images, prompts).to(images.device)
+        return self.score(images, prompts).to(images.device)
 
 
 def consistency_world(ctx: RewardContext):
@@ -46,10 +52,6 @@ def consistency_world(ctx: RewardContext):
     but its proxy (and rating) are those of the consistency model's samples, shared by all methods."""
     world, cfg = ctx.world, ctx.config
     if getattr(world, "transition", None) is not None and cfg is not None:
-        import dataclasses
-
-        from cmalign.training.build import build_world
-
         world = build_world(dataclasses.replace(cfg, method="rocm"), lora=False)
     return world
 
@@ -66,55 +68,26 @@ def proxy_folder(ctx: RewardContext):
 @reward_factory(worlds=("digits",))
 def proxy_reward(ctx: RewardContext) -> Reward:
     """Bradley–Terry proxy: a user's folder (options proxy.path) or the cached default one."""
-    return ModuleReward("proxy", _per_cell(load_proxy(proxy_folder(ctx)), ctx.world), ctx.device)
-
-
-def _per_cell(module, world):
-    """On a compositional-digits world an 8x8 reward module scores each cell, averaged (worlds/digits_grid.py)."""
-    from cmalign.worlds.digits.grid import PerCell
-
-    grid = getattr(world, "grid", 1)
-    if grid == 1 or isinstance(module, PerCell):
-        return module
-    if getattr(module, "config", {}).get("resolution", 8) != 8:
-        raise UserError(f"a {grid}x{grid} digits grid needs an 8x8 (per-cell) digits proxy, not a "
-                        f"{module.config['resolution']}x{module.config['resolution']} one")
-    return PerCell(module, grid)
+    return ModuleReward("proxy", ctx.world.image_reward(load_proxy(proxy_folder(ctx))), ctx.device)
 
 
 @reward_factory(worlds=("digits",))
 def classifier_reward(ctx: RewardContext) -> Reward:
-    if getattr(ctx.world, "grid", 1) > 1:  # per cell, averaged: the 8x8 classifier on each cell
-        return ModuleReward("classifier", _per_cell(ClassifierLogProb(load_classifier(8)), ctx.world), ctx.device)
-    return ModuleReward("classifier", ClassifierLogProb(load_classifier(ctx.world.resolution)), ctx.device)
+    classifier = ClassifierLogProb(load_classifier(ctx.world.digit_resolution))
+    return ModuleReward("classifier", ctx.world.image_reward(classifier), ctx.device)
 
 
 @reward_factory(worlds=("digits",), differentiable=False, eval_only=True)
 def gold_reward(ctx: RewardContext) -> Reward:
-    return GoldReward()
-
-
-HELDOUT_PROXY_SEED = 1  # the held-out judge: another seed, hence another pair set and initialisation
-
-
-def heldout_proxy_model(pretrain, num_pairs: int, device="cpu") -> torch.nn.Module:
-    """The held-out proxy of a base model: the same Bradley–Terry CNN on as many gold-labelled pairs, drawn
-    with another seed (another pair set), from the CONSISTENCY model's samples whichever chain a method trains
-    (ddpo's teacher included), cached. Scored beside gold and the training proxy in every digits evaluation:
-    hacking shows as the training proxy rising while the held-out proxy and gold fall."""
-    from cmalign.worlds.digits.world import DigitsWorld
-
-    world = DigitsWorld.from_pretrained(pretrain, "cpu", which="consistency", lora_rank=None)
-    return load_proxy(build_default_proxy(world, num_pairs, seed=HELDOUT_PROXY_SEED)).to(device)
+    return GoldReward(ctx.world.gold)
 
 
 @reward_factory(worlds=("digits",), eval_only=True)
 def heldout_proxy_reward(ctx: RewardContext) -> Reward:
     """The held-out judge as a named reward (evaluation only: training on it would defeat its purpose)."""
-    from cmalign.worlds.digits.pretrain import pretrain_config_for
-
     cfg = ctx.config
     if cfg is None:
         raise UserError("heldout_proxy needs the run's config (its base model and digits.proxy_pairs)")
-    return ModuleReward("heldout_proxy", heldout_proxy_model(pretrain_config_for(cfg), cfg.digits.proxy_pairs), ctx.device)
-
+    world_cls = type(ctx.world)
+    judge = world_cls.heldout_proxy_model(world_cls.pretrain_config(cfg), cfg.digits.proxy_pairs)
+    return ModuleReward("heldout_proxy", judge, ctx.device)
