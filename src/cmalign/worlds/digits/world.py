@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from cmalign.worlds.digits.config import DigitsConfig
 from cmalign import schedule
 from cmalign.chain import DDIMTransition
 from cmalign.errors import UserError
 from cmalign.worlds.base import World
 from cmalign.worlds.digits import cache
 from cmalign.worlds.digits.classifier import load_classifier
+from cmalign.worlds.digits.config import DigitsConfig
 from cmalign.worlds.digits.data import NUM_CLASSES, class_prompt, parse_prompt
 from cmalign.worlds.digits.gold import gold_components, gold_score
 from cmalign.worlds.digits.nets import add_lora, load_adapter, save_adapter
