@@ -16,7 +16,6 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import tyro
 

@@ -11,7 +11,6 @@ from cmalign.cli import parse
 from cmalign.config import TrainConfig, with_changes
 from cmalign.errors import UserError
 from cmalign.rewards.bradley_terry import PreferencePairs
-from cmalign.training.build import build_world
 from cmalign.training.run_dir import ensure_writable_dir, writing
 from cmalign.worlds.digits import cache
 from cmalign.worlds.digits.factory import digits_world_class
@@ -82,7 +81,7 @@ def reward_model(args: list[str]) -> int:
     else:
         if a.num_pairs < 10:
             raise UserError(f"num_pairs must be >= 10, got {a.num_pairs}")
-        world = build_world(with_changes(TrainConfig(), **{"digits.resolution": a.resolution}), lora=False)
+        world = digits_world_class(1).from_config(with_changes(TrainConfig(), **{"digits.resolution": a.resolution}), lora=False)
         pairs, _ = make_gold_pairs(world, a.num_pairs, seed=a.seed)
         source = f"{a.num_pairs} gold-labelled base-model pairs"
     if pairs.images_a.shape[1:] != (1, a.resolution, a.resolution):

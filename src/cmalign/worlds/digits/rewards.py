@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
 from cmalign.errors import UserError
 from cmalign.rewards.base import Reward, RewardContext, reward_factory
-from cmalign.training.build import build_world
 from cmalign.worlds.digits.classifier import load_classifier
 from cmalign.worlds.digits.data import parse_prompt
 from cmalign.worlds.digits.proxy import build_default_proxy, load_proxy
@@ -52,7 +50,7 @@ def consistency_world(ctx: RewardContext):
     but its proxy (and rating) are those of the consistency model's samples, shared by all methods."""
     world, cfg = ctx.world, ctx.config
     if getattr(world, "transition", None) is not None and cfg is not None:
-        world = build_world(dataclasses.replace(cfg, method="rocm"), lora=False)
+        world = type(world).from_config(cfg, "cpu", lora=False)  # the same world class, on the consistency chain
     return world
 
 
