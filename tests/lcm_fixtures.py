@@ -421,21 +421,21 @@ def save_family(folder: Path, family: str) -> tuple[Path, list[str]]:
     no_w = {"time_cond_proj_dim": None}
     model = folder / "model"
     if family == "sd15-lcm":
-        return save_tiny_pipeline(folder), ["--guidance-scale", "8"]
+        return save_tiny_pipeline(folder), ["--lcm.guidance-scale", "8"]
     if family == "sd15-lcm-lora":
         stock_pipeline(tiny_components(folder / "build", **no_w), cls=StableDiffusionPipeline).save_pretrained(model)
-        return model, ["--guidance-scale", "1", "--lcm.lora", str(write_random_lora(folder / "lcm_lora", **no_w))]
+        return model, ["--lcm.guidance-scale", "1", "--lcm.lora", str(write_random_lora(folder / "lcm_lora", **no_w))]
     if family == "tcd":
         stock_pipeline(tiny_components(folder / "build", **no_w), cls=StableDiffusionPipeline).save_pretrained(model)
-        return model, ["--guidance-scale", "1.5", "--scheduler", "tcd", "--tcd-gamma", "0.3"]
+        return model, ["--lcm.guidance-scale", "1.5", "--lcm.scheduler", "tcd", "--lcm.tcd-gamma", "0.3"]
     if family == "lcm-sdxl":
         from test_lcm_families import save_sdxl_pipeline
 
-        return save_sdxl_pipeline(folder), ["--guidance-scale", "8"]
+        return save_sdxl_pipeline(folder), ["--lcm.guidance-scale", "8"]
     if family == "pixart-lcm":
         from test_lcm_dit import save_pixart
 
-        return save_pixart(folder), ["--guidance-scale", "0"]
+        return save_pixart(folder), ["--lcm.guidance-scale", "0"]
     raise ValueError(f"unknown lcm family {family!r}")
 
 

@@ -59,8 +59,8 @@ def lcm_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalx")
     model, (clip, _) = save_tiny_pipeline(root / "model"), tiny_clip(root / "clip")
     run = root / "run"
-    assert main(["train", "--world", "lcm", "--lcm.model", str(model), "--resolution", str(RESOLUTION),
-                 "--guidance-scale", "8", "--prompts", "a red cat", "a dog", "--eval-prompts", "a bird", "a cow",
+    assert main(["train", "--world", "lcm", "--lcm.model", str(model), "--lcm.resolution", str(RESOLUTION),
+                 "--lcm.guidance-scale", "8", "--prompts", "a red cat", "a dog", "--eval-prompts", "a bird", "a cow",
                  "--reward-weights", "clip_score=1.0", "--reward-paths", f"clip_score={clip}",
                  "--eval-reward-weights", "jpeg_incompressibility=1.0", "--lora-rank", "4", "--lora-alpha", "4",
                  "--num-steps", "2", "--steps", "2", "--batch-size", "1", "--lr", "0.05", "--eval-every", "1",

@@ -51,9 +51,10 @@ FULL = ("--finetune", "full", "--lr", "5e-4")
 
 
 def lcm_args(model: Path, flags: list[str], clip: Path, run: Path, *extra: str) -> list[str]:
-    return ["train", "--world", "lcm", "--lcm-model", str(model), "--resolution", str(RESOLUTION), *flags,
+    lora = [] if "full" in extra else ["--lora-rank", "4", "--lora-alpha", "4"]  # full fine-tuning has no adapter
+    return ["train", "--world", "lcm", "--lcm.model", str(model), "--lcm.resolution", str(RESOLUTION), *flags,
             "--prompts", *PROMPTS, "--eval-prompts", "a bird", "--reward-weights", "clip_score=1.0",
-            "--reward-paths", f"clip_score={clip}", "--lora-rank", "4", "--lora-alpha", "4", "--num-steps", "2",
+            "--reward-paths", f"clip_score={clip}", *lora, "--num-steps", "2",
             "--steps", str(STEPS), "--eval-every", "2", "--eval-size", "1", "--grid-every", "100", "--final-eval-size", "0",
             "--keep-checkpoints", "5", "--report-to", "none", "--device", "cpu", "--threads", "1",
             "--mixed-precision", "no", *SCALED, "--output-dir", str(run), *extra]
@@ -203,7 +204,7 @@ def stock_failures(name: str, fam: dict, run: Path, out: Path) -> list:
     exported = load_file(run / "adapter" / "adapter_model.safetensors")
     network = pipe.transformer if name == "pixart-lcm" else pipe.unet
     landed = sum(1 for n, _ in network.named_parameters() if ".lora_A." in n or ".lora_B." in n)
-    guidance = float(fam["flags"][fam["flags"].index("--guidance-scale") + 1])
+    guidance = float(fam["flags"][fam["flags"].index("--lcm.guidance-scale") + 1])
     with torch.no_grad():
         stock = pipe(SAMPLE, num_inference_steps=2, guidance_scale=guidance, height=RESOLUTION, width=RESOLUTION,
                      generator=[torch.Generator().manual_seed(5 + i) for i in range(len(SAMPLE))], output_type="pt",

@@ -143,7 +143,7 @@ def test_cli_trains_lora_on_the_transformer_and_the_export_loads_into_the_stock_
     tiny = ["--lora-rank", "4", "--lora-alpha", "8", "--num-steps", "2", "--batch-size", "1", "--steps", "2",
             "--eval-every", "100", "--eval-size", "1", "--final-eval-size", "1", "--grid-every", "100",
             "--checkpoint-every", "100", "--report-to", "none", "--device", "cpu", "--threads", "1", "--mixed-precision", "no"]
-    code = main(["train", "--world", "lcm", "--lcm-model", str(model), "--resolution", "32", "--guidance-scale", "0",
+    code = main(["train", "--world", "lcm", "--lcm.model", str(model), "--lcm.resolution", "32", "--lcm.guidance-scale", "0",
                  "--prompts", "a red cat", "--eval-prompts", "a dog", "--reward-weights", "clip_score=1.0",
                  "--reward-paths", f"clip_score={clip}", "--beta", "0.1", "--lr", "0.05", "--output-dir", str(run),
                  *tiny])

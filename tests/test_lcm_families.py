@@ -237,8 +237,8 @@ def test_cli_trains_on_a_tiny_folder_and_samples_equal_the_stock_pipeline(tmp_pa
     tiny = ["--lora-rank", "4", "--lora-alpha", "4", "--num-steps", "2", "--batch-size", "1", "--steps", "2",
             "--eval-every", "100", "--eval-size", "1", "--final-eval-size", "1", "--grid-every", "100",
             "--checkpoint-every", "100", "--report-to", "none", "--device", "cpu", "--threads", "1", "--mixed-precision", "no"]
-    code = main(["train", "--world", "lcm", "--lcm-model", str(model), "--resolution", str(RESOLUTION),
-                 "--guidance-scale", str(guidance), "--scheduler", scheduler, "--tcd-gamma", "0.3",
+    code = main(["train", "--world", "lcm", "--lcm.model", str(model), "--lcm.resolution", str(RESOLUTION),
+                 "--lcm.guidance-scale", str(guidance), "--lcm.scheduler", scheduler, "--lcm.tcd-gamma", "0.3",
                  "--lcm.vae-checkpointing", "--prompts", "a red cat", "--eval-prompts", "a dog",
                  "--reward-weights", "clip_score=1.0", "--reward-paths", f"clip_score={clip}", "--beta", "0.1",
                  "--lr", "0.05", "--output-dir", str(run), *tiny])

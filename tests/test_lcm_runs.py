@@ -24,7 +24,7 @@ PROMPTS = ["a red cat", "a dog", "a cow"]
 
 
 def lcm_args(model: Path, clip: Path, run: Path, *extra: str) -> list[str]:
-    return ["train", "--world", "lcm", "--lcm-model", str(model), "--resolution", str(RESOLUTION), "--guidance-scale", "8",
+    return ["train", "--world", "lcm", "--lcm.model", str(model), "--lcm.resolution", str(RESOLUTION), "--lcm.guidance-scale", "8",
             "--prompts", *PROMPTS, "--eval-prompts", "a bird", "--reward-weights", "clip_score=1.0",
             "--reward-paths", f"clip_score={clip}", "--lora-rank", "4", "--lora-alpha", "4", "--num-steps", "2",
             "--eval-every", "100", "--eval-size", "1", "--grid-every", "100", "--report-to", "none", "--device", "cpu",
