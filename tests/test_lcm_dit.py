@@ -85,8 +85,8 @@ def ours(world, num_steps, seed=3):
 
 
 def cfg_for(model, **lcm) -> TrainConfig:
-    return TrainConfig(world="lcm", lora_rank=4, lora_alpha=8.0, lcm_model=str(model),
-                       **{"guidance_scale": lcm.pop("guidance_scale", 0.0)}, **lcm)
+    return TrainConfig(world="lcm", lora_rank=4, lora_alpha=8.0, **{"lcm.model": str(model)},
+                       **{"lcm.guidance_scale": lcm.pop("lcm.guidance_scale", 0.0)}, **lcm)
 
 
 @pytest.mark.parametrize("transformer, guidance, steps", [({}, 0.0, (1, 4)), (MICRO, 1.5, (2,))],
@@ -95,7 +95,7 @@ def test_pixart_lcm_chain_from_a_saved_folder_equals_the_stock_pipeline(tmp_path
     model = save_pixart(tmp_path, **transformer)
     assert model_family(str(model)) == "pixart"
     native = transformer.get("sample_size", TINY_TRANSFORMER["sample_size"]) * 2  # the tiny VAE downsamples by 2
-    world = build_world(cfg_for(model, guidance_scale=guidance, resolution=native))
+    world = build_world(cfg_for(model, **{"lcm.guidance_scale": guidance}, **{"lcm.resolution": native}))
     assert isinstance(world, PixArtLCMWorld) and world.learned_sigma
     assert world.classifier_free == (guidance > 1) and (world._micro is not None) == bool(transformer)
     resolution = world.resolution
@@ -114,9 +114,9 @@ def test_pixart_family_is_read_from_model_index_and_unet_lora_tcd_are_refused(tm
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     assert model_family(str(folder)) == "pixart"  # from the index alone, before any weights
     with pytest.raises(UserError, match="--lcm.unet applies to the UNet families"):
-        build_world(cfg_for(folder, lcm_unet=str(tmp_path / "some_unet")))
+        build_world(cfg_for(folder, **{"lcm.unet": str(tmp_path / "some_unet")}))
     with pytest.raises(UserError, match="--lcm.unet and --lcm.lora apply to the UNet families"):
-        build_world(cfg_for(folder, lcm_lora=str(tmp_path / "some_lora")))
+        build_world(cfg_for(folder, **{"lcm.lora": str(tmp_path / "some_lora")}))
     sigma = tmp_path / "sigma"
     sigma.mkdir()
     (sigma / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))

@@ -50,8 +50,8 @@ def save_sdxl_pipeline(folder, **unet_overrides):
 
 
 def cfg_for(model, **lcm) -> TrainConfig:
-    return TrainConfig(world="lcm", lora_rank=4, lora_alpha=4.0, lcm_model=str(model), resolution=RESOLUTION,
-                       **{"guidance_scale": lcm.pop("guidance_scale", 8.0)}, **lcm)
+    return TrainConfig(world="lcm", lora_rank=4, lora_alpha=4.0, **{"lcm.model": str(model)}, **{"lcm.resolution": RESOLUTION},
+                       **{"lcm.guidance_scale": lcm.pop("lcm.guidance_scale", 8.0)}, **lcm)
 
 
 def stock_call(pipe, num_steps, guidance, output_type, seed=3, **kwargs):
@@ -80,7 +80,7 @@ SSD_1B_LIKE = {"reverse_transformer_layers_per_block": ((1, 3), (1, 1))}
 def test_sdxl_chain_from_a_saved_folder_equals_the_stock_sdxl_pipeline(tmp_path, unet, guidance):
     model = save_sdxl_pipeline(tmp_path, **unet)
     assert model_family(str(model)) == "sdxl"
-    world = build_world(cfg_for(model, guidance_scale=guidance))
+    world = build_world(cfg_for(model, **{"lcm.guidance_scale": guidance}))
     assert world.family == "sdxl" and world.classifier_free == (unet is NO_W)
     pipe = StableDiffusionXLPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
@@ -126,8 +126,8 @@ def test_sdxl_lora_export_lands_in_the_stock_sdxl_pipeline_and_lcm_lora_fuses_or
     StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lcm_lora", weight_name="other-lora.safetensors",
                                                 unet_lora_layers={k: v * 0 for k, v in lora_layers.items()})
     targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "ff.net.2"]
-    cfg = cfg_for(model, guidance_scale=1.0, lcm_lora=str(tmp_path / "lcm_lora"), lora_targets=targets,
-                  lcm_lora_weight_name="Hyper-like-2steps-lora.safetensors")
+    cfg = cfg_for(model, **{"lcm.guidance_scale": 1.0}, **{"lcm.lora": str(tmp_path / "lcm_lora")}, **{"lcm.lora_targets": targets},
+                  **{"lcm.lora_weight_name": "Hyper-like-2steps-lora.safetensors"})
     fused = build_world(cfg)
     stacked = build_world(_stacked(cfg))
     perturb_lora_b(fused.network, OUR_ADAPTER, std=0.05)
@@ -189,7 +189,7 @@ def test_family_comes_from_model_index_and_unsupported_ones_are_refused_before_w
     with pytest.raises(UserError, match="SDXL-class UNet .* sd family"):
         model_family(str(sd), unet=str(sdxl_unet))
     with pytest.raises(UserError, match="tcd_gamma must be in"):
-        validate(cfg_for(sd, tcd_gamma=1.5), check_rewards=False)
+        validate(cfg_for(sd, **{"lcm.tcd_gamma": 1.5}), check_rewards=False)
 
 
 def test_a_deterministic_chain_is_refused_by_the_methods_that_need_a_stochastic_one():

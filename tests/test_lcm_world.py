@@ -3,7 +3,6 @@ ROCM gradients, LoRA export/resume, LCM-LoRA fuse/stack, mixed precision, loadin
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from cmalign.chain import ChainNoise, run_chain, step_divergences
-from cmalign.config import TrainConfig
+from cmalign.config import TrainConfig, with_changes
 from cmalign.errors import UserError
 from cmalign.prompts import bundled_prompts, read_prompt_file, split_prompts
 from cmalign.rewards.registry import RewardContext, build_reward
@@ -45,7 +44,7 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def lcm_config(**overrides) -> TrainConfig:
-    return TrainConfig(world="lcm", resolution=RESOLUTION, lora_rank=4, lora_alpha=4.0, **overrides)
+    return TrainConfig(world="lcm", **{"lcm.resolution": RESOLUTION}, lora_rank=4, lora_alpha=4.0, **overrides)
 
 
 def test_chain_reproduces_stock_lcm_pipeline(tmp_path):
@@ -151,7 +150,7 @@ def test_exported_lora_loads_in_stock_pipeline_and_resumes(tmp_path):
 
 
 def test_from_config_loads_a_local_pipeline_folder(tmp_path):
-    cfg = lcm_config(lcm_model=str(save_tiny_pipeline(tmp_path)), guidance_scale=6.0)
+    cfg = lcm_config(**{"lcm.model": str(save_tiny_pipeline(tmp_path))}, **{"lcm.guidance_scale": 6.0})
     world = build_world(cfg, "cpu")
     assert isinstance(world, LCMWorld) and world.name == "lcm"
     assert world.alphas_cumprod.dtype == torch.float64
@@ -165,10 +164,10 @@ def test_from_config_loads_a_local_pipeline_folder(tmp_path):
 
 
 def test_lcm_lora_fused_or_stacked_gives_one_model_and_one_reference(tmp_path):
-    cfg = lcm_config(lcm_model=str(save_tiny_pipeline(tmp_path)), lcm_lora=str(write_random_lora(tmp_path)))
+    cfg = lcm_config(**{"lcm.model": str(save_tiny_pipeline(tmp_path))}, **{"lcm.lora": str(write_random_lora(tmp_path))})
     fused = build_world(cfg)
-    stacked = build_world(dataclasses.replace(cfg, lcm_lora_mode="stack"))
-    plain = build_world(dataclasses.replace(cfg, lcm_lora=None))
+    stacked = build_world(with_changes(cfg, **{"lcm.lora_mode": "stack"}))
+    plain = build_world(with_changes(cfg, **{"lcm.lora": None}))
     trainable = [n for n, p in stacked.network.named_parameters() if p.requires_grad]
     assert trainable and all(f".{OUR_ADAPTER}." in n for n in trainable)
     with torch.no_grad():
@@ -221,7 +220,7 @@ def test_unreachable_hub_id_is_one_user_error_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError) as info:
-        build_world(lcm_config(lcm_model="cmalign-tests/no-such-lcm"))
+        build_world(lcm_config(**{"lcm.model": "cmalign-tests/no-such-lcm"}))
     message = str(info.value)
     assert "cmalign-tests/no-such-lcm" in message and "HF_HUB_OFFLINE=1" in message and "\n" not in message
 
