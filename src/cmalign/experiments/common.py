@@ -15,6 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cmalign.config import TrainConfig  # noqa: E402
+from cmalign.config.checks import owned_sections  # noqa: E402
+from cmalign.methods.registry import method_class  # noqa: E402
+from cmalign.worlds.registry import world_class  # noqa: E402
 
 # The tiny digits models of the test-suite (pretrained in seconds into the cache on first use).
 QUICK = {"digits.model_size": "tiny", "digits.pretrain_teacher_steps": 40, "digits.pretrain_distill_steps": 30,
@@ -32,10 +35,6 @@ def make_config(quick: bool, threads: int = 1, **overrides) -> TrainConfig:
 def only_owned_sections(cfg: TrainConfig) -> TrainConfig:
     """cfg with the sections that neither its world nor its method owns at their defaults (the shared QUICK
     settings name ddpo's steps for every method; validation refuses a setting that no part of the run uses)."""
-    from cmalign.config.checks import owned_sections
-    from cmalign.methods.registry import method_class
-    from cmalign.worlds.registry import world_class
-
     owned = owned_sections(world_class(cfg.world), method_class(cfg.method))
     sections = {name: s if name in owned else type(s)() for name, s in cfg.sections.items()}
     return dataclasses.replace(cfg, sections=sections)
@@ -109,8 +108,6 @@ def build_cached_models(configs: list[TrainConfig]) -> None:
 
 def rough_cost(cfg: TrainConfig) -> int:
     """Pixels x network calls per chain x updates: enough to order runs by length."""
-    from cmalign.methods.registry import method_class
-
     return cfg.digits.resolution ** 2 * method_class(cfg.method).chain_length(cfg) * cfg.steps
 
 
