@@ -44,9 +44,9 @@ shell rules).  Lists inside a value are separated by "," (row filters by ";").  
                             ":Header" is optional (default SRC); headers may not contain ","
     column=SRC              results-value: the cell shown; the selection must leave exactly one row
     digits=N                decimals for every non-integer numeric column (default: the CSV's text)
-    fmt="SRC:SPEC,..."      per-column Python format spec (".0f", ".1%", ".3g", ",d") or "raw" (the CSV's
-                            text, e.g. for a learning-rate column: fmt="lr:raw"); for results-value a bare
-                            fmt=SPEC applies to its column
+    fmt="SRC:SPEC,..."      per-column Python format spec (".0f", ".1%", ".3g", "d"; no ",") or "raw" (the
+                            CSV's text, e.g. for a learning-rate column: fmt="lr:raw"); for results-value a
+                            bare fmt=SPEC applies to its column
 
 SRC is a column name, or LO-HI for two columns rendered as an interval "[lo, hi]" (e.g. lo-hi, ci_lo-ci_hi).
 Steps run in this order: rows -> group/mean/sd -> sort -> columns.  A column is integer when every value in
