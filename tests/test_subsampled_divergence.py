@@ -97,11 +97,55 @@ def test_average_over_all_draws_equals_the_full_sum_value_and_gradient(world, ca
     torch.testing.assert_close(torch.stack(grads).mean(0), full_grad, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_importance_draws_averaged_by_their_probabilities_equal_the_full_sum(world, n):
+    """divergence_sampling importance: n steps with replacement from unequal p, weighted c_k / (n p_k): the
+    probability-weighted average over every possible draw is the full sum, value and gradient."""
+    noise = ChainNoise.draw(B, world.latent_shape, K, torch.Generator().manual_seed(2), dtype=F64)
+    full_value, full_grad = _regulariser(world, noise, None, "kl", "per_dim", "floor", "full", None)
+    probs = torch.tensor([0.1, 0.3, 0.6], dtype=F64)
+    value, grad, total_p = 0.0, 0.0, 0.0
+    for draw in itertools.product(range(K), repeat=n):
+        p_draw = float(torch.prod(probs[list(draw)]))
+        weights = {k: draw.count(k) / (n * float(probs[k])) for k in sorted(set(draw))}
+        plan = D.ReferencePlan(K, B, tuple(weights), None, weights)
+        v, g = _regulariser(world, noise, plan, "kl", "per_dim", "floor", "full", None)
+        value, grad, total_p = value + p_draw * v, grad + p_draw * g, total_p + p_draw
+    assert total_p == pytest.approx(1.0)
+    torch.testing.assert_close(value, full_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, full_grad, rtol=1e-8, atol=1e-12)
+
+
+def test_importance_plans_draw_from_the_given_probabilities_with_hansen_hurwitz_weights():
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.05, 0.15, 0.8], dtype=F64)
+    plans = [D.draw_reference_plan(3, 4, 1, 1.0, gen, step_probs=probs) for _ in range(4000)]
+    share = sum(p.steps == (2,) for p in plans) / len(plans)
+    assert abs(share - 0.8) < 0.03
+    assert all(p.weight_of(p.steps[0]) == pytest.approx(1 / float(probs[p.steps[0]])) for p in plans)
+    two = D.draw_reference_plan(3, 4, 2, 1.0, torch.Generator().manual_seed(1), step_probs=torch.tensor([0.0, 0.0, 1.0]))
+    assert two.steps == (2,) and two.weight_of(2) == pytest.approx(1.0)  # drawn twice: 2 / (2 * 1)
+
+
+def test_step_importance_follows_the_measured_divergences_with_a_floor_and_resumes_exactly():
+    imp = D.StepImportance(4)
+    torch.testing.assert_close(imp.probs(), torch.full((4,), 0.25, dtype=F64))  # nothing measured: uniform
+    imp.observe({0: 0.0, 1: 1.0, 2: 3.0})
+    torch.testing.assert_close(imp.probs(), torch.full((4,), 0.25, dtype=F64))  # step 3 still unmeasured
+    imp.observe({3: 0.0})
+    p = imp.probs()
+    assert p.sum().item() == pytest.approx(1.0) and p[0].item() == pytest.approx(0.25 / 4)
+    assert p[2].item() == pytest.approx(0.75 * 3 / 4 + 0.25 / 4)
+    again = D.StepImportance(4)
+    again.load_state_dict(imp.state_dict())
+    torch.testing.assert_close(again.probs(), p)
+
+
 def draw_reference_plan_weight(terms, n, batch, m):
     """The weight draw_reference_plan assigns to an (n steps, m chains) draw."""
     plan = D.draw_reference_plan(terms, batch, n, m / batch if m < batch else 1.0, torch.Generator().manual_seed(0))
     assert len(plan.steps) == n and (plan.rows is None if m == batch else len(plan.rows) == m)
-    return plan.weight
+    return plan.weight_of(plan.steps[0])
 
 
 def _counting(world, monkeypatch):
@@ -141,11 +185,24 @@ def test_one_rocm_step_calls_the_reference_on_n_steps_of_each_drawn_chain(world,
     assert len(drawn) == n and metrics["divergence"] > 0
 
 
-def test_the_default_calls_every_step_and_skip_spares_the_final_reference(world, monkeypatch):
+def test_rocm_by_default_calls_the_reference_once_per_update_drawing_steps_by_importance(world, monkeypatch):
+    calls = _counting(world, monkeypatch)
+    rocm = Rocm(TrainConfig(num_steps=4, beta=1.0), world, Quadratic())
+    assert rocm.divergence_steps == 1 and rocm.importance is not None
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(6):
+        _, metrics, _ = rocm.loss(PROMPTS, ChainNoise.draw(B, world.latent_shape, 4, gen, dtype=F64), gen)
+    assert calls["reference"] == [B] * 6
+    assert not torch.isnan(rocm.importance.average).all()  # what it measured steers the next draws
+    assert Dpok.divergence_steps(TrainConfig(method="dpok", beta=1.0)) == "all"  # dpok keeps every step
+    assert Rocm.divergence_steps(TrainConfig(beta=0.0)) == "all"  # nothing to subsample at beta 0
+
+
+def test_divergence_steps_all_calls_every_step_and_skip_spares_the_final_reference(world, monkeypatch):
     calls = _counting(world, monkeypatch)
     for final, expected in (("floor", 4), ("skip", 3)):
         calls["reference"].clear()
-        rocm = Rocm(TrainConfig(num_steps=4, beta=1.0, final_step=final), world, Quadratic())
+        rocm = Rocm(TrainConfig(num_steps=4, beta=1.0, final_step=final, divergence_steps="all"), world, Quadratic())
         gen, alone = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
         rocm.loss(PROMPTS, ChainNoise.draw(B, world.latent_shape, 4, gen, dtype=F64), gen)
         assert calls["reference"] == [B] * expected
@@ -171,20 +228,23 @@ def test_chains_are_drawn_on_the_global_batch_and_every_rank_keeps_its_own():
     """Two ranks of 3 chains with one seeded generator each select exactly the chains one process of 6 would."""
     single = D.draw_reference_plan(4, 6, 2, 0.5, torch.Generator().manual_seed(9))
     ranks = [D.draw_reference_plan(4, 3, 2, 0.5, torch.Generator().manual_seed(9), Shard(i, 2)) for i in range(2)]
-    assert all(r.steps == single.steps and r.weight == single.weight for r in ranks)
+    assert all(r.steps == single.steps and r.weights == single.weights for r in ranks)
     assert sorted(ranks[0].rows.tolist() + [i + 3 for i in ranks[1].rows.tolist()]) == single.rows.tolist()
-    assert single.weight == pytest.approx(4 / 2 * 6 / 3)
+    assert single.weight_of(single.steps[0]) == pytest.approx(4 / 2 * 6 / 3)
     again = D.draw_reference_plan(4, 6, 2, 0.5, torch.Generator().manual_seed(9))
     assert again.steps == single.steps and torch.equal(again.rows, single.rows)  # the run's generator decides
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(divergence_steps=5), r"divergence_steps must be all or in \[1, 4\]"),
+    (dict(divergence_steps=5), r"divergence_steps must be auto, all or in \[1, 4\]"),
     (dict(divergence_steps=4, final_step="skip"), r"in \[1, 3\]"),
     (dict(divergence_steps=0), "divergence_steps"),
     (dict(divergence_fraction=0.0), "divergence_fraction must be in"),
     (dict(divergence_steps=1, beta=0.0), "beta = 0"),
     (dict(divergence_steps=1, method="rlcm"), "rlcm does not have"),
+    (dict(divergence_steps="all", divergence_sampling="uniform"), "evaluates every step"),
+    (dict(beta=0.0, divergence_sampling="importance"), "evaluates every step"),
+    (dict(method="dpok", beta=0.1, divergence_steps=1, divergence_sampling="importance"), "dpok draws its divergence steps uniform"),
 ])
 def test_bad_subsampling_settings_are_one_line_errors(changes, message):
     with pytest.raises(UserError, match=message):

@@ -243,7 +243,7 @@ def step_divergences(
 ) -> torch.Tensor:
     """Per-step divergences D_k of policy to reference, shape (B, K) (K - 1 columns under `skip`).
 
-    With a subsampling `plan` (the one the trajectory was rolled out with) entry (b, k) is plan.weight * D_bk
+    With a subsampling `plan` (the one the trajectory was rolled out with) entry (b, k) is plan.weight_of(k) * D_bk
     for the drawn steps and chains and 0 elsewhere, so that .sum(1).mean() is the unbiased estimator of the
     full regulariser (divergences.ReferencePlan)."""
     if traj.ref_means is None:
@@ -271,7 +271,7 @@ def step_divergences(
         mean = traj.means[k] if rows is None else traj.means[k][rows.to(device)]
         col = D.divergence(name, _at_least_fp32(mean), _at_least_fp32(ref), traj.sigmas[k], reduction, **kwargs)
         if plan is not None:
-            col = col * plan.weight
+            col = col * plan.weight_of(k)
         if rows is not None:  # scatter the drawn chains' terms into the batch (differentiable)
             col = torch.zeros(batch, device=device, dtype=col.dtype).index_copy(0, rows.to(device), col)
         cols.append(col)

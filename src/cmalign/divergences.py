@@ -144,35 +144,47 @@ def divergence(name: str, mu_p, mu_q, sigma, reduction: str = "per_dim", **kwarg
 # The subsampled regulariser (DESIGN §2, "Subsampled regulariser")
 # ------------------------------------------------------------------------------------------------
 class ReferencePlan:
-    """Which per-step divergence terms of a batch are evaluated, and the weight that keeps them unbiased.
+    """Which per-step divergence terms of a batch are evaluated, and the weights that keep them unbiased.
 
     The regulariser of one batch is  R = (1/B) sum_b sum_{k<K'} D_bk  (K' = K under final_step floor,
     K - 1 under skip). A plan draws, independently of theta and from the run's generator,
 
-      S: n of the K' steps uniformly without replacement (one set for the whole batch, so that the
-         reference costs n batched calls), and
+      S: the steps that are evaluated (one set for the whole batch, so that the reference costs |S|
+         batched calls), either
+         - uniform: n of the K' steps uniformly without replacement, each weighted w_k = K'/n, or
+         - importance: n steps drawn independently with replacement from probabilities p (fixed before the
+           draw, e.g. from the divergences measured at earlier updates: StepImportance), step k weighted
+           w_k = c_k / (n p_k) where c_k is how often it was drawn (Hansen-Hurwitz), and
       M: m of the B_global chains of the global batch uniformly without replacement (m = round(f B_global)),
+         each weighted v = B_global/m,
 
-    and estimates R by  R_hat = (1/B) sum_{b in M} sum_{k in S} w D_bk,  w = (K'/n) (B_global/m).
-    Unbiased value: P(k in S) = n/K' and P(b in M) = m/B_global, and S, M are independent, so
-    E[1{k in S} 1{b in M}] w = 1 for every (b, k) and E[R_hat] = R by linearity. Unbiased gradient: S and M
-    do not depend on theta, so grad E_{S,M}[R_hat] = E_{S,M}[grad R_hat] (a finite average over the
-    possible draws) and the expectation of grad R_hat is grad R. Under divergence_grad "full" the gradient
-    of a drawn D_bk still flows through the live x_k into the earlier steps; under "stopgrad_ref" it is the
-    same (biased) surrogate as with every term, and its expectation is that surrogate's gradient.
-    With several ranks M is drawn on the global batch (the generator is identical on every rank) and each
-    rank keeps its rows; the mean over ranks of the local (1/B) sums is then the single-process estimator.
-    Why the chain weight is B_global/m and not 1/f: m is rounded, and only the realised inclusion
-    probability m/B_global makes the batch mean exactly unbiased.
+    and estimates R by  R_hat = (1/B) sum_{b in M} sum_{k in S} w_k v D_bk.
+    Unbiased value: E[w_k 1{k in S}] = 1 (uniform: P(k in S) = n/K'; importance: E[c_k] = n p_k) and
+    E[v 1{b in M}] = 1, S and M are independent, so E[R_hat] = R by linearity. Unbiased gradient: S and M
+    do not depend on theta (p depends only on earlier updates), so grad E_{S,M}[R_hat] = E_{S,M}[grad R_hat]
+    (a finite average over the possible draws) and the expectation of grad R_hat is grad R. Under
+    divergence_grad "full" the gradient of a drawn D_bk still flows through the live x_k into the earlier
+    steps; under "stopgrad_ref" it is the same (biased) surrogate as with every term, and its expectation is
+    that surrogate's gradient. With several ranks M is drawn on the global batch (the generator is identical
+    on every rank) and each rank keeps its rows; the mean over ranks of the local (1/B) sums is then the
+    single-process estimator. Why the chain weight is B_global/m and not 1/f: m is rounded, and only the
+    realised inclusion probability m/B_global makes the batch mean exactly unbiased.
     """
 
-    def __init__(self, num_terms: int, batch: int, steps: tuple[int, ...], rows: torch.Tensor | None, weight: float):
-        self.num_terms, self.batch, self.steps, self.rows, self.weight = num_terms, batch, tuple(steps), rows, float(weight)
+    def __init__(self, num_terms: int, batch: int, steps: tuple[int, ...], rows: torch.Tensor | None,
+                 weight: float | dict[int, float], chain_weight: float = 1.0):
+        """weight: the total weight (step x chain) of every drawn step, or a dict step -> its total weight."""
+        self.num_terms, self.batch, self.steps, self.rows = num_terms, batch, tuple(steps), rows
+        self.weights = dict(weight) if isinstance(weight, dict) else {k: float(weight) for k in self.steps}
+        self.chain_weight = float(chain_weight)
 
-    @property
-    def step_weight(self) -> float:
-        """K'/n: the weight of a drawn step (the per-chain factor is weight / step_weight)."""
-        return self.num_terms / len(self.steps) if self.steps else 0.0
+    def weight_of(self, k: int) -> float:
+        """The total weight (step x chain) of drawn step k's terms."""
+        return self.weights[k]
+
+    def step_weight_of(self, k: int) -> float:
+        """The step part of weight_of(k): dividing a weighted batch mean by it gives the plain mean of D_k."""
+        return self.weights[k] / self.chain_weight
 
     def reference_rows(self, num_steps: int) -> list[torch.Tensor | None]:
         """For chain.run_chain: per chain step, the rows that need a reference call (None: all, empty: none)."""
@@ -185,10 +197,12 @@ class ReferencePlan:
 
 
 def draw_reference_plan(num_terms: int, batch: int, steps="all", fraction: float = 1.0,
-                        generator: torch.Generator | None = None, shard=None) -> ReferencePlan:
+                        generator: torch.Generator | None = None, shard=None,
+                        step_probs: torch.Tensor | None = None) -> ReferencePlan:
     """A ReferencePlan for `batch` local chains (of batch * shard.count global ones) and K' = num_terms terms.
-    steps: "all" / None or n in [1, K'];  fraction in (0, 1]. The full plan ("all", 1.0) draws no random numbers,
-    so runs without subsampling keep their random stream."""
+    steps: "all" / None or n in [1, K'];  fraction in (0, 1]; step_probs (K',): draw the n steps by importance
+    (with replacement) instead of uniformly. The full plan ("all", 1.0) draws no random numbers, so runs
+    without subsampling keep their random stream."""
     count, index = (shard.count, shard.index) if shard is not None else (1, 0)
     if steps in ("all", None) or num_terms == 0:
         n = num_terms
@@ -198,8 +212,13 @@ def draw_reference_plan(num_terms: int, batch: int, steps="all", fraction: float
             raise ValueError(f"divergence_steps must be in [1, {num_terms}] (the regularised steps), got {n}")
     if not 0 < fraction <= 1:
         raise ValueError(f"divergence_fraction must be in (0, 1], got {fraction}")
-    chosen = tuple(range(num_terms)) if n == num_terms else \
-        tuple(sorted(torch.randperm(num_terms, generator=generator)[:n].tolist()))
+    if n == num_terms:  # every step: nothing to draw (importance or not)
+        step_w = {k: 1.0 for k in range(num_terms)}
+    elif step_probs is not None:
+        step_w = _importance_steps(step_probs, n, generator)
+    else:
+        chosen = sorted(torch.randperm(num_terms, generator=generator)[:n].tolist())
+        step_w = {k: num_terms / n for k in chosen}
     rows, chain_weight = None, 1.0
     if fraction < 1:
         total = batch * count
@@ -207,13 +226,60 @@ def draw_reference_plan(num_terms: int, batch: int, steps="all", fraction: float
         picked = torch.randperm(total, generator=generator)[:m]
         local = picked[(picked >= index * batch) & (picked < (index + 1) * batch)] - index * batch
         rows, chain_weight = local.sort().values, total / m
-    return ReferencePlan(num_terms, batch, chosen, rows, (num_terms / n if n else 0.0) * chain_weight)
+    return ReferencePlan(num_terms, batch, tuple(sorted(step_w)), rows,
+                         {k: w * chain_weight for k, w in step_w.items()}, chain_weight)
 
 
-def plan_from_config(cfg, num_steps: int, batch: int, generator: torch.Generator | None = None, shard=None) -> ReferencePlan:
-    """The plan of a TrainConfig (divergence_steps, divergence_fraction, final_step) for a K = num_steps chain."""
+def _importance_steps(probs: torch.Tensor, n: int, generator) -> dict[int, float]:
+    """n draws with replacement from probs: drawn step -> (times drawn) / (n p_k), Hansen-Hurwitz's weight."""
+    probs = probs.double() / probs.double().sum()
+    drawn = torch.multinomial(probs, n, replacement=True, generator=generator).tolist()
+    return {k: drawn.count(k) / (n * float(probs[k])) for k in sorted(set(drawn))}
+
+
+class StepImportance:
+    """Importance-sampling probabilities for the drawn steps of the subsampled regulariser (divergence_sampling
+    importance): p_k = (1 - FLOOR) Dbar_k / sum_j Dbar_j + FLOOR / K', where Dbar_k is an exponential moving
+    average of step k's batch-mean divergence, updated each time step k is drawn. Steps contribute very
+    unequally (on the digits world the middle steps carry most of the KL), so uniform draws weighted K'/n make
+    the estimate jump by a factor of tens between updates; drawing in proportion to the size of the term makes
+    it nearly constant. The floor keeps every step drawn now and then (its weight is at most K'/FLOOR) so that
+    its average follows the training. Until every step has been measured once the draws are uniform.
+    The probabilities depend only on earlier updates, so each plan is still unbiased (ReferencePlan)."""
+
+    FLOOR = 0.25
+    DECAY = 0.8
+
+    def __init__(self, num_terms: int):
+        self.average = torch.full((num_terms,), float("nan"), dtype=torch.float64)
+
+    def probs(self) -> torch.Tensor:
+        k = len(self.average)
+        if torch.isnan(self.average).any() or float(self.average.sum()) <= 0:
+            return torch.full((k,), 1.0 / k, dtype=torch.float64)
+        return (1 - self.FLOOR) * self.average / self.average.sum() + self.FLOOR / k
+
+    def observe(self, step_means: dict[int, float]) -> None:
+        """Record the plain batch mean of D_k measured at the drawn steps (the same value on every rank)."""
+        for k, value in step_means.items():
+            old = float(self.average[k])
+            self.average[k] = value if old != old else self.DECAY * old + (1 - self.DECAY) * value
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"step_importance_average": self.average.clone()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.average = tensors["step_importance_average"].to(torch.float64).clone()
+
+
+def plan_from_config(cfg, num_steps: int, batch: int, generator: torch.Generator | None = None, shard=None,
+                     steps="all", importance: StepImportance | None = None) -> ReferencePlan:
+    """The plan of a TrainConfig for a K = num_steps chain: `steps` is the method's resolved divergence_steps
+    (Method.divergence_steps), importance its step probabilities (None: uniform draws); divergence_fraction and
+    final_step come from cfg."""
     terms = num_steps if cfg.final_step == "floor" else num_steps - 1
-    subsampled = cfg.divergence_steps != "all" or cfg.divergence_fraction < 1
+    subsampled = steps != "all" or cfg.divergence_fraction < 1
     if subsampled and generator is None:
         raise ValueError("a subsampled divergence needs the run's generator (Batch.generator)")
-    return draw_reference_plan(terms, batch, cfg.divergence_steps, cfg.divergence_fraction, generator, shard)
+    probs = importance.probs() if importance is not None else None
+    return draw_reference_plan(terms, batch, steps, cfg.divergence_fraction, generator, shard, step_probs=probs)

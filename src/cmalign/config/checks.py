@@ -44,16 +44,29 @@ def _check_chain_and_objective(cfg: TrainConfig, method_cls) -> None:
         need(1 <= cfg.backprop_steps <= cfg.num_steps, f"backprop_steps must be in [1, K={cfg.num_steps}], got {cfg.backprop_steps}")
     need(cfg.reward_scale > 0, f"reward_scale must be > 0, got {cfg.reward_scale}")
     need(cfg.js_samples >= 1, f"js_samples must be >= 1, got {cfg.js_samples}")
-    if cfg.divergence_steps != "all" or cfg.divergence_fraction != 1.0:
+    _check_divergence_subsampling(cfg, method_cls)
+
+
+def _check_divergence_subsampling(cfg: TrainConfig, method_cls) -> None:
+    """divergence_steps / _fraction / _sampling: explicit values only where they apply ("auto" is the method's choice)."""
+    explicit_steps = cfg.divergence_steps not in ("auto", "all")
+    if explicit_steps or cfg.divergence_fraction != 1.0:
         k = method_cls.chain_length(cfg)
         terms = k - (cfg.final_step == "skip")
-        need(cfg.divergence_steps == "all" or 1 <= cfg.divergence_steps <= terms,
-             f"divergence_steps must be all or in [1, {terms}] (the regularised steps of K={k}, "
+        need(not explicit_steps or 1 <= cfg.divergence_steps <= terms,
+             f"divergence_steps must be auto, all or in [1, {terms}] (the regularised steps of K={k}, "
              f"final_step {cfg.final_step}), got {cfg.divergence_steps}")
         need(0 < cfg.divergence_fraction <= 1, f"divergence_fraction must be in (0, 1], got {cfg.divergence_fraction}")
         need(cfg.beta > 0, "divergence_steps / divergence_fraction subsample the divergence term, which beta = 0 switches off")
         need(method_cls.per_step_divergence,
              f"divergence_steps / divergence_fraction subsample a per-step divergence term, which {cfg.method} does not have (rocm, dpok)")
+    if cfg.divergence_sampling != "auto":
+        need(method_cls.per_step_divergence and cfg.beta > 0 and method_cls.divergence_steps(cfg) != "all",
+             f"divergence_sampling {cfg.divergence_sampling} chooses which steps divergence_steps N draws, but this run "
+             f"evaluates every step ({cfg.method}, beta {cfg.beta:g}, divergence_steps {cfg.divergence_steps}); drop it")
+        need(cfg.divergence_sampling in method_cls.divergence_samplings,
+             f"{cfg.method} draws its divergence steps {' or '.join(method_cls.divergence_samplings)}, "
+             f"not {cfg.divergence_sampling}")
 
 
 def _check_optimisation(cfg: TrainConfig) -> None:

@@ -118,8 +118,10 @@ class TrainConfig:
     """Monte Carlo draws per evaluation when js_estimator is mc."""
     divergence_grad: Literal["full", "stopgrad_ref"] = "full"
     """full: exact gradient (reference on live states); stopgrad_ref: cheaper, biased."""
-    divergence_steps: Literal["all"] | int = "all"
-    """Reference steps per batch: all, or N of the K regularised steps drawn per update, weighted K/N (unbiased, N reference calls)."""
+    divergence_steps: Literal["auto", "all"] | int = "auto"
+    """Reference steps per batch: all, or N of the K regularised steps drawn per update and weighted to stay unbiased (N reference calls); auto: the method's own (rocm 1, dpok all)."""
+    divergence_sampling: Literal["auto", "uniform", "importance"] = "auto"
+    """How divergence_steps N draws its steps: uniform (weight K/N) or importance (in proportion to each step's measured divergence, weight 1/(N p_k)); auto: the method's own (rocm importance, dpok uniform)."""
     divergence_fraction: float = 1.0
     """Share of the chains whose divergence is evaluated per update, drawn at random and weighted by its inverse (unbiased)."""
     reward_weights: Annotated[dict[str, float], name_value_pairs(float)] = field(default_factory=lambda: {"proxy": 1.0})

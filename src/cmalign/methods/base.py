@@ -48,6 +48,10 @@ class Method(ABC):
     # (rocm's hybrid estimator), which needs at least one stochastic step (K >= 2)
     score_function_rewards: bool = False
     needs_log_prob: bool = False  # True: the method scores the chain's step log-probabilities (a stochastic chain)
+    # divergence_steps / divergence_sampling "auto": the method's own choice, and the samplings it supports
+    auto_divergence_steps: str | int = "all"
+    auto_divergence_sampling: str = "uniform"
+    divergence_samplings: tuple[str, ...] = ("uniform",)
 
     def __init__(self, cfg, world, reward):
         if self.needs_differentiable_reward and not getattr(reward, "differentiable", True):
@@ -69,6 +73,18 @@ class Method(ABC):
         if cls.needs_log_prob and getattr(transition, "deterministic", False):
             raise UserError(f"{cls.name} needs the chain's step log-probabilities, but the world's chain ({transition}) "
                             "is deterministic; use a stochastic chain (e.g. lcm.tcd_gamma > 0) or rocm/draft")
+
+    @classmethod
+    def divergence_steps(cls, cfg) -> str | int:
+        """The steps of the per-step divergence evaluated per update: "all" or N (cfg.divergence_steps resolved)."""
+        if cfg.divergence_steps != "auto":
+            return cfg.divergence_steps
+        return cls.auto_divergence_steps if cls.per_step_divergence and cfg.beta > 0 else "all"
+
+    @classmethod
+    def divergence_sampling(cls, cfg) -> str:
+        """How divergence_steps N draws its steps: uniform or importance (cfg.divergence_sampling resolved)."""
+        return cls.auto_divergence_sampling if cfg.divergence_sampling == "auto" else cfg.divergence_sampling
 
     @classmethod
     def transition(cls, cfg):

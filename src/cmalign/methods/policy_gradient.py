@@ -133,7 +133,7 @@ class PolicyGradient(Method):
         c = index_cond(cond, idx)
         with_ref = self.kl_weight > 0
         n = len(sub) if (with_ref and self.cfg.final_step == "floor") else len(sub) - 1
-        plan = plan_from_config(self.cfg, len(sub), len(idx), generator) if with_ref else None
+        plan = plan_from_config(self.cfg, len(sub), len(idx), generator, steps=type(self).divergence_steps(self.cfg)) if with_ref else None
         traj = run_chain(self.world, c, None, self.timesteps, states=sub[:n], with_reference=with_ref,
                          divergence_grad=self.cfg.divergence_grad,
                          reference_rows=plan.reference_rows(n) if plan is not None else None)

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from cmalign.chain import ChainNoise, run_chain, step_divergences
-from cmalign.divergences import plan_from_config
+from cmalign.divergences import StepImportance, plan_from_config
+from cmalign.errors import UserError
 from cmalign.methods.base import Batch, Method
 from cmalign.methods.hybrid import hybrid_objective
+from cmalign.training.distributed import all_reduce_mean_
 
 
 def clamp_images(images: torch.Tensor, mode: str) -> torch.Tensor:
@@ -37,10 +39,18 @@ class Rocm(Method):
     per_step_divergence = True
     needs_differentiable_reward = False  # non-differentiable terms: the hybrid estimator (methods/hybrid.py)
     score_function_rewards = True
+    # the cheap regulariser by default: one reference call per update, the step drawn in proportion to its
+    # measured divergence (issue 24; docs/RESULTS.md, "Subsampled regulariser")
+    auto_divergence_steps = 1
+    auto_divergence_sampling = "importance"
+    divergence_samplings = ("uniform", "importance")
 
     def __init__(self, cfg, world, reward):
         super().__init__(cfg, world, reward)
         self.timesteps = world.timesteps(cfg.num_steps)
+        self.divergence_steps = type(self).divergence_steps(cfg)
+        importance = self.divergence_steps != "all" and type(self).divergence_sampling(cfg) == "importance"
+        self.importance = StepImportance(len(self.timesteps) - (cfg.final_step == "skip")) if importance else None
         self.grad_checkpointing = (
             world.grad_checkpointing_default if cfg.grad_checkpointing is None else cfg.grad_checkpointing
         )
@@ -64,7 +74,8 @@ class Rocm(Method):
         cfg = self.cfg
         with_ref = cfg.beta > 0
         # the steps/chains that pay for a reference call (divergence_steps / _fraction; all by default)
-        plan = plan_from_config(cfg, len(self.timesteps), len(prompts), generator, shard) if with_ref else None
+        plan = plan_from_config(cfg, len(self.timesteps), len(prompts), generator, shard, self.divergence_steps,
+                                self.importance) if with_ref else None
         cond = self.world.encode_prompts(prompts)
         traj = run_chain(
             self.world, cond, noise, self.timesteps,
@@ -88,9 +99,11 @@ class Rocm(Method):
             total = per_step.sum(1).mean()  # unbiased for the full sum under a subsampling plan
             loss = loss + cfg.beta * total
             metrics["divergence"] = total.item()
+            step_means = self._drawn_step_means(per_step, plan, shard)
+            if self.importance is not None:
+                self.importance.observe(step_means)
             # per step: the (unbiased) batch mean of D_k where step k was drawn, None where it was not
-            metrics.update({f"div_{k + 1}": (v.item() / plan.step_weight if k in plan.steps else None)
-                            for k, v in enumerate(per_step.mean(0))})
+            metrics.update({f"div_{k + 1}": step_means.get(k) for k in range(per_step.shape[1])})
         else:
             metrics["divergence"] = None  # no reference pass at beta = 0; see eval_divergence
         for name, value in getattr(self.reward, "last_components", {}).items():
@@ -98,3 +111,22 @@ class Rocm(Method):
                 metrics[f"reward_{name}"] = value.mean().item()
         metrics["loss"] = loss.item()
         return loss, metrics, images.detach().clamp(0, 1)
+
+    @staticmethod
+    def _drawn_step_means(per_step: torch.Tensor, plan, shard) -> dict[int, float]:
+        """drawn step k -> the batch mean of D_k over the global batch (the same on every rank)."""
+        means = per_step.detach().mean(0).double()
+        if shard is not None and shard.count > 1:
+            all_reduce_mean_(means, shard.count)
+        return {k: float(means[k]) / plan.step_weight_of(k) for k in plan.steps}
+
+    def state_dict(self):
+        """The step-importance averages (exact resume: the next draws depend on them)."""
+        return (self.importance.state_dict(), {}) if self.importance is not None else ({}, {})
+
+    def load_state_dict(self, tensors, meta):
+        if self.importance is None:
+            return super().load_state_dict(tensors, meta)
+        if "step_importance_average" not in tensors:
+            raise UserError("the checkpoint has no step-importance state, which this run's divergence_sampling importance needs")
+        self.importance.load_state_dict(tensors)
