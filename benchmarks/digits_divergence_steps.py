@@ -26,9 +26,12 @@ from cmalign.training.build import build_world
 
 
 def variants(k: int) -> dict[str, dict]:
-    out = {"bare (beta=0)": dict(beta=0.0), "all": dict(beta=6.0), "N=1": dict(beta=6.0, divergence_steps=1)}
+    """The regulariser variants timed at chain length k (beta 6, the default's; bare: beta 0, no reference call)."""
+    out = {"bare (beta=0)": dict(beta=0.0), "all": dict(beta=6.0, divergence_steps="all"),
+           "N=1 uniform": dict(beta=6.0, divergence_steps=1, divergence_sampling="uniform"),
+           "default (N=1 importance)": dict(beta=6.0)}
     if k > 2:
-        out["N=2"] = dict(beta=6.0, divergence_steps=2)
+        out["N=2 importance"] = dict(beta=6.0, divergence_steps=2)
     return out
 
 

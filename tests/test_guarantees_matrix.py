@@ -217,8 +217,9 @@ def stock_failures(name: str, fam: dict, run: Path, out: Path) -> list:
 def test_two_nodes_equal_one_process(tmp_path):
     """docs/scaling.md's 2-node torchrun command, both nodes on 127.0.0.1: node 0 hosts the c10d rendezvous, rank 0
     writes the run directory (which must be on storage both nodes see)."""
-    common = ["--batch-size", "4", "--steps", "3", "--eval-every", "3", "--grid-every", "3", "--final-eval-size", "0",
-              "--checkpoint-every", "0", "--lr", "1e-2", "--device", "cpu", "--report-to", "none"]
+    # 8 steps: the default regulariser's importance draws start once every step has been measured
+    common = ["--batch-size", "4", "--steps", "8", "--eval-every", "8", "--grid-every", "8", "--final-eval-size", "0",
+              "--checkpoint-every", "0", *SCALED, "--device", "cpu", "--report-to", "none"]  # SCALED: docs/guarantees.md
     one = tmp_path / "one"
     assert main(["train", *TINY_ARGS, *common, "--batch-size", "8", "--output-dir", str(one)]) == 0
     two, port = tmp_path / "two", free_port()

@@ -258,6 +258,16 @@ class Trainer:
             picture = save_labelled_grid(rows, path, f"step {step}, K={self.num_steps} (fixed evaluation noise)")
         tracking.log_image(self.accelerator, "samples", picture, step)
 
+    def _regulariser_line(self) -> str:
+        """What divergence_steps / divergence_sampling "auto" became for this method, said once at the start."""
+        method_cls = type(self.method)
+        if not (method_cls.per_step_divergence and self.cfg.beta > 0):
+            return ""
+        steps = method_cls.divergence_steps(self.cfg)
+        if steps == "all":
+            return "; divergence at every step"
+        return f"; divergence at {steps} step(s) per update, drawn {method_cls.divergence_sampling(self.cfg)} (unbiased)"
+
     def log(self, row: dict) -> None:
         if not self.main:
             return
@@ -376,7 +386,8 @@ class Trainer:
             print(f"cmalign: resolved config -> {self.run_dir / 'config.yaml'}" + (f"\n{to_yaml(cfg)}" if self.progress else ""), flush=True)
             print(f"cmalign: {nproc} process(es) x batch {cfg.batch_size} per process = global batch "
                   f"{nproc * cfg.batch_size}; {cfg.steps} steps = {cfg.steps * nproc * cfg.batch_size} samples"
-                  + (f"; resuming from {self.resume_from} (step {start_step})" if self.resume_from else ""), flush=True)
+                  + (f"; resuming from {self.resume_from} (step {start_step})" if self.resume_from else "")
+                  + self._regulariser_line(), flush=True)
         tracking.init_run_trackers(self.accelerator, self.run_dir, cfg.report_to, flat_items(to_dict(cfg)), start_step)
         self.eval_set = self._eval_set(cfg.eval_size, EVAL_SEED_OFFSET)
         if start_step == 0 and (self.main or self.collective):  # sharded: every rank takes part in the forwards
