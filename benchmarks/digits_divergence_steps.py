@@ -6,6 +6,10 @@ every (K, variant) in a rotated order, so that drift of a shared machine hits al
 to bare is taken round by round (paired) and its median is reported beside the median seconds per step.
 
     .venv/bin/python benchmarks/digits_divergence_steps.py [--rounds 5] [--steps 3] [--batch-size 32] [--threads 1]
+        [--csv benchmarks/digits_divergence_steps_results.csv]
+
+--csv appends one row per (K, variant) of this run (date, threads, seconds, paired ratios) to that file, the data
+behind the cost table of docs/RESULTS.md (scripts/results_tables.py).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--divergence-grad", default="full", choices=["full", "stopgrad_ref"])
+    ap.add_argument("--csv", default=None, help="append this run's rows to this CSV file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = TrainConfig(batch_size=args.batch_size, threads=args.threads, divergence_grad=args.divergence_grad)
@@ -83,6 +88,7 @@ def main() -> None:
           f"{args.rounds} rounds x {args.steps} steps\n")
     print("| K | variant | s/step (median) | ratio to bare (median of paired rounds) | ratio to all |")
     print("| --- | --- | --- | --- | --- |")
+    rows = []
     for k in args.ks:
         bare, full = times[(k, "bare (beta=0)")], times[(k, "all")]
         for name in variants(k):
@@ -90,6 +96,23 @@ def main() -> None:
             to_bare = statistics.median(a / b for a, b in zip(t, bare))
             to_all = statistics.median(a / b for a, b in zip(t, full))
             print(f"| {k} | {name} | {statistics.median(t):.3f} | {to_bare:.3f} | {to_all:.3f} |")
+            rows.append({"date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}", "threads": args.threads, "K": k, "variant": name,
+                         "rounds": args.rounds, "steps": args.steps, "s_per_step": round(statistics.median(t), 4),
+                         "ratio_to_bare": round(to_bare, 3), "ratio_to_all": round(to_all, 3)})
+    if args.csv:
+        append_csv(args.csv, rows)
+
+
+def append_csv(path: str, rows: list[dict]) -> None:
+    import csv
+    import os
+
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
 
 
 if __name__ == "__main__":

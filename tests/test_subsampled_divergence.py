@@ -198,6 +198,24 @@ def test_rocm_by_default_calls_the_reference_once_per_update_drawing_steps_by_im
     assert Rocm.divergence_steps(TrainConfig(beta=0.0)) == "all"  # nothing to subsample at beta 0
 
 
+def test_rocm_checkpoints_its_step_importance_so_a_resume_draws_the_same_steps(world):
+    """Exact resume: the averages that steer the draws travel in the method state; a run without them is refused."""
+    rocm = Rocm(TrainConfig(num_steps=4, beta=1.0), world, Quadratic())
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(8):
+        rocm.loss(PROMPTS, ChainNoise.draw(B, world.latent_shape, 4, gen, dtype=F64), gen)
+    assert not torch.isnan(rocm.importance.average).any()
+    tensors, meta = rocm.state_dict()
+    resumed = Rocm(TrainConfig(num_steps=4, beta=1.0), world, Quadratic())
+    resumed.load_state_dict(tensors, meta)
+    torch.testing.assert_close(resumed.importance.probs(), rocm.importance.probs())
+    draws = [D.draw_reference_plan(4, B, 1, 1.0, torch.Generator().manual_seed(s), step_probs=m.importance.probs()).steps
+             for m in (rocm, resumed) for s in range(20)]
+    assert draws[:20] == draws[20:] and len(set(draws)) > 1
+    with pytest.raises(UserError, match="step-importance"):
+        Rocm(TrainConfig(num_steps=4, beta=1.0), world, Quadratic()).load_state_dict({}, {})
+
+
 def test_divergence_steps_all_calls_every_step_and_skip_spares_the_final_reference(world, monkeypatch):
     calls = _counting(world, monkeypatch)
     for final, expected in (("floor", 4), ("skip", 3)):
