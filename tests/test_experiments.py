@@ -10,6 +10,7 @@ import pytest
 from cmalign.cli import main
 from cmalign.experiments import EXPERIMENTS
 
+PROTOCOL = ("hacking", "compute-matched", "frontier", "nondiff", "generalization", "finetune-mode")
 GROUPS = [("hacking",), ("compute-matched",), ("ablations",), ("beta-sweep", "divergences"), ("generalization",), ("scaling",), ("scaling-grid",), ("frontier",), ("nondiff",), ("finetune-mode",)]
 
 
@@ -27,7 +28,12 @@ def test_experiment_quick_end_to_end(tmp_path, names, capsys):
             assert (out / f).is_file(), f
         assert list(out.glob("*.png"))
         rows = list(csv.DictReader(open(out / "summary.csv")))
-        assert rows and all(any(("gold_final" in k or "tuned_gold" in k) and v not in (None, "") for k, v in r.items()) for r in rows)
+        gold = lambda k: "gold_final" in k or "tuned_gold" in k or (k.startswith("test_") and "gold" in k)  # noqa: E731
+        assert rows and all(any(gold(k) and v not in (None, "") for k, v in r.items()) for r in rows)
+        if name in PROTOCOL:  # a row per run, the selected cells marked, intervals beside it
+            assert {"method", "seed", "selected", "val_gold"} <= set(rows[0]) and any(r["selected"] == "1" for r in rows)
+            quantities = list(csv.DictReader(open(out / "intervals.csv")))
+            assert {r["method"] for r in rows} == {q["method"] for q in quantities if not q["versus"]}
         text = (out / "README.md").read_text()
         assert f"cmalign experiment {name} --quick" in text and "|" in text
     if "divergences" in names:  # it reused the sweep beside it rather than running its own
