@@ -87,14 +87,14 @@ def train_modes(out: Path, quick: bool, threads: int, steps: int, seeds: int) ->
     rows, the test chains, "mode lr=X" -> [metrics rows of each seed], and a row of peak RSS per run (apart from
     summary.csv, whose columns reproduce exactly but for times)."""
     from cmalign.experiments.common import seed_cells, train_run
-    from cmalign.experiments.protocol import cell_of, read_test_chains, run_row, test_size
+    from cmalign.experiments.protocol import cell_of, n_test_chains, read_test_chains, run_row
 
     rows, chains, curves, memory = [], {}, {}, []
     small = dict(eval_size=4, eval_every=steps) if quick else {}  # the test: evaluation is most of the cost
     for mode, lrs in (QUICK_CELLS if quick else CELLS).items():
         for lr in lrs:
             cfg = make_config(quick, threads, method="rocm", steps=steps, checkpoint_every=0, finetune=mode, lr=lr,
-                              final_eval_size=test_size(quick), **small)
+                              final_eval_size=n_test_chains(quick), **small)
             for (_, seed), (seed_cfg, run_dir) in seed_cells({mode: (cfg, out / "runs" / f"{mode}_lr{lr:g}")}, seeds).items():
                 if quick:  # the tiny models, in this process
                     metrics, rss = train_run(seed_cfg, run_dir), [round(peak_rss_mb(), 1)]

@@ -57,6 +57,12 @@ TEST_METRICS = {"test_gold": "gold", "test_accuracy": "accuracy", "test_kl_to_ba
 VAL_METRICS = {"val_gold": "eval_gold", "val_kl_to_base": "eval_kl_to_base", "val_distance_to_base": "eval_distance_to_base"}
 
 
+def is_timing(column: str) -> bool:
+    """Columns of wall-clock seconds (train_s, s_per_step, time_...): the only ones of summary.csv that differ
+    between reruns of the same command; quantities of intervals.csv named ratio_* are ratios of them."""
+    return column.startswith(("time_", "s_per_")) or column.endswith("_s")
+
+
 def significant(value, digits: int = 5):
     """value to `digits` significant digits (floats only): small files, and reruns that agree to the printed digit."""
     if isinstance(value, float) and math.isfinite(value):
@@ -92,7 +98,7 @@ def grid_cells(arms: dict[str, dict], out: Path, quick: bool, threads: int, step
     for arm, settings in arms.items():
         for cell in tuning_grid(settings["method"], quick, num_steps):
             cfg = make_config(quick, threads, steps=steps, **{**common, **settings, **cell_overrides(settings["method"], cell)},
-                              final_eval_size=test_size(quick))
+                              final_eval_size=n_test_chains(quick))
             cells[(arm, cell_name(arm, cell))] = (cfg, out / "runs" / cell_name(arm, cell))
     return cells
 
@@ -100,11 +106,11 @@ def grid_cells(arms: dict[str, dict], out: Path, quick: bool, threads: int, step
 def fixed_cells(arms: dict[str, dict], out: Path, quick: bool, threads: int, steps: int, **common) -> dict:
     """(arm, arm) -> (config, run directory out/runs/ARM) of arms that are one setting each (hacking's betas):
     nothing to select, but the same test evaluation and rows as a grid."""
-    return {(arm, arm): (make_config(quick, threads, steps=steps, **{**common, **settings}, final_eval_size=test_size(quick)),
+    return {(arm, arm): (make_config(quick, threads, steps=steps, **{**common, **settings}, final_eval_size=n_test_chains(quick)),
                          out / "runs" / arm) for arm, settings in arms.items()}
 
 
-def test_size(quick: bool) -> int:
+def n_test_chains(quick: bool) -> int:
     return QUICK_TEST_SIZE if quick else TEST_SIZE
 
 
@@ -290,7 +296,12 @@ def ordered(rows: list[dict]) -> list[dict]:
 
 
 def write_data(out: Path, rows: list[dict], intervals: list[dict], title: str, notes: list[str] = ()) -> list[Path]:
-    """summary.csv/.md (a row per run) and intervals.csv/.md (a row per reported quantity)."""
+    """selected.md (each arm's selected cell, for reading), summary.csv/.md (a row per run) and intervals.csv/.md (a
+    row per reported quantity)."""
+    selected_md, _ = write_table(out, "selected", selected_table(rows, intervals) or [{"method": ""}],
+                                 "Each method's cell of best validation gold, scored on the test chains",
+                                 ["estimate [95% interval] over seeds and test chains (intervals.csv); X (m - this): method m's "
+                                  "selected cell minus this one's; ratio_X (m / this): m's seconds over this one's"])
     summary_md, _ = write_table(out, "summary", ordered(rows), title, [
         "a row per run; selected = 1: the cell of its method's highest validation gold (mean over seeds); val_*: the "
         "last evaluation of the fixed validation chains; test_*: the mean over the fresh test chains scored at the end "
@@ -301,7 +312,31 @@ def write_data(out: Path, rows: list[dict], intervals: list[dict], title: str, n
         f"hierarchical percentile bootstrap: {RESAMPLES} resamples of the seeds, then of the test chains within each seed "
         f"(RNG seed {BOOTSTRAP_SEED}); gap_X: method minus versus, paired on seeds and chains (the same test noise); "
         "ratio_X: method's seed-mean time over versus's, seeds resampled (n_test empty)"])
-    return [intervals_md, summary_md]
+    return [selected_md, intervals_md, summary_md]
+
+
+def interval_text(r: dict) -> str:
+    return f"{r['estimate']:.4g} [{r['lo']:.4g}, {r['hi']:.4g}]" if r["estimate"] != "" else "–"
+
+
+def selected_table(rows: list[dict], intervals: list[dict], shown=("test_gold", "test_accuracy", "test_kl_to_base",
+                                                                  "test_distance_to_base")) -> list[dict]:
+    """A row per arm, for reading: its selected cell, its test metrics and the reference's gaps and ratios to it,
+    each as estimate [95% interval]."""
+    table = {}
+    for r in rows:
+        if r["selected"] and r["method"] not in table:
+            table[r["method"]] = {"method": r["method"], "cell": " ".join(f"{k}={v:g}" for k, v in cell_of(r)),
+                                  "seeds": sum(q["method"] == r["method"] and q["selected"] for q in rows)}
+    for q in intervals:
+        if "@" in q["quantity"]:
+            continue  # within-budget selections have their own table
+        if not q["versus"] and q["quantity"] in shown and q["method"] in table:
+            table[q["method"]][q["quantity"]] = interval_text(q)
+        elif q["versus"] in table:
+            name, sign = (q["quantity"][len("gap_"):], "-") if q["quantity"].startswith("gap_") else (q["quantity"], "/")
+            table[q["versus"]][f"{name} ({q['method']} {sign} this)"] = interval_text(q)
+    return list(table.values())
 
 
 def protocol_intervals(rows: list[dict], chains: dict, reference: str | None,
