@@ -31,8 +31,8 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
     cells = grid_cells({a: ARMS[a] for a in arms or ARMS}, out, quick, threads, steps)
     seeded = seeded_train_runs(cells, seeds, jobs)
     rows, chains, keys = collect_runs(cells, seeded)
-    for r in rows:  # the reward each arm trains on, beside its settings
-        r["reward"] = "+".join(ARMS[r["method"]]["reward_weights"])
+    # the reward each arm trains on, beside its settings
+    rows = [{"method": r["method"], "reward": "+".join(ARMS[r["method"]]["reward_weights"]), **r} for r in rows]
     intervals, selected = protocol_intervals(rows, chains, reference="rocm-hybrid")
     parts = write_data(out, rows, intervals, f"Trained on the star rating, judged on gold: {steps} steps x batch, lr x knob, {seeds} seed(s)",
                        ["test_proxy here: the run's own training reward on the test chains (rating: 1..5 stars; rocm-proxy: "
