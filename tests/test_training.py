@@ -43,6 +43,15 @@ def test_run_directory_contract(tmp_path):
     for side in ("base", "tuned"):
         assert {"reward", "gold", "accuracy"} <= set(final[side])
         assert final[side]["gold"]["n"] == 20
+    # the same test chains one row each (the data behind intervals over chains), means as in final_eval.json
+    import csv
+
+    chains = list(csv.DictReader(open(run / "final_eval_chains.csv")))
+    assert len(chains) == 20 and [int(r["index"]) for r in chains] == list(range(20))
+    assert {"prompt", "gold", "accuracy", "reward", "kl_to_base", "distance_to_base", "base_gold", "base_reward"} <= set(chains[0])
+    for column, side, key in (("gold", "tuned", "gold"), ("base_gold", "base", "gold"), ("reward", "tuned", "reward")):
+        mean = sum(float(r[column]) for r in chains) / len(chains)
+        assert abs(mean - final[side][key]["mean"]) < 1e-3 * max(1.0, abs(mean)), column
 
 
 def test_adapter_round_trip_reproduces_samples(tmp_path):

@@ -1,5 +1,7 @@
 """The paper's analyses, one file each: thin scripts over Trainer + evaluation that write a markdown
 and a CSV table and PNG plots into their results directory (`cmalign experiment NAME [--quick] [--out DIR]`).
+Those that compare methods follow one protocol (protocol.py: equal tuning grids, selection on validation chains,
+numbers from test chains, bootstrap intervals) and write summary.csv (a row per run) and intervals.csv.
 --quick runs each on the tiny digits models in seconds (the tests); without it they use the default
 base model and budgets sized for a 2-core CPU (see run_experiment for how they use the cores)."""
 
@@ -7,7 +9,7 @@ from __future__ import annotations
 
 EXPERIMENTS = {
     "hacking": "beta = 0 vs beta = 3: proxy and gold over training (reward hacking)",
-    "compute-matched": "ROCM vs RLCM, DDPO, DRaFT, DPOK, D3PO at the same samples and time: gold vs wall-clock and samples",
+    "compute-matched": "ROCM vs RLCM, DDPO, DRaFT, DPOK, D3PO at the same samples and tuning grid: test gold, gaps and speed ratios with 95% intervals",
     "beta-sweep": "final and peak gold per divergence over a log grid of beta",
     "divergences": "KL / JS / Hellinger / Fisher at each one's best beta (from beta-sweep), two seeds",
     "ablations": "final_step floor/skip, per_dim/joint, divergence_grad, backprop_steps",
@@ -15,7 +17,7 @@ EXPERIMENTS = {
     "scaling": "ROCM's time to RLCM's best gold, over resolution (8x8, 16x16) and K (2, 4, 8)",
     "scaling-grid": "ROCM's time to RLCM's best gold (and within RLCM's KL to base) over intrinsic dimension: digits grid N = 1, 2, 3",
     "nondiff": "hybrid ROCM vs RLCM, DDPO on the non-differentiable rating (1-5 stars) at matched compute, judged on gold",
-    "frontier": "every method (betas, temperatures, lr grid) on the gold-vs-divergence plane: Pareto frontiers, best gold within KL budgets",
+    "frontier": "every method's tuning grid on the test gold-vs-divergence planes (KL, sample distance, proxy drop): best gold within budgets",
     "finetune-mode": "LoRA vs full fine-tuning at matched steps (gold, divergence, accuracy, s/step, peak RSS); full on 1 vs 2 ranks",
 }
 

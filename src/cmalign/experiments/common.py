@@ -220,6 +220,33 @@ def plot(out: Path, name: str, series: dict[str, tuple[list, list]], xlabel: str
     return path
 
 
+def seed_band(runs: list[list[dict]], x: str, y: str = "eval_gold") -> tuple[list, list, list, list]:
+    """(x, mean y, lowest y, highest y) over seeds at each validation evaluation every seed made (x: the seed mean)."""
+    evs = [eval_rows(rows) for rows in runs]
+    n = min(len(e) for e in evs)
+    xs = [[float(e[i].get(x) or 0.0) for e in evs] for i in range(n)]
+    ys = [[float(e[i][y]) for e in evs] for i in range(n)]
+    return [sum(v) / len(v) for v in xs], [sum(v) / len(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
+
+
+def plot_bands(out: Path, name: str, series: dict[str, tuple[list, list, list, list]], xlabel: str, ylabel: str) -> Path:
+    """Lines of the seed mean, each with its band (fill_between: the lowest to the highest seed)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for i, (label, (xs, mean, lo, hi)) in enumerate(series.items()):
+        color = f"C{i % 10}"
+        ax.plot(xs, mean, label=label, color=color, marker="o" if len(xs) < 30 else None, ms=3, lw=1.2)
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def header(name: str, quick: bool, command: str) -> list[str]:
     import platform
 

@@ -4,7 +4,13 @@ full fine-tuning on 1 vs 2 ranks (FSDP2 over gloo), measured (peak RSS) and coun
 rank holds: its shard of the weights, gradients, AdamW moments and the frozen reference).
 
 Every run trains in its own process (RSS is per process); --quick trains the tiny models in this process
-(the numbers mean nothing) and leaves the 2-rank part out."""
+(the numbers mean nothing) and leaves the 2-rank part out.
+
+The comparison rows follow experiments/protocol.py: LoRA and full fine-tuning each over two learning rates (their
+scales differ: full moves every weight), the lr of best final validation gold selected per mode, every reported
+score from 500 fresh test chains with 95% intervals over seeds and chains. The default (one seed: four 150-step
+runs in order, each in its own process, then the short 2-rank part) takes about 12 minutes on 2 cores; --seeds N
+trains the four runs N times (the 2-rank part once)."""
 
 from __future__ import annotations
 
@@ -17,12 +23,11 @@ import sys
 from pathlib import Path
 
 from cmalign.config import load_preset, to_yaml, with_changes
-from cmalign.experiments.common import eval_rows, make_config, plot, reusable, summary, write_report, write_table
+from cmalign.experiments.common import make_config, reusable, summary, write_report, write_table
 
-# full fine-tuning moves every weight: its learning rate is not LoRA's (two of them, matched steps)
-CELLS = {"lora lr=1e-4": dict(finetune="lora", lr=1e-4),
-         "full lr=1e-5": dict(finetune="full", lr=1e-5),
-         "full lr=3e-5": dict(finetune="full", lr=3e-5)}
+# mode -> its learning-rate grid (full fine-tuning moves every weight: its lr is not LoRA's), matched steps
+CELLS = {"lora": (1e-4, 1e-3), "full": (1e-5, 3e-5)}
+QUICK_CELLS = {"lora": (1e-4,), "full": (3e-5,)}
 RANKS = (1, 2)
 
 
@@ -79,51 +84,73 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None) -> Path:
-    steps = steps or (2 if quick else 150)
-    rows, curves = [], {}
-    cells = {k: v for k, v in CELLS.items() if not quick or k in ("lora lr=1e-4", "full lr=3e-5")}
-    for label, changes in cells.items():
-        small = dict(eval_size=4, eval_every=steps) if quick else {}  # the test: evaluation is most of the cost
-        cfg = make_config(quick, threads, method="rocm", steps=steps, checkpoint_every=0, **small, **changes)
-        run_dir = out / "runs" / label.replace(" ", "_").replace("=", "")
-        if quick:  # the tiny models, in this process
-            from cmalign.experiments.common import train_run
+def train_modes(out: Path, quick: bool, threads: int, steps: int, seeds: int) -> tuple[list[dict], dict, dict, list[dict]]:
+    """Every (mode, lr, seed) run, each in its own process (RSS is per process; --quick: in this one): the summary
+    rows, the test chains, "mode lr=X" -> [metrics rows of each seed], and a row of peak RSS per run (apart from
+    summary.csv, whose columns reproduce exactly but for times)."""
+    from cmalign.experiments.common import seed_cells, train_run
+    from cmalign.experiments.protocol import cell_of, n_test_chains, read_test_chains, run_row
 
-            metrics, rss = train_run(cfg, run_dir), [round(peak_rss_mb(), 1)]
-        else:
-            metrics, rss = _train_isolated(cfg, run_dir)
-        s = summary(metrics)
-        curves[label] = eval_rows(metrics)
-        rows.append({"run": label, "steps": s["steps"], "gold_start": s["gold_start"], "gold_final": s["gold_final"],
-                     "gold_peak": s["gold_peak"], "divergence_final": s["divergence_final"], "accuracy_final": s["accuracy_final"],
-                     "proxy_final": s["proxy_final"], "s_per_step": s["s_per_step"], "peak_rss_mb": rss[0]})
-    t1, _ = write_table(out, "summary", rows, f"LoRA vs full fine-tuning at {steps} matched steps (1 process)",
-                        ["gold, divergence (the run's KL to the reference, summed over steps), accuracy: the fixed "
-                         "evaluation chains at the last step; s_per_step excludes evaluation",
-                         "peak_rss_mb: the training process's peak resident memory (Python, torch, the gold "
-                         "classifiers and proxy included)"])
-    parts, extra = [t1], []
+    rows, chains, curves, memory = [], {}, {}, []
+    small = dict(eval_size=4, eval_every=steps) if quick else {}  # the test: evaluation is most of the cost
+    for mode, lrs in (QUICK_CELLS if quick else CELLS).items():
+        for lr in lrs:
+            cfg = make_config(quick, threads, method="rocm", steps=steps, checkpoint_every=0, finetune=mode, lr=lr,
+                              final_eval_size=n_test_chains(quick), **small)
+            for (_, seed), (seed_cfg, run_dir) in seed_cells({mode: (cfg, out / "runs" / f"{mode}_lr{lr:g}")}, seeds).items():
+                if quick:  # the tiny models, in this process
+                    metrics, rss = train_run(seed_cfg, run_dir), [round(peak_rss_mb(), 1)]
+                else:
+                    metrics, rss = _train_isolated(seed_cfg, run_dir)
+                scores = read_test_chains(run_dir)
+                row = run_row(mode, seed_cfg, seed, metrics, scores)
+                rows.append(row)
+                memory.append({"method": mode, "lr": lr, "seed": seed, "peak_rss_mb": rss[0]})
+                chains[(mode, cell_of(row), seed)] = scores
+                curves.setdefault(f"{mode} lr={lr:g}", []).append(metrics)
+    return rows, chains, curves, memory
+
+
+def ranks_table(out: Path, threads: int) -> Path:
+    """Full fine-tuning's memory per rank on 1 and 2 ranks (FSDP2 over gloo): measured and counted."""
+    ranks_rows = []
+    for n in RANKS:
+        # the same global batch on 1 and 2 ranks (16 chains), a short run: memory is the question here
+        cfg = make_config(False, threads, method="rocm", steps=20, checkpoint_every=0, eval_every=20, finetune="full",
+                          lr=3e-5, batch_size=16 // n)
+        metrics, rss = _train_isolated(cfg, out / "runs" / f"full_{n}rank", ranks=n)
+        count = state_bytes_per_rank(cfg, n)
+        ranks_rows.append({"ranks": n, "batch_per_rank": 16 // n, **count, "peak_rss_mb_per_rank": " / ".join(f"{r:.0f}" for r in rss),
+                           "s_per_step": summary(metrics)["s_per_step"]})
+    table, _ = write_table(out, "ranks", ranks_rows, "Full fine-tuning: memory per rank, 1 vs 2 ranks (FSDP2, gloo)",
+                           ["state_mb_rank0: float32 weights, gradients and two AdamW moments of rank 0's shard, plus its "
+                            "shard of the frozen reference (counted from the shapes)",
+                            "peak_rss_mb_per_rank: measured; on this 1.1M-parameter network the process baseline "
+                            "(libraries, classifiers) dwarfs the training state, so sharding barely shows in RSS"])
+    return table
+
+
+def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1) -> Path:
+    from cmalign.experiments.common import plot_bands, seed_band
+    from cmalign.experiments.protocol import protocol_intervals, write_data
+
+    steps = steps or (2 if quick else 150)
+    rows, chains, curves, memory = train_modes(out, quick, threads, steps, seeds)
+    intervals, _ = protocol_intervals(rows, chains, reference="lora")
+    parts = write_data(out, rows, intervals, f"LoRA vs full fine-tuning at {steps} matched steps, two lrs each (1 process a run)",
+                       ["s_per_step excludes evaluation; test_kl_to_base: the per-step KL of the tuned to the base consistency "
+                        "model on the test chains"])
+    t_memory, _ = write_table(out, "memory", memory, "Peak memory of each training process",
+                              ["peak_rss_mb: the process's peak resident memory (Python, torch, the gold classifiers and proxy "
+                               "included)"])
+    parts.append(t_memory)
     if not quick:
-        ranks_rows = []
-        for n in RANKS:
-            # the same global batch on 1 and 2 ranks (16 chains), a short run: memory is the question here
-            cfg = make_config(False, threads, method="rocm", steps=20, checkpoint_every=0, eval_every=20, finetune="full",
-                              lr=3e-5, batch_size=16 // n)
-            metrics, rss = _train_isolated(cfg, out / "runs" / f"full_{n}rank", ranks=n)
-            count = state_bytes_per_rank(cfg, n)
-            ranks_rows.append({"ranks": n, "batch_per_rank": 16 // n, **count, "peak_rss_mb_per_rank": " / ".join(f"{r:.0f}" for r in rss),
-                               "s_per_step": summary(metrics)["s_per_step"]})
-        t2, _ = write_table(out, "ranks", ranks_rows, "Full fine-tuning: memory per rank, 1 vs 2 ranks (FSDP2, gloo)",
-                            ["state_mb_rank0: float32 weights, gradients and two AdamW moments of rank 0's shard, plus its "
-                             "shard of the frozen reference (counted from the shapes)",
-                             "peak_rss_mb_per_rank: measured; on this 1.1M-parameter network the process baseline "
-                             "(libraries, classifiers) dwarfs the training state, so sharding barely shows in RSS"])
-        parts.append(t2)
-    imgs = [plot(out, "gold", {k: ([r["step"] for r in ev], [r["eval_gold"] for r in ev]) for k, ev in curves.items()}, "step", "gold (eval)"),
-            plot(out, "divergence", {k: ([r["step"] for r in ev], [r.get("eval_divergence") or 0.0 for r in ev])
-                                     for k, ev in curves.items()}, "step", "divergence to reference (eval)")]
-    return write_report(out, "finetune-mode", quick, parts, imgs, extra)
+        parts.append(ranks_table(out, threads))
+    band = "band: lowest to highest seed"
+    imgs = [plot_bands(out, "gold", {k: seed_band(v, "step") for k, v in curves.items()}, "step", f"validation gold ({band})"),
+            plot_bands(out, "divergence", {k: seed_band(v, "step", "eval_divergence") for k, v in curves.items()}, "step",
+                       f"divergence to reference, validation ({band})")]
+    return write_report(out, "finetune-mode", quick, parts, imgs)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,19 @@
-"""Every method on one gold-vs-divergence plane: how much gold does each buy for how far it moves from the base?
+"""Every method on one gold-vs-divergence plane under the comparison protocol (experiments/protocol.py): how much
+test gold does each buy for how far it moves from the base model?
 
-Methods: ROCM at several beta, RLCM, DRaFT, DPOK at several beta, D3PO at several DPO temperatures and DDPO,
-each over a learning-rate grid. At every evaluation point of the fixed evaluation chains the trainer records,
-for every method alike (evaluation.evaluate): gold, class accuracy, the training proxy, the held-out proxy
-(another pair set and seed) and two distances to the base model that do not depend on the method's own
-divergence: `kl_to_base`, the per-step KL (per_dim, final-step floor) summed over the chain between the tuned
-and the base consistency model, and `distance_to_base`, the L2 distance of each sample to the base model's
-sample from the same noise. DDPO tunes the DDPM teacher on its DDIM chain, so it has no consistency-chain
-KL: it sits on the distance plane only.
+The grid is compute-matched's (every method over lr x its own knob, the same steps x batch, no wall-clock cap),
+each run scored at its end on 500 fresh test chains. The divergence is measured alike for every method, three ways
+(training/evaluation.evaluate): `kl_to_base`, the per-step KL (per_dim, final-step floor) summed over the chain
+between the tuned and the base consistency model (DDPO tunes the DDPM teacher on its DDIM chain, a different
+process: it has none), `distance_to_base`, the L2 distance of each sample to the base model's sample from the same
+noise, and `proxy_drop`, how much more the training proxy rose than the held-out proxy (over-fitting the proxy).
 
-Outputs: gold against KL and against distance with each method's Pareto frontier (over all its runs and
-evaluation points: the most gold at no larger divergence), the best gold each method reaches within KL
-budgets (0.05, 0.1, 0.2, 0.5) with the train seconds it needs to get there, and the train seconds to reach a
-gold target within a KL budget ("time to gold g within divergence d", the compute-matched question with the
-divergence held fixed).
+Reported: for every budget of every measure, each method's cell of best *validation* gold among the cells whose
+validation divergence is within the budget, with its *test* gold and test divergence (95% intervals) and ROCM's
+test-gold gap to it; every cell's test point on the three planes with its intervals.
+
+Default size: 50 steps x batch 32, 24 runs, the validation chains every 25 steps: about 16 minutes for one seed on
+2 cores (see compute_matched's estimate, less its validation curves).
 """
 
 from __future__ import annotations
@@ -22,36 +22,25 @@ import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 
-from cmalign.experiments.common import eval_rows, make_config, mean_std, seeded_train_runs, wall, write_report, write_table
+from cmalign.experiments.common import eval_rows, seeded_train_runs, wall, write_report, write_table
+from cmalign.experiments.protocol import (METHOD_ARMS, bootstrap, chain_matrix, collect_runs, gap_intervals, grid_cells,
+                                          metric_intervals, protocol_intervals, select, write_data)
 
-# label -> (method settings, quick). --quick (the test) runs three: a consistency-chain KL method (rocm), a
-# policy-gradient one with a divergence (dpok) and the teacher-chain one (ddpo, distance only), in seconds.
-# Trimmed to fit 20 minutes on 2 cores: D3PO's temperature 100 (gold 5.88 after 60 steps, the base's) and
-# DPOK at beta 1 (slower still than beta 0.1, which barely moves in compute-matched) gave way to DPOK at beta 0.01;
-# EXTRA are left out of the default after the full 22-run grid (docs/RESULTS.md, 22.8 min) found every point of
-# theirs dominated: rocm-beta1 by rocm-beta3, dpok-beta0.1 (KL 0.007, gold <= 6.0) by dpok-beta0.01.
-# run(out, variants=list(VARIANTS)) trains them too.
-VARIANTS = {
-    "rocm-beta1": (dict(method="rocm", beta=1.0), False),
-    "rocm-beta3": (dict(method="rocm", beta=3.0), False),
-    "rocm-beta6": (dict(method="rocm", beta=6.0), True),
-    "rocm-beta12": (dict(method="rocm", beta=12.0), False),
-    "rlcm": (dict(method="rlcm", beta=0.0), False),
-    "draft": (dict(method="draft", beta=0.0), False),
-    "dpok-beta0.01": (dict(method="dpok", beta=0.01), False),
-    "dpok-beta0.1": (dict(method="dpok", beta=0.1), True),
-    "d3po-t1": (dict(method="d3po", beta=1.0), False),
-    "d3po-t10": (dict(method="d3po", beta=10.0), False),
-    "ddpo": (dict(method="ddpo", beta=0.0), True),
+MEASURES = {  # method-neutral distances from the base model -> their budgets
+    "kl_to_base": (0.05, 0.1, 0.2, 0.5),  # per-step KL (per_dim, final-step floor) on the consistency chain
+    "distance_to_base": (0.5, 1.0, 2.0, 4.0),  # L2 distance to the base model's sample from the same noise
+    "proxy_drop": (0.25, 0.5, 1.0, 2.0),  # training-proxy gain minus held-out-proxy gain
 }
-EXTRA = ("rocm-beta1", "dpok-beta0.1")
-LRS = (1e-4, 1e-3)
-KL_BUDGETS = (0.05, 0.1, 0.2, 0.5)
-DISTANCE_BUDGETS = (0.5, 1.0, 2.0, 4.0)
-GOLD_GAINS = (0.5, 1.0, 1.5, 2.0)  # targets: the base model's eval gold plus these
-BUDGET_S = 120.0  # binds DDPO (20 network calls a chain) and DPOK; the others end on their 150 steps
-EVAL_SIZE = 100  # fixed evaluation chains every 10 steps (the KL and distance are means over them)
+LABELS = {"kl_to_base": "per-step KL to the base consistency model (sum over steps)",
+          "distance_to_base": "L2 distance to the base sample (same noise)",
+          "proxy_drop": "proxy gain - held-out proxy gain (over the base)"}
+STEPS = 50
+QUICK_ARMS = ("rocm", "dpok", "ddpo")  # a KL method, a policy-gradient one with a divergence, the teacher-chain one
+# Validation evaluations: the last selects; fewer of them than compute-matched's (no curves are reported here).
+VALIDATION = dict(eval_every=25, eval_size=200)
+# The validation points of a run, seed by seed: the scaling experiments' curves (seed_mean_points, time_to, peak).
 METRICS = {"gold": "eval_gold", "accuracy": "eval_accuracy", "proxy": "eval_reward", "heldout_proxy": "eval_heldout_proxy",
            "kl": "eval_kl_to_base", "distance": "eval_distance_to_base"}
 
@@ -73,26 +62,6 @@ def seed_mean_points(runs: list[list[dict]]) -> list[dict]:
     return out
 
 
-def pareto(points: list[dict], x: str) -> list[dict]:
-    """The points no other point beats in both x (lower) and gold (higher), by increasing x."""
-    pts = sorted((p for p in points if math.isfinite(p[x]) and math.isfinite(p["gold"])), key=lambda p: (p[x], -p["gold"]))
-    front, best = [], -math.inf
-    for p in pts:
-        if p["gold"] > best:
-            front.append(p)
-            best = p["gold"]
-    return front
-
-
-def best_within(points: list[dict], x: str, budget: float) -> tuple[dict | None, float | None]:
-    """The most gold among points with x <= budget, and the fewest train seconds any of them needs to reach it."""
-    inside = [p for p in points if math.isfinite(p[x]) and p[x] <= budget + 1e-12 and math.isfinite(p["gold"])]
-    if not inside:
-        return None, None
-    top = max(p["gold"] for p in inside)
-    return max(inside, key=lambda p: p["gold"]), min(p["wall_time"] for p in inside if p["gold"] >= top - 1e-9)
-
-
 def time_to(points: list[dict], x: str, budget: float, target: float) -> float | None:
     """Fewest train seconds to a point with gold >= target and x <= budget (None: never)."""
     ok = [p["wall_time"] for p in points if math.isfinite(p[x]) and p[x] <= budget + 1e-12 and p["gold"] >= target - 1e-9]
@@ -109,159 +78,83 @@ def peak(points: list[dict], x: str) -> tuple[dict, float, float]:
     return best, limit, seconds
 
 
-def speed_ratios(curves: dict, rocm: list[dict]) -> list[dict]:
-    """A row per baseline run (not rocm): its best gold, where and when, and ROCM's time ratios to it (old and
-    within the baseline's divergence there; seed-mean points)."""
-    rows = []
-    for (name, lr), pts in curves.items():
-        if VARIANTS[name][0]["method"] == "rocm" or not rocm:
+def budget_intervals(rows: list[dict], chains: dict) -> list[dict]:
+    """For every measure and budget: each method's validation-best cell within it, its test gold and test measure
+    (95% intervals), and ROCM's test-gold gap to the others there. Quantities are named X@MEASURE<=BUDGET."""
+    out = []
+    for measure, budgets in MEASURES.items():
+        for budget in budgets:
+            chosen = select(rows, within=(f"val_{measure}", budget))
+            suffix = f"@{measure}<={budget:g}"
+            out += metric_intervals(chains, chosen, {"test_gold": "gold", f"test_{measure}": measure}, suffix)
+            out += gap_intervals(chains, chosen, "rocm", ("test_gold",), suffix)
+    return out
+
+
+def budget_table(intervals: list[dict]) -> list[dict]:
+    """A markdown-friendly row per (measure, budget, method) from the budget intervals: test gold [lo, hi]."""
+    text = lambda r: f"{r['estimate']:.4g} [{r['lo']:.4g}, {r['hi']:.4g}]"  # noqa: E731
+    rows: dict[tuple, dict] = {}
+    for r in intervals:
+        if "@" not in r["quantity"] or r["versus"]:
             continue
-        x = "kl"
-        best, limit, base_s = peak(pts, x)
-        if not math.isfinite(limit):  # ddpo: no consistency-chain KL, the sample distance instead
-            x = "distance"
-            best, limit, base_s = peak(pts, x)
-        old, within = time_to(rocm, x, math.inf, best["gold"]), time_to(rocm, x, best[x], best["gold"])
-        ratio = lambda s: round(s / max(base_s, 1e-9), 3) if s is not None else None  # noqa: E731
-        rows.append({"baseline": name, "lr": lr, "best_gold": round(best["gold"], 4), "step": best["step"], "s": round(base_s, 1),
-                     "measure": x, "divergence_there": round(best[x], 4), "gold_final": round(pts[-1]["gold"], 4),
-                     "rocm_s_old": round(old, 1) if old is not None else None, "ratio_old": ratio(old),
-                     "rocm_s_within": round(within, 1) if within is not None else None, "ratio_within": ratio(within)})
-    return rows
+        name, _, where = r["quantity"].partition("@")
+        row = rows.setdefault((where, r["method"]), {"budget": where, "method": r["method"]})
+        row["test_gold" if name == "test_gold" else "test_divergence"] = text(r)
+    return list(rows.values())
 
 
-def _plane(out: Path, name: str, by_method: dict[str, list[dict]], x: str, xlabel: str) -> Path:
+def cell_points(rows: list[dict], chains: dict, measure: str) -> list[dict]:
+    """Every cell's test point on one plane: seed-mean test gold and measure, each with its 95% interval."""
+    points = []
+    for arm, cell in dict.fromkeys((a, c) for a, c, _ in chains):
+        x, y = chain_matrix(chains, arm, cell, measure), chain_matrix(chains, arm, cell, "gold")
+        if x is not None and y is not None and np.isfinite(x).all():
+            points.append({"method": arm, "cell": cell, "x": bootstrap([x]), "y": bootstrap([y])})
+    return points
+
+
+def plane(out: Path, measure: str, points: list[dict]) -> Path:
+    """Test gold against a divergence measure, a point per cell with its 95% intervals, a colour per method."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, (method, pts) in enumerate(by_method.items()):
-        pts = [p for p in pts if math.isfinite(p[x]) and math.isfinite(p["gold"])]
-        if not pts:
-            continue
-        color = f"C{i % 10}"
-        ax.scatter([p[x] for p in pts], [p["gold"] for p in pts], s=6, alpha=0.3, color=color)
-        front = pareto(pts, x)
-        ax.plot([p[x] for p in front], [p["gold"] for p in front], marker="o", ms=3, lw=1.4, color=color, label=method)
-    ax.set_xscale("symlog", linthresh=1e-3 if x == "kl" else 1e-2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("gold (eval, seed mean)")
+    colors = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(p["method"] for p in points))}
+    labelled = set()
+    for p in points:
+        (x, xlo, xhi), (y, ylo, yhi) = p["x"], p["y"]
+        label = None if p["method"] in labelled else p["method"]  # one legend entry per method
+        labelled.add(p["method"])
+        ax.errorbar([x], [y], xerr=[[x - xlo], [xhi - x]], yerr=[[y - ylo], [yhi - y]], fmt="o", ms=3, lw=0.8,
+                    color=colors[p["method"]], label=label)
+    if measure != "proxy_drop":
+        ax.set_xscale("symlog", linthresh=1e-3 if measure == "kl_to_base" else 1e-2)
+    ax.set_xlabel(LABELS[measure] + " (test)")
+    ax.set_ylabel("test gold (seed mean, 95% intervals)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / f"{name}.png"
+    path = out / f"gold_vs_{measure}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _cells(out: Path, quick: bool, threads: int, steps: int, lrs, variants, budget_s: float) -> dict:
-    """(variant, lr) -> (config, run directory) of every run of the grid."""
-    if variants:
-        names = list(variants)
-    elif quick:
-        names = [n for n, (_, in_quick) in VARIANTS.items() if in_quick]
-    else:
-        names = [n for n in VARIANTS if n not in EXTRA]
-    every = {"eval_every": 2} if quick else {"eval_size": EVAL_SIZE}  # quick: the base and the last point only
-    return {(name, lr): (make_config(quick, threads, lr=lr, steps=steps, max_train_seconds=budget_s, **every, **VARIANTS[name][0]),
-                         out / "runs" / f"{name}-lr{lr:g}") for name in names for lr in lrs}
-
-
-def _summary_rows(curves: dict, seeded: dict, seeds: int) -> list[dict]:
-    summary = []
-    for (name, lr), pts in curves.items():
-        finals = [eval_rows(rows)[-1] for rows in seeded[(name, lr)]]
-        gold_final, gold_final_sd = mean_std([_num(f.get("eval_gold")) for f in finals])
-        last = pts[-1]
-        summary.append({"variant": name, "lr": lr, "seeds": seeds, "steps_done": min(rows[-1]["step"] for rows in seeded[(name, lr)]),
-                        "train_s": round(last["wall_time"], 1), "gold_start": round(pts[0]["gold"], 4),
-                        "gold_peak": round(max(p["gold"] for p in pts), 4), "gold_final": gold_final, "gold_final_sd": gold_final_sd,
-                        "accuracy_final": round(last["accuracy"], 4), "proxy_final": round(last["proxy"], 4),
-                        "heldout_proxy_final": round(last["heldout_proxy"], 4), "kl_final": round(last["kl"], 5),
-                        "distance_final": round(last["distance"], 4)})
-    return summary
-
-
-def _budget_rows(methods: dict) -> tuple[list[dict], list[dict]]:
-    """Best gold within each KL budget and each sample-distance budget, per method."""
-    budgets, dist_budgets = [], []
-    for method, pts in methods.items():
-        row, drow = {"method": method}, {"method": method}
-        for d in KL_BUDGETS:
-            p, s = best_within(pts, "kl", d)
-            row[f"gold_kl<={d:g}"] = round(p["gold"], 4) if p else None
-            row[f"s_kl<={d:g}"] = round(s, 1) if p else None
-            row[f"at_kl<={d:g}"] = f"{p['variant']} lr={p['lr']:g} step {p['step']}" if p else None
-        for d in DISTANCE_BUDGETS:
-            p, s = best_within(pts, "distance", d)
-            drow[f"gold_dist<={d:g}"] = round(p["gold"], 4) if p else None
-            drow[f"s_dist<={d:g}"] = round(s, 1) if p else None
-        budgets.append(row)
-        dist_budgets.append(drow)
-    return budgets, dist_budgets
-
-
-def _time_to_gold_rows(methods: dict, targets: list[float]) -> list[dict]:
-    ttg = []
-    for method, pts in methods.items():
-        row = {"method": method}
-        for g, target in zip(GOLD_GAINS, targets):
-            for d in KL_BUDGETS:
-                s = time_to(pts, "kl", d, target)
-                row[f"+{g:g}@kl<={d:g}"] = round(s, 1) if s is not None else None
-        ttg.append(row)
-    return ttg
-
-
-def _write_tables(out: Path, curves: dict, seeded: dict, methods: dict, seeds: int, steps: int, budget_s: float, lrs) -> list:
-    # step 0 of the consistency-chain runs: the base consistency model (ddpo's step 0 is its teacher's)
-    starts = [c[0]["gold"] for (name, _), c in curves.items() if VARIANTS[name][0]["method"] != "ddpo"] or \
-        [c[0]["gold"] for c in curves.values()]
-    base_gold = sum(starts) / len(starts)
-    t_sum, _ = write_table(out, "summary", _summary_rows(curves, seeded, seeds),
-                           f"Every run ({steps} steps or {budget_s:g} train s, lr grid {', '.join(f'{x:g}' for x in lrs)})",
-                           ["kl_final: per-step KL (per_dim, floor) of tuned to base consistency model on the fixed evaluation chains "
-                            "(– for ddpo: its DDIM chain is the teacher's); distance_final: mean L2 distance ([-1, 1] pixels) to the "
-                            "base model's sample from the same noise",
-                            "proxy: the training proxy; heldout_proxy: another proxy (other pairs, other seed) that is never trained on: "
-                            "hacking shows as proxy up with heldout_proxy and gold down"])
-    budgets, dist_budgets = _budget_rows(methods)
-    t_b, _ = write_table(out, "budgets", budgets, "Best gold within a KL budget (to the base consistency model), and the train seconds to it",
-                         ["gold_kl<=d: the most eval gold (seed mean) at any evaluation point of any run of the method with KL <= d; "
-                          "s_kl<=d: the fewest train seconds (evaluation excluded) at which a run is there; at_kl<=d: which run and step",
-                          "– : no point within the budget (ddpo: no consistency-chain KL, see the distance table)",
-                          f"base gold (step 0 of the consistency-chain runs): {base_gold:.4f}"])
-    t_d, _ = write_table(out, "distance_budgets", dist_budgets, "Best gold within a sample-distance budget (every method, ddpo included)",
-                         ["distance: mean L2 distance in [-1, 1] pixel space between a tuned sample and the base model's sample from the "
-                          "same noise (for ddpo: its base teacher's); for scale, two different samples of one prompt are ~4 apart"])
-    targets = [round(base_gold + g, 4) for g in GOLD_GAINS]
-    t_t, _ = write_table(out, "time_to_gold", _time_to_gold_rows(methods, targets), "Train seconds to gold base + g within KL budget d",
-                         [f"targets: base gold {base_gold:.4f} + {', '.join(f'{g:g}' for g in GOLD_GAINS)} = {', '.join(map(str, targets))}",
-                          "– : no run of the method got there within the budget"])
-    t_r, _ = write_table(out, "ratios", speed_ratios(curves, methods.get("rocm", [])),
-                         "ROCM's train seconds to each baseline run's best gold, over the baseline's, without and within its divergence",
-                         ["old: ROCM's fewest seconds (any beta, any lr) to the baseline run's best eval gold / the baseline's seconds to "
-                          "it (compute-matched's definition); within: the same with ROCM held to the baseline's own divergence there "
-                          "(KL to base; distance for ddpo, which has no consistency-chain KL); – : ROCM never got there",
-                          "a baseline that climbs fast and then collapses is judged at its peak in both; 'within' also asks that ROCM "
-                          "not move further from the base model than the baseline had"])
-    trace = [{"variant": p["variant"], "lr": p["lr"], **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in p.items()
-                                                         if k not in ("variant", "lr")}} for pts in methods.values() for p in pts]
-    write_table(out, "points", trace, "Every evaluation point (seed mean)")
-    return [t_b, t_t, t_r, t_d, t_sum]
-
-
 def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1, jobs: int = 1,
-        lrs=None, variants=None, budget_s: float | None = None) -> Path:
-    steps = steps or (2 if quick else 150)
-    lrs = lrs or ((1e-3,) if quick else LRS)
-    budget_s = budget_s or (60.0 if quick else BUDGET_S)
-    seeded = seeded_train_runs(_cells(out, quick, threads, steps, lrs, variants, budget_s), seeds, jobs)
-    curves = {key: seed_mean_points(rows) for key, rows in seeded.items()}
-    methods: dict[str, list[dict]] = {}
-    for (name, lr), pts in curves.items():
-        methods.setdefault(VARIANTS[name][0]["method"], []).extend({**p, "variant": name, "lr": lr} for p in pts)
-    tables = _write_tables(out, curves, seeded, methods, seeds, steps, budget_s, lrs)
-    imgs = [_plane(out, "gold_vs_kl", methods, "kl", "per-step KL to the base consistency model (sum over steps)"),
-            _plane(out, "gold_vs_distance", methods, "distance", "L2 distance to the base sample (same noise)")]
-    return write_report(out, "frontier", quick, tables, imgs,
-                        ["Each line is a method's Pareto frontier over all its runs (betas / temperatures, learning rates) and "
-                         "evaluation points; faint dots are all the points. points.csv holds every point.", ""])
+        arms=None) -> Path:
+    steps = steps or (2 if quick else STEPS)
+    names = arms or (QUICK_ARMS if quick else METHOD_ARMS)
+    cells = grid_cells({a: METHOD_ARMS[a] for a in names}, out, quick, threads, steps, **({} if quick else VALIDATION))
+    seeded = seeded_train_runs(cells, seeds, jobs)
+    rows, chains, _ = collect_runs(cells, seeded)
+    intervals, _ = protocol_intervals(rows, chains, reference="rocm")
+    budgets = budget_intervals(rows, chains)
+    parts = write_data(out, rows, intervals + budgets, f"{steps} steps x batch, every method over lr x its knob, {seeds} seed(s)",
+                       ["no wall-clock cap; test_kl_to_base is empty for ddpo (its DDIM chain is the teacher's, not the "
+                        "consistency chain)", "X@MEASURE<=B in intervals: the method's cell of best validation gold among "
+                        "those of validation MEASURE <= B; gap_...: ROCM's selected cell there minus the method's"])
+    t_b, _ = write_table(out, "budgets", budget_table(budgets), "Test gold of each method's best cell within a divergence budget",
+                         ["the cell is chosen on the validation chains (gold, among cells with validation divergence within "
+                          "the budget); test gold and test divergence: mean over seeds of the test-chain means, [95% interval]"])
+    imgs = [plane(out, m, cell_points(rows, chains, m)) for m in MEASURES]
+    return write_report(out, "frontier", quick, [t_b, *parts], imgs,
+                        ["Each point is one cell (a method at one lr and knob value) scored on the test chains; bars: 95% "
+                         "intervals over seeds and chains. budgets.md reads the selection off the validation chains.", ""])

@@ -77,6 +77,27 @@ def summarize(values: torch.Tensor) -> dict[str, float]:
     return {"mean": mean, "std": std, "sem": sem, "n": len(v), "ci95": [mean - 1.96 * sem, mean + 1.96 * sem]}
 
 
+# The per-chain columns of final_eval_chains.csv: the tuned model's scores, then the base model's on the same chains.
+CHAIN_SCORES = ("gold", "accuracy", "reward", "heldout_proxy", "kl_to_base", "distance_to_base")
+BASE_CHAIN_SCORES = ("gold", "accuracy", "reward", "heldout_proxy")
+
+
+def write_chain_scores(path: Path, prompts: list[str], tuned: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> None:
+    """One CSV row per evaluation chain (index, prompt, the tuned scores, `base_`-prefixed base scores; those the
+    world gives), 5 significant digits: the data behind intervals that resample chains, not only their means."""
+    import csv
+
+    heldout = sorted(k for k in tuned if k.startswith("heldout_") and k not in CHAIN_SCORES)
+    columns = [(k, tuned[k]) for k in (*CHAIN_SCORES, *heldout) if k in tuned]
+    columns += [(f"base_{k}", base[k]) for k in (*BASE_CHAIN_SCORES, *heldout) if k in base]
+    values = [v.detach().float().cpu().tolist() for _, v in columns]
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["index", "prompt", *(name for name, _ in columns)])
+        for i, prompt in enumerate(prompts):
+            out.writerow([i, prompt, *(f"{v[i]:.5g}" for v in values)])
+
+
 def seeded_noise(seeds: list[int], latent_shape, num_steps: int, device="cpu", dtype=torch.float32) -> ChainNoise:
     """Each chain's noise from its own generator `torch.Generator().manual_seed(seed)`, drawn in the order the
     stock diffusers pipelines draw it (initial latent, then one noise per stochastic step): image i is what

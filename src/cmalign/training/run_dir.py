@@ -40,7 +40,7 @@ LOCK_NAME = ".cmalign.lock"
 # them), so nothing of the old run can be resumed from, pruned against or mistaken for the new one,
 # while files a user put beside them stay.
 RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "metrics.jsonl.tmp", "tensorboard", "grids", "checkpoints", "adapter",
-                 "final_eval.json", "report.md", "reward.png", "gold.png", "divergence.png", "before_after.png",
+                 "final_eval.json", "final_eval_chains.csv", "report.md", "reward.png", "gold.png", "divergence.png", "before_after.png",
                  "heldout.png", "report.html", "report_images")
 
 

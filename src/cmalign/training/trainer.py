@@ -35,7 +35,7 @@ from cmalign.config import TrainConfig, config_diff, flat_items, to_dict, to_yam
 from cmalign.config.checks import check_types
 from cmalign.training.distributed import Shard
 from cmalign.errors import UserError
-from cmalign.training.evaluation import evaluate, save_labelled_grid, summarize
+from cmalign.training.evaluation import evaluate, save_labelled_grid, summarize, write_chain_scores
 from cmalign.methods.base import Batch, Method
 from cmalign.methods.registry import method_class
 from cmalign.prompts import load_prompts, prompt_split
@@ -576,16 +576,18 @@ class Trainer:
     def _final_evaluation(self) -> dict:
         """The same prompts and noise for the base (adapter off) and the tuned model."""
         prompts, noise = self._eval_set(self.cfg.final_eval_size, FINAL_SEED_OFFSET)
-        final, images = {"n": self.cfg.final_eval_size}, {}
+        final, images, chains = {"n": self.cfg.final_eval_size}, {}, {}
         final["cost"] = self.cost  # seconds per step and peak memory of the training (cost.py)
         with tqdm(total=2 * len(prompts), desc="final evaluation (base, tuned)", disable=not self.progress) as bar:
             for label, use_adapter in (("base", False), ("tuned", True)):
-                scores, images[label] = evaluate(self.world, self.reward, prompts, noise, self.num_steps, use_adapter=use_adapter,
-                                                 extra_rewards=self.heldout, on_batch=bar.update)
-                final[label] = {k: summarize(v) for k, v in scores.items()}
+                chains[label], images[label] = evaluate(self.world, self.reward, prompts, noise, self.num_steps,
+                                                        use_adapter=use_adapter, extra_rewards=self.heldout, on_batch=bar.update)
+                final[label] = {k: summarize(v) for k, v in chains[label].items()}
                 final[label]["diversity"] = self.world.diversity(images[label], prompts)
         with writing("the final evaluation", self.run_dir / "final_eval.json"):
             (self.run_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+        with writing("the per-chain final evaluation", self.run_dir / "final_eval_chains.csv"):
+            write_chain_scores(self.run_dir / "final_eval_chains.csv", prompts, chains["tuned"], chains["base"])
         self._before_after(images["base"], images["tuned"], prompts)
         return final
 
