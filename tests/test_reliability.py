@@ -417,8 +417,8 @@ def test_another_runs_checkpoint_is_refused_and_nothing_changes(checkpointed_run
     other = tmp_path / "other"
     shutil.copytree(checkpointed_run, other)
     text = (other / "config.yaml").read_text()
-    assert "beta: 6.0" in text
-    (other / "config.yaml").write_text(text.replace("beta: 6.0", "beta: 2.0"))  # a run of another config
+    assert "beta: 5.5" in text
+    (other / "config.yaml").write_text(text.replace("beta: 5.5", "beta: 2.0"))  # a run of another config
     before, mine = snapshot(other), snapshot(checkpointed_run)
     common = ["train", *TINY_ARGS, "--steps", "2", "--final-eval-size", "0", "--checkpoint-every", "1", "--beta", "2.0"]
     foreign = list_checkpoints(checkpointed_run / "checkpoints")[-1]

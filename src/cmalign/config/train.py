@@ -106,8 +106,8 @@ class TrainConfig:
     """Recompute each network call in the backward pass (less memory, more time); None: on for lcm."""
 
     # --- the objective -----------------------------------------------------------------------------
-    beta: float = 6.0
-    """Divergence weight: 0 lets the policy hack the reward; 6 keeps digits legible (docs/RESULTS.md). d3po: DPO's temperature."""
+    beta: float = 5.5
+    """Divergence weight: 0 lets the policy hack the reward; 5.5 keeps digits legible at the KL of the full regulariser's earlier default (docs/RESULTS.md). d3po: DPO's temperature."""
     divergence: str = "kl"
     """Per-step f-divergence to the reference: kl | js | hellinger | fisher | tv."""
     divergence_reduction: Literal["per_dim", "joint"] = "per_dim"
