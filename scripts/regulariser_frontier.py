@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The default run with the cheap regulariser against the full one (issue 24): `cmalign train` on the digits world
 at several betas and seeds for each regulariser variant, scored on the test evaluation (final_eval.json: 500
-chains on held-out noise), written as results/divergence-steps/summary.csv (a row per run), intervals.csv (95% intervals of every mean, gap
-and time ratio) and cells.csv (a row per variant and beta: the means with their intervals, for the docs' tables).
+chains on held-out noise), written as results/divergence-steps/summary.csv (a row per run), intervals.csv (95% intervals of every mean and
+gap) and cells.csv (a row per variant and beta: the means with their intervals, for the docs' tables).
 
     python scripts/regulariser_frontier.py --runs runs/divergence-steps [--betas 3 6 12] [--seeds 0 1 2]
         [--variants importance all] [--jobs 2] [--out results/divergence-steps] [--collect-only]
@@ -16,7 +16,8 @@ together, so that their times share the machine's load).
 Intervals (intervals.csv): 95% percentile bootstrap, 4,000 resamples, fixed RNG: seeds are resampled with
 replacement and each resampled seed's test mean is drawn from N(mean, sem^2) of its 500 test chains
 (a parametric stand-in for resampling the chains). Gaps between variants pair runs of the same beta and seed
-(the same training noise and test chains); time ratios use each run's median seconds per step.
+(the same training noise and test chains). No time ratio is taken from these runs: they share the machine with
+other work, so their seconds are not comparable; the cost is measured by benchmarks/digits_divergence_steps.py.
 """
 
 from __future__ import annotations
@@ -101,16 +102,6 @@ def gap_interval(pairs: list[tuple[dict, dict]], metric: str, rng: random.Random
     return {"estimate": round(est, 4), "lo": round(lo, 4), "hi": round(hi, 4)}
 
 
-def ratio_interval(pairs: list[tuple[dict, dict]], key: str, rng: random.Random) -> dict:
-    ratios = [a[key] / b[key] for a, b in pairs]
-
-    def draw(r):
-        return statistics.fmean(r.choice(ratios) for _ in ratios)
-
-    lo, hi = bootstrap(draw, rng)
-    return {"estimate": round(statistics.fmean(ratios), 3), "lo": round(lo, 3), "hi": round(hi, 3)}
-
-
 def intervals(rows: list[dict]) -> list[dict]:
     rng = random.Random(0)
     out = []
@@ -129,8 +120,6 @@ def intervals(rows: list[dict]) -> list[dict]:
         for metric in ("gold", "kl_to_base"):
             out.append({"quantity": f"gap_test_{metric}", "variant": variant, "versus": "all", "beta": beta,
                         "seeds": len(pairs), **gap_interval(pairs, metric, rng)})
-        out.append({"quantity": "ratio_s_per_step", "variant": variant, "versus": "all", "beta": beta, "seeds": len(pairs),
-                    **ratio_interval(pairs, "s_per_step", rng)})
     return out
 
 
