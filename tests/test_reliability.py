@@ -236,7 +236,7 @@ def test_sigterm_checkpoints_the_current_step_prints_the_resume_command_and_resu
     # no periodic checkpoints: the only one is the one SIGTERM asks for
     args = ["train", *TINY_ARGS, "--steps", str(STEPS), "--batch-size", "2", "--eval-every", "2", "--grid-every", "4",
             "--eval-size", "2", "--final-eval-size", "0", "--checkpoint-every", "0", "--keep-checkpoints", "2",
-            "--lr", "1e-2", "--ema-decay", "0.8", "--prompts", *cfg.prompts, "--output-dir", str(run)]
+            "--lr", "1e-2", "--beta", f"{cfg.beta:g}", "--ema-decay", "0.8", "--prompts", *cfg.prompts, "--output-dir", str(run)]
     proc = fork_cli(args, log)
     deadline = time.time() + 120
     while proc.is_alive() and time.time() < deadline and not ((run / "metrics.jsonl").is_file() and len(rows_of(run)) >= 2):
