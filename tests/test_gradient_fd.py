@@ -156,7 +156,7 @@ def test_rocm_loss_is_this_objective(setup, name):
     world, params, noise, reward = setup
     cfg = TrainConfig(num_steps=K, beta=BETA, divergence=name, divergence_reduction="per_dim", final_step="floor",
                       divergence_grad="full", clamp="soft", reward_scale=1.0, backprop_steps=None,
-                      grad_checkpointing=False, js_estimator="gauss_hermite")
+                      grad_checkpointing=False, js_estimator="gauss_hermite", divergence_steps="all")  # the exact objective
     rocm = Rocm(cfg, world, reward)
     assert rocm.timesteps == world.timesteps(K)
     loss, metrics, images = rocm.loss(PROMPTS, noise)
