@@ -263,7 +263,7 @@ class StepImportance:
         """Record the plain batch mean of D_k measured at the drawn steps (the same value on every rank)."""
         for k, value in step_means.items():
             old = float(self.average[k])
-            self.average[k] = value if old != old else self.DECAY * old + (1 - self.DECAY) * value
+            self.average[k] = value if math.isnan(old) else self.DECAY * old + (1 - self.DECAY) * value
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"step_importance_average": self.average.clone()}
