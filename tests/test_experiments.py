@@ -90,3 +90,15 @@ def test_scaling_reports_the_ratio_seed_by_seed(tmp_path):
         per_seed = row[f"{label}_ratio_per_seed"].split(" / ")
         assert len(per_seed) == 2 and all(v == "–" or float(v) >= 0 for v in per_seed)
     assert sorted(p.name for p in (tmp_path / "runs" / "r8-k2-rocm-lr0.0001").iterdir()) == ["seed0", "seed1"]
+
+
+def test_the_frontier_grid_is_compute_matcheds_run_for_run(tmp_path):
+    """The frontier only scores compute-matched's finished runs when they are copied into its folder: that holds
+    while every full-size cell has the same configuration in both."""
+    from cmalign.experiments import compute_matched, frontier
+
+    steps, matched = compute_matched.grid(tmp_path, quick=False, threads=1, steps=None)
+    assert frontier.grid(tmp_path, quick=False, threads=1, steps=None)[0] == steps
+    cells = frontier.grid(tmp_path, quick=False, threads=1, steps=None)[1]
+    assert cells.keys() == matched.keys() and len(cells) == 24
+    assert all(cells[k][0] == matched[k][0] and cells[k][1] == matched[k][1] for k in cells)

@@ -71,10 +71,15 @@ def target_ratio_intervals(seeded: dict, selected_keys: dict[str, tuple], refere
     return out
 
 
+def grid(out: Path, quick: bool, threads: int, steps: int | None, arms=None) -> tuple[int, dict]:
+    """(steps, the cells of every arm's tuning grid) of this experiment."""
+    steps = steps or (2 if quick else STEPS)
+    return steps, grid_cells({a: METHOD_ARMS[a] for a in arms or METHOD_ARMS}, out, quick, threads, steps)
+
+
 def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1, jobs: int = 1,
         arms=None) -> Path:
-    steps = steps or (2 if quick else STEPS)
-    cells = grid_cells({a: METHOD_ARMS[a] for a in arms or METHOD_ARMS}, out, quick, threads, steps)
+    steps, cells = grid(out, quick, threads, steps, arms)
     seeded = seeded_train_runs(cells, seeds, jobs)
     rows, chains, keys = collect_runs(cells, seeded)
     intervals, selected = protocol_intervals(rows, chains, reference="rocm")

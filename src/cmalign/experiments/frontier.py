@@ -12,8 +12,10 @@ Reported: for every budget of every measure, each method's cell of best *validat
 validation divergence is within the budget, with its *test* gold and test divergence (95% intervals) and ROCM's
 test-gold gap to it; every cell's test point on the three planes with its intervals.
 
-Default size: 50 steps x batch 32, 24 runs, the validation chains every 25 steps: about 16 minutes for one seed on
-2 cores (see compute_matched's estimate, less its validation curves).
+Default size: 50 steps x batch 32, 24 runs, about 17 minutes for one seed on 2 cores (compute_matched's estimate).
+The grid is compute-matched's run for run (same configurations, validation every 10 steps included), so a frontier
+whose runs/ folder holds compute-matched's finished runs (`cp -al results/compute-matched/runs results/frontier/`)
+only scores them: a run is reused when its saved configuration equals the cell's (experiments/common.reusable).
 """
 
 from __future__ import annotations
@@ -38,8 +40,6 @@ LABELS = {"kl_to_base": "per-step KL to the base consistency model (sum over ste
           "proxy_drop": "proxy gain - held-out proxy gain (over the base)"}
 STEPS = 50
 QUICK_ARMS = ("rocm", "dpok", "ddpo")  # a KL method, a policy-gradient one with a divergence, the teacher-chain one
-# Validation evaluations: the last selects; fewer of them than compute-matched's (no curves are reported here).
-VALIDATION = dict(eval_every=25, eval_size=200)
 # The validation points of a run, seed by seed: the scaling experiments' curves (seed_mean_points, time_to, peak).
 METRICS = {"gold": "eval_gold", "accuracy": "eval_accuracy", "proxy": "eval_reward", "heldout_proxy": "eval_heldout_proxy",
            "kl": "eval_kl_to_base", "distance": "eval_distance_to_base"}
@@ -138,11 +138,16 @@ def plane(out: Path, measure: str, points: list[dict]) -> Path:
     return path
 
 
-def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1, jobs: int = 1,
-        arms=None) -> Path:
+def grid(out: Path, quick: bool, threads: int, steps: int | None, arms=None) -> tuple[int, dict]:
+    """(steps, the cells of every arm's tuning grid): compute-matched's, fewer arms in quick mode."""
     steps = steps or (2 if quick else STEPS)
     names = arms or (QUICK_ARMS if quick else METHOD_ARMS)
-    cells = grid_cells({a: METHOD_ARMS[a] for a in names}, out, quick, threads, steps, **({} if quick else VALIDATION))
+    return steps, grid_cells({a: METHOD_ARMS[a] for a in names}, out, quick, threads, steps)
+
+
+def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1, jobs: int = 1,
+        arms=None) -> Path:
+    steps, cells = grid(out, quick, threads, steps, arms)
     seeded = seeded_train_runs(cells, seeds, jobs)
     rows, chains, _ = collect_runs(cells, seeded)
     intervals, _ = protocol_intervals(rows, chains, reference="rocm")
