@@ -58,6 +58,7 @@ def test_the_scaling_experiments_16x16_base_model_ships_with_the_package(monkeyp
     assert net.config.sample_size == 16
 
 
+@pytest.mark.slow
 def test_runs_trained_in_parallel_workers_equal_the_runs_trained_in_order(tmp_path, capsys):
     """--jobs 2 trains the runs in spawned worker processes; every number in the table is the same as
     training them one after another in this process."""
