@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -213,9 +214,10 @@ def plot(out: Path, name: str, series: dict[str, tuple[list, list]], xlabel: str
 
 
 def _saved(fig, ax, path: Path, xlabel: str, ylabel: str) -> Path:
-    """Label, grid and legend the axes, write the figure to path and close it."""
+    """Label, grid and legend the axes, write the figure to path and close it. A long y label is wrapped so that
+    it stays inside the figure."""
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(textwrap.fill(ylabel, 40))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
