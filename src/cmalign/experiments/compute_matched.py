@@ -6,10 +6,9 @@ scores, ROCM's gap to each baseline and ROCM's speed ratios to it (train seconds
 the baseline's own best validation gold, seed by seed).
 
 Default size: 50 steps x batch 32 = 1,600 samples a run, 6 methods x 4 cells = 24 runs, two at a time with one
-thread each. From the measured seconds per step on 2 cores (two runs at a time: ROCM 0.42, RLCM 0.70, DDPO 4.3 on
-its 20-step DDIM chain, DRaFT-1 0.17, DPOK 1.2, D3PO 0.77) the runs train ~1,500 s and evaluate ~500 s (validation
-every 10 steps on 200 chains, the test chains at the end), about 17 minutes for one seed; DDPO is half of it, and
-100 steps would take ~33 minutes. --steps changes it for every method alike."""
+thread each. Measured on 2 cores (2026-12-07, `results/compute-matched/`): median seconds per step ROCM 0.58,
+RLCM 1.1-1.3, DDPO 8.0-8.5 on its 20-step DDIM chain, DRaFT-1 0.29, DPOK 1.9-2.1, D3PO 1.2-1.5; one seed takes
+about 28 minutes, DDPO's four runs 58% of it. --steps changes the size for every method alike."""
 
 from __future__ import annotations
 

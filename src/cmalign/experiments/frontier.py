@@ -12,7 +12,7 @@ Reported: for every budget of every measure, each method's cell of best *validat
 validation divergence is within the budget, with its *test* gold and test divergence (95% intervals) and ROCM's
 test-gold gap to it; every cell's test point on the three planes with its intervals.
 
-Default size: 50 steps x batch 32, 24 runs, about 17 minutes for one seed on 2 cores (compute_matched's estimate).
+Default size: 50 steps x batch 32, 24 runs, about 28 minutes for one seed on 2 cores (compute_matched's runs).
 The grid is compute-matched's run for run (same configurations, validation every 10 steps included), so a frontier
 whose runs/ folder holds compute-matched's finished runs (`cp -al results/compute-matched/runs results/frontier/`)
 only scores them: a run is reused when its saved configuration equals the cell's (experiments/common.reusable).
