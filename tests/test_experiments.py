@@ -94,7 +94,6 @@ def test_the_frontier_grid_is_compute_matcheds_run_for_run(tmp_path):
     from cmalign.experiments import compute_matched, frontier
 
     steps, matched = compute_matched.grid(tmp_path, quick=False, threads=1, steps=None)
-    assert frontier.grid(tmp_path, quick=False, threads=1, steps=None)[0] == steps
-    cells = frontier.grid(tmp_path, quick=False, threads=1, steps=None)[1]
-    assert cells.keys() == matched.keys() and len(cells) == 24
+    frontier_steps, cells = frontier.grid(tmp_path, quick=False, threads=1, steps=None)
+    assert frontier_steps == steps == 50 and cells.keys() == matched.keys() and len(cells) == 24
     assert all(cells[k][0] == matched[k][0] and cells[k][1] == matched[k][1] for k in cells)

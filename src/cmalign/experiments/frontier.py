@@ -26,8 +26,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from cmalign.experiments import compute_matched
 from cmalign.experiments.common import eval_rows, seeded_train_runs, wall, write_report, write_table
-from cmalign.experiments.protocol import (METHOD_ARMS, bootstrap, chain_matrix, collect_runs, gap_intervals, grid_cells,
+from cmalign.experiments.protocol import (bootstrap, chain_matrix, collect_runs, gap_intervals,
                                           metric_intervals, protocol_intervals, select, write_data)
 
 MEASURES = {  # method-neutral distances from the base model -> their budgets
@@ -38,7 +39,6 @@ MEASURES = {  # method-neutral distances from the base model -> their budgets
 LABELS = {"kl_to_base": "per-step KL to the base consistency model (sum over steps)",
           "distance_to_base": "L2 distance to the base sample (same noise)",
           "proxy_drop": "proxy gain - held-out proxy gain (over the base)"}
-STEPS = 50
 QUICK_ARMS = ("rocm", "dpok", "ddpo")  # a KL method, a policy-gradient one with a divergence, the teacher-chain one
 # The validation points of a run, seed by seed: the scaling experiments' curves (seed_mean_points, time_to, peak).
 METRICS = {"gold": "eval_gold", "accuracy": "eval_accuracy", "proxy": "eval_reward", "heldout_proxy": "eval_heldout_proxy",
@@ -140,9 +140,7 @@ def plane(out: Path, measure: str, points: list[dict]) -> Path:
 
 def grid(out: Path, quick: bool, threads: int, steps: int | None, arms=None) -> tuple[int, dict]:
     """(steps, the cells of every arm's tuning grid): compute-matched's, fewer arms in quick mode."""
-    steps = steps or (2 if quick else STEPS)
-    names = arms or (QUICK_ARMS if quick else METHOD_ARMS)
-    return steps, grid_cells({a: METHOD_ARMS[a] for a in names}, out, quick, threads, steps)
+    return compute_matched.grid(out, quick, threads, steps, arms or (QUICK_ARMS if quick else None))
 
 
 def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1, jobs: int = 1,
