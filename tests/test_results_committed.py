@@ -14,22 +14,26 @@ import pytest
 from cmalign.experiments.protocol import METHOD_ARMS, TEST_SIZE
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-# experiment -> the arms it compares
-COMMITTED = {"compute-matched": set(METHOD_ARMS), "frontier": set(METHOD_ARMS), "hacking": {"rocm-beta0", "rocm-beta3"}}
+# experiment -> (the arms it compares, cells per arm)
+COMMITTED = {"compute-matched": (set(METHOD_ARMS), 4), "frontier": (set(METHOD_ARMS), 4),
+             "hacking": ({"rocm-beta0", "rocm-beta3"}, 1), "generalization": ({"rocm-beta0", "rocm-beta3", "rocm-beta6"}, 1),
+             "finetune-mode": ({"lora", "full"}, 2)}
 
 
 @pytest.mark.parametrize("name", sorted(COMMITTED))
 def test_each_method_has_three_seeds_of_every_cell_scored_on_the_test_chains(name):
+    arms, cells = COMMITTED[name]
     rows = list(csv.DictReader(open(RESULTS / name / "summary.csv", newline="")))
-    assert {r["method"] for r in rows} == COMMITTED[name]
+    assert {r["method"] for r in rows} == arms
     seeds = defaultdict(set)
     for r in rows:
         seeds[tuple(r.get(k) for k in ("method", "lr", "beta", "clip", "backprop_steps"))].add(r["seed"])
-        assert int(r["n_test"]) == TEST_SIZE and r["test_gold"] not in ("", "nan")
+        gold = r.get("test_gold", r.get("test_heldout_gold"))  # generalization scores each half of the classes
+        assert int(r["n_test"]) == TEST_SIZE and gold not in (None, "", "nan")
     assert all(s == {"0", "1", "2"} for s in seeds.values()), seeds
     cells_per_method = Counter(cell[0] for cell in seeds)
-    assert set(cells_per_method.values()) == {1 if name == "hacking" else 4}, cells_per_method  # the whole equal grid
-    assert {r["method"] for r in rows if r["selected"] == "1"} == COMMITTED[name]  # one cell selected per method
+    assert set(cells_per_method.values()) == {cells}, cells_per_method  # the whole equal grid
+    assert {r["method"] for r in rows if r["selected"] == "1"} == arms  # a cell selected per method
     intervals = list(csv.DictReader(open(RESULTS / name / "intervals.csv", newline="")))
     assert {int(r["seeds"]) for r in intervals} == {3}
     assert "--seeds 3" in (RESULTS / name / "README.md").read_text()
