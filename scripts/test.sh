@@ -12,4 +12,4 @@ fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export CMALIGN_CACHE="${CMALIGN_TEST_CACHE:-$(mktemp -d)}"
-python -m pytest -n 2 -q --durations=15 "$@"
+python -m pytest -n 2 --dist loadgroup -q --durations=15 "$@"

@@ -16,7 +16,9 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+
 def pytest_collection_modifyitems(items):
-    """The tests marked `slow` (a minute or more) run first: pytest-xdist then hands them out while both workers are
-    busy, instead of leaving one worker to finish a long test alone at the end of the suite."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order
+    """The tests that start processes of their own (2 ranks, 2 nodes, worker pools) share one xdist group: with
+    `--dist loadgroup` (scripts/test.sh) they run one after another on one worker, never two at once (4 busy processes
+    on 2 cores slow both by half), and they come first, so that the other worker fills in around them."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable: the rest keep their order

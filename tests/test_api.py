@@ -36,7 +36,6 @@ def test_public_names_are_exported():
         assert getattr(cmalign, name) is not None
 
 
-@pytest.mark.slow
 def test_docs_api_examples_run(tmp_path):
     """Every python block of docs/api.md, in order, in one fresh interpreter."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "api.md").read_text(), re.S)
@@ -193,7 +192,6 @@ def _install_plugin_package(site: Path) -> None:
         "[cmalign.rewards]\ninkpp = cmalign_plugin_demo.scores:ink\n")
 
 
-@pytest.mark.slow
 def test_third_party_world_method_and_reward_through_entry_points(tmp_path):
     site = tmp_path / "site"
     _install_plugin_package(site)

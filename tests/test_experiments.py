@@ -58,6 +58,7 @@ def test_the_scaling_experiments_16x16_base_model_ships_with_the_package(monkeyp
     assert net.config.sample_size == 16
 
 
+@pytest.mark.xdist_group("multiprocess")
 def test_runs_trained_in_parallel_workers_equal_the_runs_trained_in_order(tmp_path, capsys):
     """--jobs 2 trains the runs in spawned worker processes; every number of the summary equals the committed quick
     summary, which was trained one run after another in one process (test_results_quick.py reproduces it that way)."""
@@ -66,7 +67,6 @@ def test_runs_trained_in_parallel_workers_equal_the_runs_trained_in_order(tmp_pa
     out = tmp_path / "jobs2"
     assert main(["experiment", "hacking", "--quick", "--out", str(out), "--jobs", "2"]) == 0
     assert "2 at a time" in capsys.readouterr().out and "--jobs 2" in (out / "README.md").read_text()
-    assert "--jobs 1" in (COMMITTED / "hacking" / "README.md").read_text()
     assert without_timing(out / "summary.csv") == without_timing(COMMITTED / "hacking" / "summary.csv")
 
 

@@ -98,7 +98,7 @@ def fork_ranks(cfg, log: Path, resume=None, nan_on=None):
     return procs
 
 
-@pytest.mark.slow
+@pytest.mark.xdist_group("multiprocess")
 def test_fsdp2_two_ranks_match_one_process_survive_sigkill_and_reshard(tmp_path):
     # 1 process, global batch 8
     one = train(tiny_config(output_dir=str(tmp_path / "one"), batch_size=8, **RUN), progress=False).run_dir

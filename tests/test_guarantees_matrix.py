@@ -166,7 +166,7 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.mark.slow
+@pytest.mark.xdist_group("multiprocess")
 def test_two_ranks_equal_one_process_and_load_in_the_stock_pipeline(tmp_path, tmp_path_factory):
     """For every lcm family: LoRA through DDP's reducer and full fine-tuning on FSDP2, 2 ranks of batch 1 against
     1 process of batch 2, within 1e-5 on every exported tensor; the LoRA exported after multi-rank training (and
@@ -215,7 +215,7 @@ def stock_failures(name: str, fam: dict, run: Path, out: Path) -> list:
 
 
 # --- multi-node: 2 "nodes" x 1 process on loopback (torchrun, c10d rendezvous) = 1 process ------------------
-@pytest.mark.slow
+@pytest.mark.xdist_group("multiprocess")
 def test_two_nodes_equal_one_process(tmp_path):
     """docs/scaling.md's 2-node torchrun command, both nodes on 127.0.0.1: node 0 hosts the c10d rendezvous, rank 0
     writes the run directory (which must be on storage both nodes see)."""

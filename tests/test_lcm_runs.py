@@ -35,6 +35,7 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "adapter" / PEFT_ADAPTER_FILE)
 
 
+@pytest.mark.xdist_group("multiprocess")
 def test_two_ranks_export_a_lora_the_stock_pipeline_loads_and_match_one_process(tmp_path, monkeypatch):
     """DDP's in-place replicate swaps the UNet's class for a generated DDPUNet2DConditionModel whose __new__
     builds a bare UNet2DConditionModel without __init__: the export check must build its weightless copy from

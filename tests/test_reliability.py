@@ -55,7 +55,7 @@ def free_port() -> int:
 
 
 # --- distributed ------------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.xdist_group("multiprocess")
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # the linear-Adam scale of docs/guarantees.md: |g| << eps, so the ranks' summation order is not amplified
     common = dict(steps=3, eval_every=3, grid_every=3, final_eval_size=0, checkpoint_every=0, lr=0.05, reward_scale=1e-6, beta=1e-6)
