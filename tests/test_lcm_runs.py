@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import numpy as np
 import torch
 from diffusers import LatentConsistencyModelPipeline
