@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline
 from safetensors.torch import load_file
