@@ -31,7 +31,7 @@ def tiny_config(**overrides) -> TrainConfig:
 
 
 # The experiments that follow the comparison protocol: summary.csv a row per run, intervals.csv beside it.
-PROTOCOL_EXPERIMENTS = ("hacking", "compute-matched", "frontier", "nondiff", "generalization", "finetune-mode")
+PROTOCOL_EXPERIMENTS = ("hacking", "compute-matched", "frontier", "nondiff", "generalization", "finetune-mode", "scaling", "scaling-grid")
 
 
 def check_quick_experiment(name: str, out, printed: str) -> None:

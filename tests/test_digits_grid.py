@@ -154,17 +154,6 @@ def test_tiny_grid_run_scores_per_cell(tmp_path):
     assert result.run_dir.exists()
 
 
-def test_frontier_ratio_holds_rocm_to_rlcms_divergence():
-    from cmalign.experiments.scaling import frontier_ratio
-
-    pt = lambda t, gold, kl: {"wall_time": t, "gold": gold, "kl": kl}  # noqa: E731
-    rlcm = [pt(0, 5.0, 0.0), pt(10, 6.0, 0.3), pt(20, 6.5, 0.4), pt(30, 6.2, 0.5)]
-    fast_but_far = [pt(0, 5.0, 0.0), pt(4, 6.6, 0.9), pt(8, 6.8, 1.0)]  # reaches 6.5 only beyond KL 0.4
-    slow_and_close = [pt(0, 5.0, 0.0), pt(5, 6.0, 0.1), pt(12, 6.5, 0.35)]
-    assert frontier_ratio(rlcm, [fast_but_far]) == (None, 6.5, 0.4)
-    assert frontier_ratio(rlcm, [fast_but_far, slow_and_close]) == (0.6, 6.5, 0.4)
-
-
 @pytest.mark.parametrize("n", [2, 3])
 def test_grid_base_models_ship_with_the_package(monkeypatch, tmp_path, n):
     """`cmalign train --digits-grid N` on a fresh clone pretrains nothing: the recipe resolves to the shipped float16

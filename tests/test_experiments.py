@@ -76,16 +76,21 @@ def test_jobs_is_refused_where_runs_must_train_in_order(tmp_path, capsys):
     assert len(err) == 1 and "--jobs does not apply" in err[0]
 
 
-def test_scaling_reports_the_ratio_seed_by_seed(tmp_path):
+def test_scaling_compares_the_selected_cells_setting_by_setting_over_seeds(tmp_path):
+    """Every setting is its own comparison under the protocol: both arms' grids at that setting, one selection each,
+    ROCM's gap and time ratios to RLCM over the seeds, the rows tagged with the setting."""
     from cmalign.experiments import scaling
 
-    scaling.run(tmp_path, quick=True, seeds=2, settings=((8, 2),), lrs=scaling.LRS)
-    (row,) = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert row["seeds"] == "2"
-    for label in ("default", "tuned"):
-        per_seed = row[f"{label}_ratio_per_seed"].split(" / ")
-        assert len(per_seed) == 2 and all(v == "–" or float(v) >= 0 for v in per_seed)
-    assert sorted(p.name for p in (tmp_path / "runs" / "r8-k2-rocm-lr0.0001").iterdir()) == ["seed0", "seed1"]
+    scaling.run(tmp_path, quick=True, seeds=2, settings=((8, 2, 1), (8, 3, 1)))
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert sorted((r["setting"], r["method"], r["seed"]) for r in rows) == sorted(
+        (s, m, str(seed)) for s in ("r8-k2", "r8-k3") for m in ("rocm", "rlcm") for seed in (0, 1))
+    assert all(r["selected"] == "1" for r in rows)  # --quick: one cell per arm
+    ratios = [q for q in csv.DictReader(open(tmp_path / "intervals.csv")) if q["quantity"] == "ratio_s_to_target"]
+    assert sorted(q["setting"] for q in ratios) == ["r8-k2", "r8-k3"] and {q["seeds"] for q in ratios} == {"2"}
+    assert {q["method"] + "/" + q["versus"] for q in ratios} == {"rocm/rlcm"}
+    assert [r["setting"] for r in csv.DictReader(open(tmp_path / "ratios.csv"))] == ["r8-k2", "r8-k3"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "r8-k3-rocm-lr0.001-beta3").iterdir()) == ["seed0", "seed1"]
 
 
 def test_the_frontier_grid_is_compute_matcheds_run_for_run(tmp_path):

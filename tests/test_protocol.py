@@ -71,3 +71,24 @@ def test_the_data_files_have_one_set_of_columns(tmp_path):
     assert header[:4] == ["method", "lr", "beta", "backprop_steps"] and header[4] == "seed"
     assert next(csv.reader(open(tmp_path / "intervals.csv"))) == ["quantity", "method", "versus", "estimate", "lo", "hi", "seeds", "n_test"]
     assert (tmp_path / "summary.md").is_file() and (tmp_path / "intervals.md").is_file()
+
+
+def curve(*points):
+    """metrics rows of a run: (step, train seconds, validation gold, KL to base) at each evaluation."""
+    return [{"step": s, "wall_time": t, "eval_gold": g, "eval_kl_to_base": kl} for s, t, g, kl in points]
+
+
+def test_the_time_to_the_other_arms_best_gold_is_taken_seed_by_seed_and_optionally_within_its_kl():
+    rlcm = [curve((0, 0, 9.0, 0.0), (10, 10, 6.0, 0.3), (20, 20, 6.5, 0.4), (30, 30, 6.2, 0.5)),  # best 6.5 at 20 s, KL 0.4
+            curve((0, 0, 9.0, 0.0), (10, 10, 7.0, 0.2), (20, 20, 6.0, 0.6))]  # best 7.0 at 10 s, KL 0.2
+    # seed 0 reaches 6.5 at 4 s but beyond KL 0.4, within it at 12 s; seed 1 reaches 7.0 at 5 s within KL 0.2
+    rocm = [curve((0, 0, 9.0, 0.0), (5, 4, 6.6, 0.9), (10, 12, 6.5, 0.35)), curve((0, 0, 9.0, 0.0), (5, 5, 7.1, 0.1))]
+    seeded = {("rocm", "a"): rocm, ("rlcm", "b"): rlcm}
+    chosen = {"rocm": ("rocm", "a"), "rlcm": ("rlcm", "b")}
+    (plain,) = p.target_ratio_intervals(seeded, chosen, "rocm")  # step 0 (gold 9.0, the base model) is no target
+    assert (plain["quantity"], plain["versus"], plain["seeds"]) == ("ratio_s_to_target", "rlcm", 2)
+    assert plain["estimate"] == p.significant((4 + 5) / (20 + 10))
+    (held,) = p.target_ratio_intervals(seeded, chosen, "rocm", within_kl=True)
+    assert held["quantity"] == "ratio_s_to_target_within_kl" and held["estimate"] == p.significant((12 + 5) / (20 + 10))
+    never = {**seeded, ("rocm", "a"): [curve((0, 0, 9.0, 0.0), (5, 4, 6.0, 0.1)), rocm[1]]}
+    assert p.target_ratio_intervals(never, chosen, "rocm")[0]["hi"] == float("inf")  # a seed that never gets there

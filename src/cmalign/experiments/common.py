@@ -141,25 +141,6 @@ def eval_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if "eval_gold" in r or "eval_reward" in r]
 
 
-def mean_curve(runs: list[list[dict]]) -> list[dict]:
-    """Evaluation rows averaged over seeds (step, samples, wall_time, gold, proxy, accuracy), on the
-    steps every seed evaluated (a run cut by the time budget ends earlier)."""
-    evs = [eval_rows(rows) for rows in runs]
-    n = min(len(e) for e in evs)
-    out = []
-    for i in range(n):
-        pts = [e[i] for e in evs]
-        avg = lambda key: sum(float(p.get(key, float("nan"))) for p in pts) / len(pts)  # noqa: E731
-        out.append({"step": pts[0]["step"], "samples": pts[0].get("samples", 0), "wall_time": sum(map(wall, pts)) / len(pts),
-                    "gold": avg("eval_gold"), "proxy": avg("eval_reward"), "accuracy": avg("eval_accuracy")})
-    return out
-
-
-def first_reaching(points: list[dict], target: float, key: str = "eval_gold") -> dict | None:
-    """The first evaluation point whose `key` is at or above target (None: never reached)."""
-    return next((p for p in points if p[key] >= target - 1e-9), None)
-
-
 def wall(r: dict) -> float:
     return float(r.get("wall_time", 0.0) or 0.0)
 

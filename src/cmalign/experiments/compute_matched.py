@@ -13,14 +13,11 @@ about 28 minutes, DDPO's four runs 58% of it. --steps changes the size for every
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
-
-from cmalign.experiments.common import eval_rows, seeded_train_runs, wall, write_report, write_table
-from cmalign.experiments.protocol import (METHOD_ARMS, bootstrap, collect_runs, grid_cells, interval_row, protocol_intervals,
-                                          selected_curve_plots, trace_rows, write_data)
+from cmalign.experiments.common import seeded_train_runs, write_report, write_table
+from cmalign.experiments.protocol import (METHOD_ARMS, collect_runs, grid_cells, protocol_intervals, selected_curve_plots,
+                                          target_ratio_intervals, trace_rows, write_data)
 
 STEPS = 50
 
@@ -41,33 +38,6 @@ def pretrain_cost(run_dir: Path, method: str) -> float | None:
     if teacher is None:
         return None
     return float(teacher) if method == "ddpo" else float(teacher) + float(stats.get("distill_seconds") or 0.0)
-
-
-def trained_evals(rows: list[dict]) -> list[dict]:
-    """The validation evaluations after step 0 (step 0 is the base model, reached in no time by every method)."""
-    return [r for r in eval_rows(rows) if r["step"] > 0]
-
-
-def seconds_to(rows: list[dict], target: float) -> float:
-    """Train seconds of the first validation evaluation after step 0 at or above target (inf: never)."""
-    return next((wall(r) for r in trained_evals(rows) if r["eval_gold"] >= target - 1e-9), math.inf)
-
-
-def target_ratio_intervals(seeded: dict, selected_keys: dict[str, tuple], reference: str) -> list[dict]:
-    """ratio_s_to_target: seed by seed, the target is the baseline's own best validation gold after step 0 (of its
-    selected cell) and the ratio is the reference's train seconds to first reach it over the baseline's (inf: the reference
-    never reached it in some seed); seeds resampled in pairs. Times come from the validation curves: the test
-    chains are scored only at the end of a run."""
-    out = []
-    for arm, key in selected_keys.items():
-        if arm == reference or reference not in selected_keys:
-            continue
-        ref_runs, runs = seeded[selected_keys[reference]], seeded[key]
-        targets = [max(r["eval_gold"] for r in trained_evals(rows)) for rows in runs]
-        ref_s = np.array([[seconds_to(rows, t)] for rows, t in zip(ref_runs, targets)])
-        base_s = np.array([[seconds_to(rows, t)] for rows, t in zip(runs, targets)])
-        out.append(interval_row("ratio_s_to_target", reference, arm, bootstrap([ref_s, base_s], np.divide), len(runs), ""))
-    return out
 
 
 def grid(out: Path, quick: bool, threads: int, steps: int | None, arms=None) -> tuple[int, dict]:

@@ -20,14 +20,13 @@ only scores them: a run is reused when its saved configuration equals the cell's
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from cmalign.experiments import compute_matched
-from cmalign.experiments.common import eval_rows, seeded_train_runs, wall, write_report, write_table
+from cmalign.experiments.common import seeded_train_runs, write_report, write_table
 from cmalign.experiments.protocol import (bootstrap, chain_matrix, collect_runs, gap_intervals,
                                           metric_intervals, protocol_intervals, select, write_data)
 
@@ -40,42 +39,6 @@ LABELS = {"kl_to_base": "per-step KL to the base consistency model (sum over ste
           "distance_to_base": "L2 distance to the base sample (same noise)",
           "proxy_drop": "proxy gain - held-out proxy gain (over the base)"}
 QUICK_ARMS = ("rocm", "dpok", "ddpo")  # a KL method, a policy-gradient one with a divergence, the teacher-chain one
-# The validation points of a run, seed by seed: the scaling experiments' curves (seed_mean_points, time_to, peak).
-METRICS = {"gold": "eval_gold", "accuracy": "eval_accuracy", "proxy": "eval_reward", "heldout_proxy": "eval_heldout_proxy",
-           "kl": "eval_kl_to_base", "distance": "eval_distance_to_base"}
-
-
-def _num(v) -> float:
-    return float(v) if isinstance(v, (int, float)) and v is not None else float("nan")
-
-
-def seed_mean_points(runs: list[list[dict]]) -> list[dict]:
-    """The evaluation points averaged over seeds, on the steps every seed evaluated."""
-    evs = [eval_rows(rows) for rows in runs]
-    n = min(len(e) for e in evs)
-    out = []
-    for i in range(n):
-        pts = [e[i] for e in evs]
-        row = {"step": pts[0]["step"], "wall_time": sum(map(wall, pts)) / len(pts)}
-        row.update({k: sum(_num(p.get(key)) for p in pts) / len(pts) for k, key in METRICS.items()})
-        out.append(row)
-    return out
-
-
-def time_to(points: list[dict], x: str, budget: float, target: float) -> float | None:
-    """Fewest train seconds to a point with gold >= target and x <= budget (None: never)."""
-    ok = [p["wall_time"] for p in points if math.isfinite(p[x]) and p[x] <= budget + 1e-12 and p["gold"] >= target - 1e-9]
-    return min(ok) if ok else None
-
-
-def peak(points: list[dict], x: str) -> tuple[dict, float, float]:
-    """(the point of most gold, its x (inf where x is not finite there), the fewest train seconds to that gold at
-    no larger x)."""
-    ok = [p for p in points if math.isfinite(p["gold"])]
-    best = max(ok, key=lambda p: p["gold"])
-    limit = best[x] if math.isfinite(best[x]) else math.inf
-    seconds = min(p["wall_time"] for p in ok if p["gold"] >= best["gold"] - 1e-9 and (limit == math.inf or p[x] <= limit + 1e-12))
-    return best, limit, seconds
 
 
 def budget_intervals(rows: list[dict], chains: dict) -> list[dict]:

@@ -286,6 +286,45 @@ def ratio_intervals(rows: list[dict], selected: dict[str, tuple], reference: str
     return out
 
 
+def trained_evals(rows: list[dict]) -> list[dict]:
+    """The validation evaluations after step 0 (step 0 is the base model, reached in no time by every method)."""
+    return [r for r in eval_rows(rows) if r["step"] > 0]
+
+
+def seconds_to(rows: list[dict], target: float, kl_budget: float = math.inf) -> float:
+    """Train seconds of the first validation evaluation after step 0 with gold at or above target and KL to the base
+    model at most kl_budget (inf: never)."""
+    return next((wall(r) for r in trained_evals(rows) if r["eval_gold"] >= target - 1e-9
+                 and (kl_budget == math.inf or r.get("eval_kl_to_base", math.inf) <= kl_budget + 1e-12)), math.inf)
+
+
+def best_point(rows: list[dict]) -> dict:
+    """The validation evaluation after step 0 of most gold (the first on a tie)."""
+    evals = trained_evals(rows)
+    return max(evals, key=lambda r: (r["eval_gold"], -evals.index(r)))
+
+
+def target_ratio_intervals(seeded: dict, selected_keys: dict[str, tuple], reference: str, within_kl: bool = False) -> list[dict]:
+    """ratio_s_to_target: seed by seed, the target is the other arm's own best validation gold after step 0 (of its
+    selected cell) and the ratio is the reference's train seconds to first reach it over the other arm's (inf: the
+    reference never reached it in some seed); seeds resampled in pairs. within_kl: ratio_s_to_target_within_kl, the
+    reference must get there at no larger KL to the base model than the other arm had at its best (a method-neutral
+    measure: the same for every method). Times come from the validation curves: the test chains are scored only at
+    the end of a run."""
+    out = []
+    for arm, key in selected_keys.items():
+        if arm == reference or reference not in selected_keys:
+            continue
+        ref_runs, runs = seeded[selected_keys[reference]], seeded[key]
+        bests = [best_point(rows) for rows in runs]
+        budgets = [float(b.get("eval_kl_to_base", math.inf)) if within_kl else math.inf for b in bests]
+        ref_s = np.array([[seconds_to(rows, b["eval_gold"], kl)] for rows, b, kl in zip(ref_runs, bests, budgets)])
+        base_s = np.array([[seconds_to(rows, b["eval_gold"], kl)] for rows, b, kl in zip(runs, bests, budgets)])
+        name = "ratio_s_to_target" + ("_within_kl" if within_kl else "")
+        out.append(interval_row(name, reference, arm, bootstrap([ref_s, base_s], np.divide), len(runs), ""))
+    return out
+
+
 # --- the data files ------------------------------------------------------------------------------------------
 def ordered(rows: list[dict]) -> list[dict]:
     """Rows with one set of columns: method, the settings any row has (HPARAMS order), then the rest; "" where a

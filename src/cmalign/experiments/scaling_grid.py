@@ -8,5 +8,5 @@ from pathlib import Path
 from cmalign.experiments.scaling import run_grid
 
 
-def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int | None = None, jobs: int = 1) -> Path:
+def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = None, seeds: int = 1, jobs: int = 1) -> Path:
     return run_grid(out, quick=quick, threads=threads, steps=steps, seeds=seeds, jobs=jobs)
