@@ -12,11 +12,12 @@ from cmalign.cli import main
 from cmalign.experiments import EXPERIMENTS
 from helpers import check_quick_experiment
 
-GROUPS = [("compute-matched",), ("ablations",), ("beta-sweep", "divergences"), ("generalization",), ("scaling",), ("scaling-grid",), ("frontier",), ("nondiff",), ("finetune-mode",)]
+GROUPS = [("compute-matched",), ("ablations",), ("beta-sweep", "divergences"), ("generalization",), ("scaling-grid",), ("frontier",), ("nondiff",), ("finetune-mode",)]
 
 
 # run end to end elsewhere (with the same checks), so that the suite runs it once
-ELSEWHERE = {"hacking": "test_results_quick.py, which also compares it with the committed results/quick/hacking"}
+ELSEWHERE = {"hacking": "test_results_quick.py, which also compares it with the committed results/quick/hacking",
+             "scaling": "test_scaling_compares_the_selected_cells_setting_by_setting_over_seeds, with two seeds"}
 
 
 def test_every_experiment_is_tested():
@@ -76,21 +77,21 @@ def test_jobs_is_refused_where_runs_must_train_in_order(tmp_path, capsys):
     assert len(err) == 1 and "--jobs does not apply" in err[0]
 
 
-def test_scaling_compares_the_selected_cells_setting_by_setting_over_seeds(tmp_path):
-    """Every setting is its own comparison under the protocol: both arms' grids at that setting, one selection each,
-    ROCM's gap and time ratios to RLCM over the seeds, the rows tagged with the setting."""
-    from cmalign.experiments import scaling
-
-    scaling.run(tmp_path, quick=True, seeds=2, settings=((8, 2, 1), (8, 3, 1)))
-    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+def test_scaling_compares_the_selected_cells_setting_by_setting_over_seeds(tmp_path, capsys):
+    """Every setting (8x8 and 16x16 here) is its own comparison under the protocol: both arms' grids at that setting,
+    one selection each, ROCM's gap and time ratios to RLCM over the seeds, the rows tagged with the setting."""
+    out = tmp_path / "scaling-quick"
+    assert main(["experiment", "scaling", "--quick", "--seeds", "2", "--out", str(out)]) == 0
+    check_quick_experiment("scaling", out, capsys.readouterr().out)
+    rows = list(csv.DictReader(open(out / "summary.csv")))
     assert sorted((r["setting"], r["method"], r["seed"]) for r in rows) == sorted(
-        (s, m, str(seed)) for s in ("r8-k2", "r8-k3") for m in ("rocm", "rlcm") for seed in (0, 1))
+        (s, m, str(seed)) for s in ("r8-k2", "r16-k2") for m in ("rocm", "rlcm") for seed in (0, 1))
     assert all(r["selected"] == "1" for r in rows)  # --quick: one cell per arm
-    ratios = [q for q in csv.DictReader(open(tmp_path / "intervals.csv")) if q["quantity"] == "ratio_s_to_target"]
-    assert sorted(q["setting"] for q in ratios) == ["r8-k2", "r8-k3"] and {q["seeds"] for q in ratios} == {"2"}
+    ratios = [q for q in csv.DictReader(open(out / "intervals.csv")) if q["quantity"] == "ratio_s_to_target"]
+    assert sorted(q["setting"] for q in ratios) == ["r16-k2", "r8-k2"] and {q["seeds"] for q in ratios} == {"2"}
     assert {q["method"] + "/" + q["versus"] for q in ratios} == {"rocm/rlcm"}
-    assert [r["setting"] for r in csv.DictReader(open(tmp_path / "ratios.csv"))] == ["r8-k2", "r8-k3"]
-    assert sorted(p.name for p in (tmp_path / "runs" / "r8-k3-rocm-lr0.001-beta3").iterdir()) == ["seed0", "seed1"]
+    assert [r["setting"] for r in csv.DictReader(open(out / "ratios.csv"))] == ["r8-k2", "r16-k2"]
+    assert sorted(p.name for p in (out / "runs" / "r16-k2-rocm-lr0.001-beta3").iterdir()) == ["seed0", "seed1"]
 
 
 def test_the_frontier_grid_is_compute_matcheds_run_for_run(tmp_path):
