@@ -25,8 +25,7 @@ import torch
 from cmalign.config import TrainConfig, with_changes
 from cmalign.methods.base import Batch
 from cmalign.methods.rocm import Rocm
-from cmalign.rewards.registry import build_weighted, reward_context
-from cmalign.training.build import build_world
+from digits_rocm_setup import digit_prompts, digits_rocm
 
 
 def variants(k: int) -> dict[str, dict]:
@@ -51,23 +50,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = TrainConfig(batch_size=args.batch_size, threads=args.threads, divergence_grad=args.divergence_grad)
-    world = build_world(base, "cpu")
-    reward = build_weighted(base.reward_weights, reward_context(world, base, "cpu"))
-    params = world.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    world, reward, params, optimizer_step = digits_rocm(base)
     initial = [p.detach().clone() for p in params]
-
-    def optimizer_step(loss):
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return 0.0
 
     methods = {(k, name): Rocm(with_changes(base, num_steps=k, **v), world, reward) for k in args.ks for name, v in variants(k).items()}
     gen = torch.Generator().manual_seed(0)
-    prompts = [f"a handwritten {w}" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
-    prompts = [prompts[i % 10] for i in range(args.batch_size)]
+    prompts = digit_prompts(args.batch_size)
     times: dict = {key: [] for key in methods}
     keys = list(methods)
     for key in keys:  # warm-up: one untimed step each

@@ -22,36 +22,23 @@ from torch.profiler import ProfilerActivity, profile
 from cmalign.config import TrainConfig, with_changes
 from cmalign.methods.base import Batch
 from cmalign.methods.rocm import Rocm
-from cmalign.rewards.registry import build_weighted, reward_context
-from cmalign.training.build import build_world
+from digits_rocm_setup import digit_prompts, digits_rocm
 
 VARIANTS = {"bare (beta=0)": dict(beta=0.0), "default (N=1 importance)": dict(beta=6.0),
             "all": dict(beta=6.0, divergence_steps="all")}
-DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def setup(threads: int, k: int):
     torch.set_num_threads(threads)
     base = TrainConfig(batch_size=32, threads=threads, num_steps=k)
-    world = build_world(base, "cpu")
-    reward = build_weighted(base.reward_weights, reward_context(world, base, "cpu"))
-    params = world.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def optimizer_step(loss):
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return 0.0
-
+    world, reward, _, optimizer_step = digits_rocm(base)
     methods = {name: Rocm(with_changes(base, **v), world, reward) for name, v in VARIANTS.items()}
     return world, methods, optimizer_step
 
 
 def profiled(method, optimizer_step, steps: int, rows: int) -> tuple[float, float, str]:
     gen = torch.Generator().manual_seed(0)
-    prompts = [f"a handwritten {DIGITS[i % 10]}" for i in range(32)]
+    prompts = digit_prompts(32)
     for _ in range(2):  # warm-up
         method.step(Batch(prompts, gen), optimizer_step)
     start = time.perf_counter()

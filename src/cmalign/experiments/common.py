@@ -191,10 +191,10 @@ def plot(out: Path, name: str, series: dict[str, tuple[list, list]], xlabel: str
         ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, ms=3, lw=1.2)
     if logx:
         ax.set_xscale("symlog", linthresh=linthresh)
-    return _saved(fig, ax, out / f"{name}.png", xlabel, ylabel)
+    return saved_figure(fig, ax, out / f"{name}.png", xlabel, ylabel)
 
 
-def _saved(fig, ax, path: Path, xlabel: str, ylabel: str) -> Path:
+def saved_figure(fig, ax, path: Path, xlabel: str, ylabel: str) -> Path:
     """Label, grid and legend the axes, write the figure to path and close it. A long y label is wrapped so that
     it stays inside the figure."""
     ax.set_xlabel(xlabel)
@@ -223,7 +223,7 @@ def plot_bands(out: Path, name: str, series: dict[str, tuple[list, list, list, l
         color = f"C{i % 10}"
         ax.plot(xs, mean, label=label, color=color, marker="o" if len(xs) < 30 else None, ms=3, lw=1.2)
         ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
-    return _saved(fig, ax, out / f"{name}.png", xlabel, ylabel)
+    return saved_figure(fig, ax, out / f"{name}.png", xlabel, ylabel)
 
 
 def header(name: str, quick: bool, command: str) -> list[str]:

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from cmalign.experiments import compute_matched
-from cmalign.experiments.common import seeded_train_runs, write_report, write_table
+from cmalign.experiments.common import saved_figure, seeded_train_runs, write_report, write_table
 from cmalign.experiments.protocol import (bootstrap, chain_matrix, collect_runs, gap_intervals,
                                           metric_intervals, protocol_intervals, select, write_data)
 
@@ -90,15 +90,7 @@ def plane(out: Path, measure: str, points: list[dict]) -> Path:
                     color=colors[p["method"]], label=label)
     if measure != "proxy_drop":
         ax.set_xscale("symlog", linthresh=1e-3 if measure == "kl_to_base" else 1e-2)
-    ax.set_xlabel(LABELS[measure] + " (test)")
-    ax.set_ylabel("test gold (seed mean, 95% intervals)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / f"gold_vs_{measure}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return saved_figure(fig, ax, out / f"gold_vs_{measure}.png", LABELS[measure] + " (test)", "test gold (seed mean, 95% intervals)")
 
 
 def grid(out: Path, quick: bool, threads: int, steps: int | None, arms=None) -> tuple[int, dict]:
