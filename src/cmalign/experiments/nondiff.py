@@ -4,7 +4,7 @@ rewards/digits_rating.py) and judged on gold; ROCM on the differentiable proxy i
 Under the comparison protocol (experiments/protocol.py): every arm over lr x its method's knob (ROCM beta, PPO
 clip), the same samples (steps x batch) and no wall-clock cap; each arm's cell of best final validation gold is
 compared on 500 fresh test chains, with 95% intervals for its test scores, hybrid ROCM's gaps to the others and its
-speed ratios.
+speed ratios (seconds per step, train seconds, and seconds to the other arm's own best validation gold).
 
 Default size: 50 steps x batch 32, 4 arms x 4 cells = 16 runs, two at a time: DDPO's four runs (8 s a step on its
 20-step DDIM chain, about 8 minutes a run with evaluation, as in compute-matched) are most of the ~22 minutes one seed
@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmalign.experiments.common import seeded_train_runs, write_report, write_table
-from cmalign.experiments.protocol import collect_runs, grid_cells, protocol_intervals, selected_curve_plots, trace_rows, write_data
+from cmalign.experiments.protocol import (collect_runs, grid_cells, protocol_intervals, selected_curve_plots, target_ratio_intervals,
+                                          trace_rows, write_data)
 
 ARMS = {
     "rocm-hybrid": dict(method="rocm", reward_weights={"rating": 1.0}),
@@ -35,10 +36,12 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
     # the reward each arm trains on, beside its settings
     rows = [{"method": r["method"], "reward": "+".join(ARMS[r["method"]]["reward_weights"]), **r} for r in rows]
     intervals, selected = protocol_intervals(rows, chains, reference="rocm-hybrid")
+    chosen = {arm: keys[(arm, cell)] for arm, cell in selected.items()}
+    intervals += target_ratio_intervals(seeded, chosen, "rocm-hybrid")
     parts = write_data(out, rows, intervals, f"Trained on the star rating, judged on gold: {steps} steps x batch, lr x knob, {seeds} seed(s)",
                        ["test_proxy here: the run's own training reward on the test chains (rating: 1..5 stars; rocm-proxy: "
                         "the proxy); no wall-clock cap",
                         "policy-gradient methods make ppo.epochs x ppo.minibatches updates per step; rocm one"])
     t_trace, _ = write_table(out, "trace", trace_rows(seeded), "Validation gold over training (every run)")
-    imgs = selected_curve_plots(out, seeded, {arm: keys[(arm, cell)] for arm, cell in selected.items()})
+    imgs = selected_curve_plots(out, seeded, chosen)
     return write_report(out, "nondiff", quick, [*parts, t_trace], imgs)
