@@ -17,7 +17,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 # experiment -> (the arms it compares, cells per arm)
 COMMITTED = {"compute-matched": (set(METHOD_ARMS), 4), "frontier": (set(METHOD_ARMS), 4),
              "hacking": ({"rocm-beta0", "rocm-beta3"}, 1), "generalization": ({"rocm-beta0", "rocm-beta3", "rocm-beta6"}, 1),
-             "finetune-mode": ({"lora", "full"}, 2)}
+             "finetune-mode": ({"lora", "full"}, 2), "nondiff": ({"rocm-hybrid", "rlcm", "ddpo", "rocm-proxy"}, 4)}
 
 
 @pytest.mark.parametrize("name", sorted(COMMITTED))
@@ -27,7 +27,7 @@ def test_each_method_has_three_seeds_of_every_cell_scored_on_the_test_chains(nam
     assert {r["method"] for r in rows} == arms
     seeds = defaultdict(set)
     for r in rows:
-        seeds[tuple(r.get(k) for k in ("method", "lr", "beta", "clip", "backprop_steps"))].add(r["seed"])
+        seeds[tuple(r.get(k) for k in ("method", "lr", "beta", "clip", "backprop_steps", "setting"))].add(r["seed"])
         gold = r.get("test_gold", r.get("test_heldout_gold"))  # generalization scores each half of the classes
         assert int(r["n_test"]) == TEST_SIZE and gold not in (None, "", "nan")
     assert all(s == {"0", "1", "2"} for s in seeds.values()), seeds

@@ -6,9 +6,9 @@ clip), the same samples (steps x batch) and no wall-clock cap; each arm's cell o
 compared on 500 fresh test chains, with 95% intervals for its test scores, hybrid ROCM's gaps to the others and its
 speed ratios (seconds per step, train seconds, and seconds to the other arm's own best validation gold).
 
-Default size: 50 steps x batch 32, 4 arms x 4 cells = 16 runs, two at a time: DDPO's four runs (8 s a step on its
-20-step DDIM chain, about 8 minutes a run with evaluation, as in compute-matched) are most of the ~22 minutes one seed
-takes on 2 cores (estimated from compute-matched's runs of 2026-12-07, not timed)."""
+Default size: 50 steps x batch 32, 4 arms x 4 cells = 16 runs, two at a time: one seed takes about 28 minutes on 2
+cores (three took 84 min on 2026-12-07, `results/nondiff/`), over the 20-minute goal; DDPO's four runs (9-12 s a step on
+its 20-step DDIM chain) are most of it, as in compute-matched."""
 
 from __future__ import annotations
 
