@@ -108,8 +108,8 @@ def build_cached_models(configs: list[TrainConfig]) -> None:
 
 
 def rough_cost(cfg: TrainConfig) -> int:
-    """Pixels x network calls per chain x updates: enough to order runs by length."""
-    return cfg.digits.resolution ** 2 * method_class(cfg.method).chain_length(cfg) * cfg.steps
+    """Pixels (of the whole N x N grid) x network calls per chain x updates: enough to order runs by length."""
+    return (cfg.digits.resolution * cfg.digits.grid) ** 2 * method_class(cfg.method).chain_length(cfg) * cfg.steps
 
 
 def _train_one(cell: tuple[TrainConfig, Path]) -> None:
