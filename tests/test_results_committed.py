@@ -17,7 +17,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 # experiment -> (the arms it compares, cells per arm)
 COMMITTED = {"compute-matched": (set(METHOD_ARMS), 4), "frontier": (set(METHOD_ARMS), 4),
              "hacking": ({"rocm-beta0", "rocm-beta3"}, 1), "generalization": ({"rocm-beta0", "rocm-beta3", "rocm-beta6"}, 1),
-             "finetune-mode": ({"lora", "full"}, 2), "nondiff": ({"rocm-hybrid", "rlcm", "ddpo", "rocm-proxy"}, 4)}
+             "finetune-mode": ({"lora", "full"}, 2), "nondiff": ({"rocm-hybrid", "rlcm", "ddpo", "rocm-proxy"}, 4),
+             "scaling-grid": ({"rocm", "rlcm"}, 3 * 4)}  # 4 cells at each of N = 1, 2, 3
 
 
 @pytest.mark.parametrize("name", sorted(COMMITTED))
