@@ -17,9 +17,9 @@ dimensions, N = 1, 2, 3 at K = 2. Beside the ratios above it reports ratio_s_to_
 RLCM's best gold at no larger KL to the base model than RLCM had there (the KL every method is measured by alike).
 
 Default size: 50 steps x batch 32 a run (compute-matched's), validation on 100 fixed chains every 5 steps (the time
-to a target is read from those points), 500 test chains at the end; scaling: 4 settings x 8 cells = 32 runs,
-scaling-grid: 3 x 8 = 24, two at a time, each within 20 minutes a seed on 2 cores (estimated from the seconds per step
-measured in the earlier, pre-protocol runs of 2026-11-26, not timed)."""
+to a target is read from those points), 500 test chains at the end, two runs at a time. scaling-grid: 3 settings x 8
+cells = 24 runs, about 20 minutes a seed on 2 cores (60 min for three, 2026-12-07, `results/scaling-grid/`); scaling:
+4 x 8 = 32 runs, about 14 minutes a seed (estimated from the seconds per step of its earlier runs, not timed)."""
 
 from __future__ import annotations
 
