@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cmalign.experiments.common import seeded_train_runs, write_report, write_table
 from cmalign.experiments.protocol import (METHOD_ARMS, collect_runs, grid_cells, protocol_intervals, selected_curve_plots,
-                                          target_ratio_intervals, trace_rows, write_data)
+                                          selected_keys, target_ratio_intervals, trace_rows, write_data)
 
 STEPS = 50
 
@@ -52,7 +52,7 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
     seeded = seeded_train_runs(cells, seeds, jobs)
     rows, chains, keys = collect_runs(cells, seeded)
     intervals, selected = protocol_intervals(rows, chains, reference="rocm")
-    chosen = {arm: keys[(arm, cell)] for arm, cell in selected.items()}
+    chosen = selected_keys(selected, keys)
     intervals += target_ratio_intervals(seeded, chosen, "rocm")
     costs = {arm: pretrain_cost(cells[key][1] / "seed0", METHOD_ARMS[arm]["method"]) for arm, key in chosen.items()}
     parts = write_data(out, rows, intervals, f"{steps} steps x batch, every method over lr x its knob, {seeds} seed(s)", [

@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmalign.experiments.common import seeded_train_runs, write_report, write_table
-from cmalign.experiments.protocol import (collect_runs, grid_cells, protocol_intervals, selected_curve_plots, target_ratio_intervals,
-                                          trace_rows, write_data)
+from cmalign.experiments.protocol import (collect_runs, grid_cells, protocol_intervals, selected_curve_plots, selected_keys,
+                                          target_ratio_intervals, trace_rows, write_data)
 
 ARMS = {
     "rocm-hybrid": dict(method="rocm", reward_weights={"rating": 1.0}),
@@ -36,7 +36,7 @@ def run(out: Path, quick: bool = False, threads: int = 1, steps: int | None = No
     # the reward each arm trains on, beside its settings
     rows = [{"method": r["method"], "reward": "+".join(ARMS[r["method"]]["reward_weights"]), **r} for r in rows]
     intervals, selected = protocol_intervals(rows, chains, reference="rocm-hybrid")
-    chosen = {arm: keys[(arm, cell)] for arm, cell in selected.items()}
+    chosen = selected_keys(selected, keys)
     intervals += target_ratio_intervals(seeded, chosen, "rocm-hybrid")
     parts = write_data(out, rows, intervals, f"Trained on the star rating, judged on gold: {steps} steps x batch, lr x knob, {seeds} seed(s)",
                        ["test_proxy here: the run's own training reward on the test chains (rating: 1..5 stars; rocm-proxy: "

@@ -286,6 +286,11 @@ def ratio_intervals(rows: list[dict], selected: dict[str, tuple], reference: str
     return out
 
 
+def selected_keys(selected: dict[str, tuple], keys: dict) -> dict[str, tuple]:
+    """arm -> the cells key of its selected cell (selected: protocol_intervals' arm -> cell; keys: collect_runs')."""
+    return {arm: keys[(arm, cell)] for arm, cell in selected.items()}
+
+
 def trained_evals(rows: list[dict]) -> list[dict]:
     """The validation evaluations after step 0 (step 0 is the base model, reached in no time by every method)."""
     return [r for r in eval_rows(rows) if r["step"] > 0]
@@ -304,7 +309,7 @@ def best_point(rows: list[dict]) -> dict:
     return max(evals, key=lambda r: (r["eval_gold"], -evals.index(r)))
 
 
-def target_ratio_intervals(seeded: dict, selected_keys: dict[str, tuple], reference: str, within_kl: bool = False) -> list[dict]:
+def target_ratio_intervals(seeded: dict, chosen: dict[str, tuple], reference: str, within_kl: bool = False) -> list[dict]:
     """ratio_s_to_target: seed by seed, the target is the other arm's own best validation gold after step 0 (of its
     selected cell) and the ratio is the reference's train seconds to first reach it over the other arm's (inf: the
     reference never reached it in some seed); seeds resampled in pairs. within_kl: ratio_s_to_target_within_kl, the
@@ -312,10 +317,10 @@ def target_ratio_intervals(seeded: dict, selected_keys: dict[str, tuple], refere
     measure: the same for every method). Times come from the validation curves: the test chains are scored only at
     the end of a run."""
     out = []
-    for arm, key in selected_keys.items():
-        if arm == reference or reference not in selected_keys:
+    for arm, key in chosen.items():
+        if arm == reference or reference not in chosen:
             continue
-        ref_runs, runs = seeded[selected_keys[reference]], seeded[key]
+        ref_runs, runs = seeded[chosen[reference]], seeded[key]
         bests = [best_point(rows) for rows in runs]
         budgets = [float(b.get("eval_kl_to_base", math.inf)) if within_kl else math.inf for b in bests]
         ref_s = np.array([[seconds_to(rows, b["eval_gold"], kl)] for rows, b, kl in zip(ref_runs, bests, budgets)])

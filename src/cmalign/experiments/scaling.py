@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cmalign.experiments.common import plot_bands, seed_band, seeded_train_runs, write_report, write_table
 from cmalign.experiments.protocol import (METHOD_ARMS, RESAMPLES, collect_runs, grid_cells, interval_text, ordered,
-                                          protocol_intervals, selected_table, target_ratio_intervals, trace_rows)
+                                          protocol_intervals, selected_keys, selected_table, target_ratio_intervals, trace_rows)
 
 SETTINGS = ((8, 2, 1), (8, 4, 1), (8, 8, 1), (16, 4, 1))  # (resolution, K, grid N)
 QUICK_SETTINGS = ((8, 2, 1), (16, 2, 1))
@@ -80,7 +80,7 @@ def compare_setting(setting: tuple, cells: dict, seeded: dict, within_kl: bool) 
     runs = {key[1:]: value for key, value in seeded.items() if key[0] == name}
     rows, chains, keys = collect_runs(mine, runs)
     intervals, selected = protocol_intervals(rows, chains, reference="rocm")
-    chosen = {arm: keys[(arm, cell)] for arm, cell in selected.items()}
+    chosen = selected_keys(selected, keys)
     intervals += target_ratio_intervals(runs, chosen, "rocm")
     if within_kl:
         intervals += target_ratio_intervals(runs, chosen, "rocm", within_kl=True)
