@@ -18,7 +18,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 COMMITTED = {"compute-matched": (set(METHOD_ARMS), 4), "frontier": (set(METHOD_ARMS), 4),
              "hacking": ({"rocm-beta0", "rocm-beta3"}, 1), "generalization": ({"rocm-beta0", "rocm-beta3", "rocm-beta6"}, 1),
              "finetune-mode": ({"lora", "full"}, 2), "nondiff": ({"rocm-hybrid", "rlcm", "ddpo", "rocm-proxy"}, 4),
-             "scaling-grid": ({"rocm", "rlcm"}, 3 * 4)}  # 4 cells at each of N = 1, 2, 3
+             "scaling-grid": ({"rocm", "rlcm"}, 3 * 4),  # 4 cells at each of N = 1, 2, 3
+             "scaling": ({"rocm", "rlcm"}, 4 * 4)}  # 4 cells at each of 8x8 K = 2, 4, 8 and 16x16 K = 4
 
 
 @pytest.mark.parametrize("name", sorted(COMMITTED))

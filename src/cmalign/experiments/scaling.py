@@ -19,7 +19,8 @@ RLCM's best gold at no larger KL to the base model than RLCM had there (the KL e
 Default size: 50 steps x batch 32 a run (compute-matched's), validation on 100 fixed chains every 5 steps (the time
 to a target is read from those points), 500 test chains at the end, two runs at a time. scaling-grid: 3 settings x 8
 cells = 24 runs, about 20 minutes a seed on 2 cores (60 min for three, 2026-12-07, `results/scaling-grid/`); scaling:
-4 x 8 = 32 runs, about 14 minutes a seed (estimated from the seconds per step of its earlier runs, not timed)."""
+4 x 8 = 32 runs, about 27 minutes a seed (81 min for three, 2026-12-08, `results/scaling/`), most of it the 16x16 and
+K = 8 runs."""
 
 from __future__ import annotations
 
