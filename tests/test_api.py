@@ -192,31 +192,51 @@ def _install_plugin_package(site: Path) -> None:
         "[cmalign.rewards]\ninkpp = cmalign_plugin_demo.scores:ink\n")
 
 
+# One fresh interpreter (a start costs seconds of imports) with the plug-in distribution on its path runs the four
+# checks through the command line's own entry point, main(argv): train, --help, a bad value, a YAML preset.
+PLUGIN_CHECKS = """
+import contextlib, io, json, sys
+from cmalign.cli import main
+from cmalign.config import load_preset
+
+train = json.loads(sys.argv[1])
+result = {"train": main(train)}
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        main(["train", "--world", "shifted", "--help"])
+    except SystemExit:
+        pass
+result["help"] = out.getvalue()
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    result["bad"] = main(train[:-4] + ["--shifted.offset", "far", "--output-dir", "bad"])
+result["bad_err"] = err.getvalue()
+result["yaml_offset"] = load_preset("cfg.yaml").shifted.offset
+print("RESULT " + json.dumps(result))
+"""
+
+
 def test_third_party_world_method_and_reward_through_entry_points(tmp_path):
     site = tmp_path / "site"
     _install_plugin_package(site)
+    (tmp_path / "cfg.yaml").write_text("world: shifted\nshifted: {offset: 2}\n")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cmalign", "train", *TINY_ARGS, "--steps", "2", "--world", "shifted", "--method", "reward-only",
-           "--reward-weights", "inkpp=1.0", "--shifted.offset", "0.5", "--output-dir", str(run)]
-    proc = subprocess.run(cmd, env=_env(site), capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    train = ["train", *TINY_ARGS, "--steps", "2", "--world", "shifted", "--method", "reward-only",
+             "--reward-weights", "inkpp=1.0", "--shifted.offset", "0.5", "--output-dir", str(run)]
+    proc = subprocess.run([sys.executable, "-c", PLUGIN_CHECKS, json.dumps(train)], env=_env(site), capture_output=True,
+                          text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0 and "RESULT " in proc.stdout, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert got["train"] == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["plugin"] == 1.0 and "eval_gold" in rows[-1]  # the method's step ran; the world's gold is scored
     assert rows[-1]["shift_offset"] == 0.5  # the plug-in world's own setting, set from the command line, reached it
     assert yaml.safe_load((run / "config.yaml").read_text())["shifted"] == {"offset": 0.5}
-    # its flag is documented by its field docstring, and a wrong type is one line
-    help_text = subprocess.run([sys.executable, "-m", "cmalign", "train", "--world", "shifted", "--help"], env=_env(site),
-                               capture_output=True, text=True, timeout=120, cwd=tmp_path).stdout
-    assert "--shifted.offset" in help_text and "a setting only this" in help_text
-    bad = subprocess.run(cmd[:-2] + ["--shifted.offset", "far", "--output-dir", str(tmp_path / "bad")], env=_env(site),
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("cmalign: error:") and len(bad.stderr.strip().splitlines()) == 1
+    # its flag is documented by its field docstring, and a wrong type is one line that leaves nothing behind
+    assert "--shifted.offset" in got["help"] and "a setting only this" in got["help"]
+    bad = got["bad_err"].strip().splitlines()
+    assert got["bad"] == 2 and len(bad) == 1 and bad[0].startswith("cmalign: error:") and not (tmp_path / "bad").exists()
     # and from YAML
-    (tmp_path / "cfg.yaml").write_text("world: shifted\nshifted: {offset: 2}\n")
-    code = "from cmalign.config import load_preset; c = load_preset('cfg.yaml'); print(c.shifted.offset)"
-    out = subprocess.run([sys.executable, "-c", code], env=_env(site), capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert out.stdout.strip() == "2.0", out.stderr[-1000:]
-
+    assert got["yaml_offset"] == 2.0
 
 
 def test_unknown_world_or_method_is_one_line(capsys, tmp_path):

@@ -174,7 +174,9 @@ def test_two_ranks_equal_one_process_and_load_in_the_stock_pipeline(tmp_path, tm
     fams = {name: family(name, tmp_path_factory) for name in LCM_FAMILIES}
     runs, where = [], {}
     for name, fam in fams.items():
-        for kind, extra in (("lora", ("--checkpoint-every", "2")), ("full", (*FULL, "--checkpoint-every", "0"))):
+        # the LoRA runs also score a final evaluation on the 2 ranks (the DDP-wrapped network, each rank's share)
+        for kind, extra in (("lora", ("--checkpoint-every", "2", "--final-eval-size", "2")),
+                            ("full", (*FULL, "--checkpoint-every", "0"))):
             where[name, kind] = tmp_path / f"{name}-{kind}"
             runs.append(lcm_args(fam["model"], fam["flags"], fam["clip"], where[name, kind], "--batch-size", "1", *extra))
     proc = launch_two_ranks(runs, tmp_path)
@@ -188,6 +190,7 @@ def test_two_ranks_equal_one_process_and_load_in_the_stock_pipeline(tmp_path, tm
         if not max_diff(one, two) < 1e-5 or not max(v.abs().max().item() for k, v in two.items() if ".lora_B." in k) > 1e-3:
             failures.append((name, "lora", max_diff(one, two)))
         assert (where[name, "lora"] / "checkpoints" / "step_000002").is_dir()  # a multi-rank checkpoint passed its export check
+        assert json.loads((where[name, "lora"] / "final_eval.json").read_text())["n"] == 2  # scored on both ranks
         two = load_file(where[name, "full"] / "adapter" / "diffusion_pytorch_model.safetensors")
         one = load_file(reference(fam, "full") / "adapter" / "diffusion_pytorch_model.safetensors")
         if not max_diff(one, two) < 1e-5:
