@@ -7,8 +7,8 @@ compared on 500 fresh test chains, with 95% intervals for its test scores, hybri
 speed ratios (seconds per step, train seconds, and seconds to the other arm's own best validation gold).
 
 Default size: 50 steps x batch 32, 4 arms x 4 cells = 16 runs, two at a time: one seed takes about 28 minutes on 2
-cores (three took 84 min on 2026-12-07, `results/nondiff/`), over the 20-minute goal; DDPO's four runs (9-12 s a step on
-its 20-step DDIM chain) are most of it, as in compute-matched."""
+cores (three took 84 min on 2026-12-07, `results/nondiff/`), over the 20-minute goal; DDPO's four runs (a median 9 s
+a step on its 20-step DDIM chain, `s_per_step` in summary.csv) are most of it, as in compute-matched."""
 
 from __future__ import annotations
 
